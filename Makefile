@@ -1,0 +1,60 @@
+# kvmshell: see README.md.  Everything here runs as root.
+PYTHON  ?= /usr/bin/python3
+PREFIX  ?= /usr/local
+SBIN    := $(PREFIX)/sbin
+BIN     := $(PREFIX)/bin
+LIBEXEC := $(PREFIX)/libexec/kvmshell
+CONF    := /etc/kvmshell
+PIP     := $(PYTHON) -m pip install --break-system-packages --disable-pip-version-check -q
+
+APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 openssh-server \
+               openssh-client libpam-modules socat
+APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
+               xz-utils zstd
+PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp
+PIP_TEST    := pytest hypothesis mypy vncdotool atheris
+
+.PHONY: all deps test-deps install demo guest test typecheck bench fuzz clean
+
+all:
+	@echo "targets: install demo test typecheck bench fuzz"
+
+deps:
+	@missing=$$(for p in $(APT_RUNTIME); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+	$(PIP) $(PIP_RUNTIME)
+
+test-deps: deps
+	@missing=$$(for p in $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+	$(PIP) $(PIP_TEST)
+
+install: deps
+	$(PIP) --no-deps --no-build-isolation --upgrade .
+	install -d -m 755 $(BIN) $(SBIN) $(LIBEXEC) $(CONF)
+	install -m 755 bin/kvmshell $(BIN)/kvmshell
+	install -m 755 bin/kvmadm $(SBIN)/kvmadm
+	rm -f $(BIN)/kvmadm
+	test -e $(CONF)/kvmshell.conf || install -m 644 kvmshell.conf $(CONF)/kvmshell.conf
+	grep -qx $(BIN)/kvmshell /etc/shells || echo $(BIN)/kvmshell >> /etc/shells
+	getent group kvmusers >/dev/null || groupadd --system kvmusers
+
+guest:
+	tests/guest/build-guest.sh build/guest
+
+demo: install guest
+	sh demo/demo.sh
+
+test: install test-deps guest
+	$(PYTHON) -m pytest -v tests
+
+typecheck:
+	$(PYTHON) -m mypy --strict kvmshell
+
+bench: install guest
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf build *.egg-info

@@ -1,0 +1,211 @@
+"""``kvmadm``: the admin's side of the VM tree (runs as root).
+
+    kvmadm [--config PATH] create NAME --owner USER [-- ADMIN-OPTIONS...]
+    kvmadm [--config PATH] list
+    kvmadm [--config PATH] show NAME
+    kvmadm [--config PATH] set NAME [-- ADMIN-OPTIONS...]
+    kvmadm [--config PATH] remove NAME [--purge]
+
+The admin's options are validated against the admin class of the option
+table before they become a directory name, exactly as kvmshell will read
+them back.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+from kvmshell import options, vmid, vmtree
+from kvmshell.config import DEFAULT_PATH, Config, load
+from kvmshell.errors import KvmshellError, RuntimeFailure, TreeError, UsageError
+
+USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _split_dashdash(args: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1:]
+    return args, []
+
+
+def ensure_top(cfg: Config) -> None:
+    """Create the top directory (root, 0755) if missing, then check it."""
+    if not os.path.lexists(cfg.vmdir):
+        os.makedirs(cfg.vmdir, mode=0o755, exist_ok=True)
+        os.chmod(cfg.vmdir, 0o755)
+    vmtree.check_top(cfg)
+
+
+def _owner(user: str) -> tuple[int, int]:
+    import pwd
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError as exc:
+        raise UsageError(f"--owner: no such user {user!r}") from exc
+    if pw.pw_uid == 0:
+        raise UsageError("--owner: VMs may not be owned by root")
+    return pw.pw_uid, pw.pw_gid
+
+
+def _replace_link(cfg: Config, name: str, dirname: str) -> None:
+    tmp = os.path.join(cfg.vmdir, f".{name}.link")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    os.symlink(dirname, tmp)
+    os.rename(tmp, os.path.join(cfg.vmdir, name))  # atomic replace
+
+
+def cmd_create(cfg: Config, args: list[str]) -> int:
+    head, words = _split_dashdash(args)
+    if len(head) != 3 or head[1] != "--owner":
+        raise UsageError("usage: create NAME --owner USER [-- ADMIN-OPTIONS...]")
+    name, user = head[0], head[2]
+    options.parse_admin(words)
+    dirname = vmid.encode(name, words)
+    uid, gid = _owner(user)
+    ensure_top(cfg)
+    if os.path.lexists(os.path.join(cfg.vmdir, name)):
+        raise UsageError(f"{name}: a VM of that name exists")
+    path = os.path.join(cfg.vmdir, dirname)
+    os.mkdir(path, 0o700)
+    os.chown(path, uid, gid)
+    os.chmod(path, 0o700)
+    _replace_link(cfg, name, dirname)
+    _out(f"created {name} for {user}: {path}")
+    return 0
+
+
+def _running(vm: vmtree.VM) -> int:
+    """Take the VM's lock as root, so nothing starts while we change it."""
+    import fcntl
+
+    path = vm.file("lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        # Why fchown: a root-owned lock file would stop the user's own start.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.fchown(fd, vm.uid, -1)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TreeError(f"{path} is not a regular file")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise RuntimeFailure(f"{vm.name}: refused while the VM runs (stop it first)") from exc
+    return fd
+
+
+def cmd_set(cfg: Config, args: list[str]) -> int:
+    head, words = _split_dashdash(args)
+    if len(head) != 1:
+        raise UsageError("usage: set NAME [-- ADMIN-OPTIONS...]")
+    vm = vmtree.resolve(cfg, head[0])
+    options.parse_admin(words)
+    dirname = vmid.encode(vm.name, words)
+    lock = _running(vm)
+    try:
+        if dirname != vm.dirname:
+            os.rename(vm.path, os.path.join(cfg.vmdir, dirname))
+            _replace_link(cfg, vm.name, dirname)
+    finally:
+        os.close(lock)
+    _out(f"{vm.name}: options set")
+    return 0
+
+
+def cmd_remove(cfg: Config, args: list[str]) -> int:
+    purge = "--purge" in args
+    rest = [a for a in args if a != "--purge"]
+    if len(rest) != 1:
+        raise UsageError("usage: remove NAME [--purge]")
+    vm = vmtree.resolve(cfg, rest[0])
+    lock = _running(vm)
+    try:
+        os.unlink(os.path.join(cfg.vmdir, vm.name))
+        if purge:
+            import shutil
+            shutil.rmtree(vm.path)
+            _out(f"{vm.name}: removed with its images")
+        else:
+            import time
+            keep = os.path.join(cfg.vmdir, ".removed")
+            os.makedirs(keep, mode=0o700, exist_ok=True)
+            dest = os.path.join(keep, f"{vm.dirname[:200]}.{int(time.time())}")
+            os.rename(vm.path, dest)
+            _out(f"{vm.name}: removed; its files are kept in {dest}")
+    finally:
+        os.close(lock)
+    return 0
+
+
+def _user(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def cmd_list(cfg: Config, args: list[str]) -> int:
+    from kvmshell import monitor
+    if args:
+        raise UsageError(f"{args[0]}: unexpected argument")
+    for name in vmtree.names(cfg):
+        vm = vmtree.resolve(cfg, name)
+        pid = monitor.qemu_pid(vm)
+        state = f"running (pid {pid})" if pid else "stopped"
+        _out(f"{vm.name:<20} {_user(vm.uid):<12} {state:<22} {' '.join(vm.admin_words)}")
+    return 0
+
+
+def cmd_show(cfg: Config, args: list[str]) -> int:
+    if len(args) != 1:
+        raise UsageError("usage: show NAME")
+    vm = vmtree.resolve(cfg, args[0])
+    plan = options.parse_admin(vm.admin_words)
+    _out(f"name:      {vm.name}\nowner:     {_user(vm.uid)}\ndirectory: {vm.path}")
+    _out(f"options:   {' '.join(vm.admin_words) or '(none)'}")
+    _out(f"qemu:      {' '.join(options.admin_argv(plan, vm.name, [-1] * len(plan.taps)))}")
+    return 0
+
+
+COMMANDS = {"create": cmd_create, "set": cmd_set, "remove": cmd_remove,
+            "list": cmd_list, "show": cmd_show}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv if argv is None else argv)[1:]
+    path = DEFAULT_PATH
+    try:
+        while args[:1] == ["--config"] and len(args) >= 2:
+            path, args = args[1], args[2:]
+        if not args or args[0] not in COMMANDS:
+            if args and args[0] in ("help", "-h", "--help"):
+                _out("usage:\n" + USAGE)
+                return 0
+            raise UsageError(f"{args[0] if args else '(nothing)'}: unknown command\nusage:\n{USAGE}")
+        cmd = COMMANDS[args[0]]
+        if os.geteuid() != 0:
+            raise UsageError("must be run as root")
+        return cmd(load(path), args[1:])
+    except KvmshellError as exc:
+        sys.stderr.write(f"kvmadm: {exc.message}\n")
+        return exc.status
+    except OSError as exc:
+        sys.stderr.write(f"kvmadm: {exc.filename or ''}: {exc.strerror}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The ``kvmshell`` entry point: one parser and validator for every way in.
+
+Ways in (all end in :func:`run_words`):
+  * ``SSH_ORIGINAL_COMMAND``: sshd's ForceCommand;
+  * ``kvmshell -c CMD``: login shell (``su - user -c CMD``, ssh without
+    ForceCommand) -- and sshd's ForceCommand line when kvmshell is also the
+    user's login shell;
+  * ``kvmshell VERB ARGS...``: argv, for the admin and the tests;
+  * no command on a terminal: the interactive prompt.
+
+kvmshell's own options (``--config``) are honoured only from argv and from
+the ForceCommand line, never from text the user sends.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
+
+from kvmshell.errors import KvmshellError, UsageError
+
+if TYPE_CHECKING:
+    from kvmshell.config import Config
+    from kvmshell.vmtree import VM
+
+# The command set, as data: verb -> (synopsis, summary).
+VERBS: dict[str, tuple[str, str]] = {
+    "help": ("[VERB]", "show this help"),
+    "list": ("", "list your VMs and their state"),
+    "status": ("[VM] [--json]", "show whether a VM runs, and its pid"),
+    "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
+    "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),
+    "kill": ("[VM]", "stop a VM at once"),
+}
+
+
+class Context:
+    """What every verb needs: the config path and the caller."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.uid = os.getuid()
+        self._cfg: object = None
+
+    @property
+    def cfg(self) -> "Config":
+        from kvmshell import config
+        if self._cfg is None:
+            self._cfg = config.load(self.config_path)
+        assert isinstance(self._cfg, config.Config)
+        return self._cfg
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _split_vm(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and not args[0].startswith("-"):
+        return args[0], args[1:]
+    return None, args
+
+
+def _no_more(verb: str, rest: list[str]) -> None:
+    if rest:
+        raise UsageError(f"{rest[0]}: unexpected argument to '{verb}'")
+
+
+def cmd_help(ctx: Context, args: list[str]) -> int:
+    if args and args[0] == "start":
+        from kvmshell import options
+        _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + options.user_help())
+        return 0
+    if args:
+        if args[0] not in VERBS:
+            raise UsageError(f"{args[0]}: unknown verb (see 'help')")
+        syn, summary = VERBS[args[0]]
+        _out(f"usage: {args[0]} {syn}\n  {summary}")
+        return 0
+    _out("kvmshell: commands:")
+    for verb, (syn, summary) in VERBS.items():
+        _out(f"  {verb + ' ' + syn:<28} {summary}")
+    _out("VM may be left out when you own exactly one VM.  'help start' lists options.")
+    return 0
+
+
+def _state(vm: "VM") -> tuple[str, int | None]:
+    from kvmshell import monitor
+    pid = monitor.qemu_pid(vm)
+    return ("running" if pid else "stopped"), pid
+
+
+def cmd_list(ctx: Context, args: list[str]) -> int:
+    from kvmshell import vmtree
+    _no_more("list", args)
+    for vm in vmtree.owned(ctx.cfg, ctx.uid):
+        state, pid = _state(vm)
+        _out(f"{vm.name:<20} {state}" + (f" (pid {pid})" if pid else ""))
+    return 0
+
+
+def cmd_status(ctx: Context, args: list[str]) -> int:
+    from kvmshell import vmtree
+    name, rest = _split_vm(args)
+    as_json = False
+    if rest[:1] == ["--json"]:
+        as_json, rest = True, rest[1:]
+    _no_more("status", rest)
+    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    state, pid = _state(vm)
+    if as_json:
+        import json
+        doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid}
+        if pid:
+            from kvmshell import monitor
+            doc["started"] = monitor.started_at(pid)
+        _out(json.dumps(doc))
+    else:
+        _out(f"{vm.name}: {state}" + (f" (pid {pid})" if pid else ""))
+    return 0
+
+
+def cmd_start(ctx: Context, args: list[str]) -> int:
+    from kvmshell import launcher, options, vmtree
+    name, rest = _split_vm(args)
+    req = options.parse_user(rest)          # refuse before touching anything
+    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    pid = launcher.start(ctx.cfg, vm, req)
+    _out(f"{vm.name}: started (pid {pid}); 'console' attaches to its serial console")
+    return 0
+
+
+def _running(ctx: Context, verb: str, args: list[str]) -> tuple["VM", int]:
+    from kvmshell import vmtree
+    from kvmshell.errors import RuntimeFailure
+    name, rest = _split_vm(args)
+    _no_more(verb, rest)
+    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    state, pid = _state(vm)
+    if pid is None:
+        raise RuntimeFailure(f"VM {vm.name!r} is not running")
+    return vm, pid
+
+
+def cmd_stop(ctx: Context, args: list[str]) -> int:
+    from kvmshell import monitor
+    vm, pid = _running(ctx, "stop", args)
+    _out(f"{vm.name}: {monitor.stop(vm, pid, ctx.cfg.stop_timeout)}")
+    return 0
+
+
+def cmd_kill(ctx: Context, args: list[str]) -> int:
+    from kvmshell import monitor
+    vm, pid = _running(ctx, "kill", args)
+    monitor.kill(vm, pid)
+    _out(f"{vm.name}: killed")
+    return 0
+
+
+HANDLERS = {
+    "help": cmd_help, "list": cmd_list, "status": cmd_status,
+    "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill,
+}
+
+def run_words(ctx: Context, words: list[str]) -> int:
+    """Validate and run one command (already split into words)."""
+    from kvmshell import lexer
+    lexer.check_words(words)
+    if not words:
+        raise UsageError("no command given (try 'help')")
+    verb = words[0]
+    handler = HANDLERS.get(verb)
+    if handler is None:
+        raise UsageError(f"{verb}: unknown verb (see 'help')")
+    return handler(ctx, words[1:])
+
+
+def _own_options(args: list[str]) -> tuple[str, list[str]]:
+    """kvmshell's own options, from a trusted argv or ForceCommand line."""
+    from kvmshell.config import DEFAULT_PATH
+    path = DEFAULT_PATH
+    while args and args[0] == "--config":
+        if len(args) < 2:
+            raise UsageError("--config: missing path")
+        path, args = args[1], args[2:]
+    return path, args
+
+
+def _is_force_command(cmd_words: list[str]) -> bool:
+    return bool(cmd_words) and os.path.basename(cmd_words[0]) == "kvmshell"
+
+
+def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
+    """Return (config path, user words); None words means 'no command'."""
+    from kvmshell import lexer
+    config_path, args = _own_options(argv[1:])
+    original = os.environ.get("SSH_ORIGINAL_COMMAND")
+    if args[:1] == ["-c"]:
+        if len(args) != 2:
+            raise UsageError("-c: expects exactly one command string")
+        if original is not None:
+            # sshd ran our login shell with the admin's ForceCommand line:
+            # that line is trusted, the user's text is SSH_ORIGINAL_COMMAND.
+            forced = lexer.split(args[1])
+            if _is_force_command(forced):
+                config_path, extra = _own_options(forced[1:])
+                if extra:
+                    raise UsageError(f"{extra[0]}: unexpected word in ForceCommand")
+                return config_path, lexer.split(original)
+        return config_path, lexer.split(args[1])
+    if args:
+        return config_path, list(args)
+    if original is not None:
+        return config_path, lexer.split(original)
+    return config_path, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        if os.getuid() == 0:
+            raise UsageError("refusing to run as root: QEMU runs as the VM user")
+        config_path, words = parse_invocation(argv)
+        ctx = Context(config_path)
+        if words is None:
+            if sys.stdin.isatty() and sys.stdout.isatty():
+                try:
+                    from kvmshell import interactive  # type: ignore[attr-defined]
+                except ImportError:
+                    raise UsageError("no command given (try 'help')") from None
+                return int(interactive.loop(ctx))
+            raise UsageError("no command given and no terminal (try 'help')")
+        return run_words(ctx, words)
+    except KvmshellError as exc:
+        sys.stderr.write(f"kvmshell: {exc.message}\n")
+        return exc.status
+    except KeyboardInterrupt:
+        sys.stderr.write("kvmshell: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # a bug: one line for the user, details for the admin
+        if os.environ.get("KVMSHELL_DEBUG"):
+            raise
+        sys.stderr.write(f"kvmshell: internal error ({type(exc).__name__}: {exc})\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

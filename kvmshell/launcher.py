@@ -1,0 +1,256 @@
+"""Launch a VM: build QEMU's argv, start it under a per-VM supervisor.
+
+Steps, each explicit: lock, open files, network up, spawn, wait for QMP,
+detach.  The supervisor is a small process of the VM user's own that
+outlives the SSH session: it holds the VM lock, keeps the bounded console
+log, waits for QEMU and tears down what start set up, however QEMU ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
+
+from kvmshell import options
+from kvmshell.config import Config
+from kvmshell.errors import AlreadyRunning, RefusedOption, RuntimeFailure, TreeError, UsageError
+from kvmshell.vmtree import VM
+
+if TYPE_CHECKING:
+    import subprocess
+
+LOCK = "lock"
+SERIAL_SOCKET = "serial.sock"
+CONSOLE_LOG = "console.log"
+QEMU_LOG = "qemu.log"
+VNC_SOCKET = "vnc.sock"
+READY_TIMEOUT = 60.0
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def admin_plan(vm: VM) -> options.AdminPlan:
+    try:
+        return options.parse_admin(vm.admin_words)
+    except UsageError as exc:
+        raise TreeError(f"VM {vm.name}: its identifier holds options kvmshell refuses: "
+                        f"{exc.message} (admin: kvmadm set)") from exc
+
+
+def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
+    """The wrapper's own options: sandbox, machine, monitor, console."""
+    argv = [cfg.qemu, "-name", f"guest={vm.name}",
+            "-nodefaults", "-no-user-config",
+            "-sandbox", SANDBOX,
+            "-machine", "pc"]
+    for accel in cfg.accel:
+        argv += ["-accel", accel]
+    # Relative paths: QEMU runs in the VM directory, whose absolute path may
+    # be longer than a unix socket address allows.
+    argv += ["-pidfile", "qemu.pid",
+             "-chardev", "socket,id=qmp,path=qmp.sock,server=on,wait=off",
+             "-mon", "chardev=qmp,mode=control",
+             "-chardev", f"socket,id=serial0,path={SERIAL_SOCKET},server=off",
+             "-serial", "chardev:serial0",
+             "-display", "none"]
+    return argv
+
+
+def build_argv(cfg: Config, vm: VM, plan: options.AdminPlan, req: options.UserRequest,
+               opened: dict[str, options.Opened], tap_fds: list[int]) -> list[str]:
+    return (wrapper_argv(cfg, vm) + options.admin_argv(plan, vm.name, tap_fds)
+            + options.user_argv(req, opened, VNC_SOCKET))
+
+
+def take_lock(vm: VM) -> int:
+    import fcntl
+
+    fd = os.open(vm.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise AlreadyRunning(f"VM {vm.name!r} is already running (or being started or stopped)") from exc
+    return fd
+
+
+def open_files(cfg: Config, vm: VM, req: options.UserRequest) -> dict[str, options.Opened]:
+    from kvmshell import files
+
+    opened: dict[str, options.Opened] = {}
+    try:
+        for opt, value in req.files():
+            write = opt.kind == options.DISK and not req.has("-snapshot")
+            opened[opt.name] = files.open_file(
+                opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
+                uid=os.getuid(), write=write, image=opt.kind in (options.DISK, options.CDROM))
+    except BaseException:
+        for of in opened.values():
+            for fd in of.fds:
+                os.close(fd)
+        raise
+    return opened
+
+
+def clean_env(vm: VM) -> dict[str, str]:
+    # Why: nothing of the user's environment (LD_PRELOAD, TMPDIR, ...) reaches QEMU.
+    return {"PATH": "/usr/bin:/bin", "HOME": vm.path, "TMPDIR": vm.path, "LC_ALL": "C"}
+
+
+def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
+    """Start *vm*; return QEMU's pid once QMP answers.  Nothing is left
+    running or locked when this raises."""
+    plan = admin_plan(vm)
+    if req.has("-vnc") and plan.nographic:
+        raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
+    if plan.taps and not os.path.exists(cfg.helper):
+        raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
+    lock = take_lock(vm)
+    passed: list[int] = [lock]
+    try:
+        opened = open_files(cfg, vm, req)
+        passed += [fd for of in opened.values() for fd in of.fds]
+        tap_fds: list[int] = []
+        if plan.taps:
+            from kvmshell import netclient
+            tap_fds = netclient.up(cfg, vm)
+            passed += tap_fds
+        argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
+        return _spawn(cfg, vm, argv, passed, bool(plan.taps))
+    finally:
+        for fd in passed:
+            os.close(fd)
+
+
+def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool) -> int:
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        code = 1
+        try:
+            os.close(rfd)
+            os.setsid()
+            code = _supervise(cfg, vm, argv, fds, network, wfd)
+        except BaseException as exc:  # report, never unwind into the caller's code
+            try:
+                os.write(wfd, f"fail supervisor: {exc}".encode())
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    while True:
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(rfd)
+    msg = b"".join(chunks).decode("utf-8", "replace")
+    if msg.startswith("ok "):
+        # The supervisor stays behind; it is re-parented when we exit.
+        return int(msg.split()[1])
+    os.waitpid(pid, 0)
+    raise RuntimeFailure(f"VM {vm.name} did not start: {msg[5:] if msg.startswith('fail ') else msg or 'supervisor died'}")
+
+
+def _qemu_error(log: str) -> str:
+    try:
+        with open(log, "rb") as f:
+            lines = [l.strip() for l in f.read(65536).decode("utf-8", "replace").splitlines() if l.strip()]
+    except OSError:
+        lines = []
+    errs = [l for l in lines if "qemu-system" in l or "error" in l.lower()] or lines
+    return errs[-1] if errs else "QEMU exited"
+
+
+def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool, ready_fd: int) -> int:
+    import subprocess
+    import time
+
+    os.chdir(vm.path)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid"):
+        try:
+            os.unlink(leaf)
+        except FileNotFoundError:
+            pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(SERIAL_SOCKET)
+    listener.listen(1)
+    log = os.open(QEMU_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    proc = subprocess.Popen(argv, pass_fds=fds, env=clean_env(vm), cwd=vm.path,
+                            stdin=devnull, stdout=log, stderr=log, close_fds=True)
+    for fd in fds:
+        if fd != fds[0]:  # the supervisor keeps the lock, QEMU keeps the rest
+            os.close(fd)
+    listener.settimeout(0.1)
+    conn = None
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        while conn is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeFailure(_qemu_error(QEMU_LOG))
+            try:
+                conn, _ = listener.accept()
+            except (socket.timeout, BlockingIOError):
+                continue
+        listener.close()
+        _wait_qmp(vm, proc, deadline)
+        os.write(ready_fd, f"ok {proc.pid}".encode())
+        os.close(ready_fd)
+        ready_fd = -1
+        from kvmshell import consolelog
+        consolelog.pump(conn, proc, vm.file(CONSOLE_LOG), cfg.console_log_bytes)
+        proc.wait()
+        return 0
+    except RuntimeFailure as exc:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if ready_fd >= 0:
+            os.write(ready_fd, f"fail {exc.message}".encode())
+        return 1
+    finally:
+        if ready_fd >= 0:
+            os.close(ready_fd)
+        _teardown(cfg, vm, network)
+
+
+def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
+    """QMP answering query-status means machine init finished."""
+    import time
+
+    from kvmshell.errors import MonitorError
+    from kvmshell.monitor import qmp_command
+
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeFailure(_qemu_error(QEMU_LOG))
+        if time.monotonic() > deadline:
+            raise RuntimeFailure("QEMU did not answer on its monitor")
+        try:
+            qmp_command(vm, "query-status", timeout=2)
+            return
+        except MonitorError:
+            time.sleep(0.05)
+
+
+def _teardown(cfg: Config, vm: VM, network: bool) -> None:
+    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid"):
+        try:
+            os.unlink(leaf)
+        except OSError:
+            continue
+    if network:
+        from kvmshell import netclient
+        try:
+            netclient.down(cfg, vm)
+        except RuntimeFailure:
+            pass  # logged by the helper; the next start's 'up' cleans up too

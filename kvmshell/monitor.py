@@ -1,0 +1,122 @@
+"""Talking to a running VM: its pid, QMP, stop and kill.
+
+Launch, QMP and shutdown are separate explicit steps (as in qemu.qmp's
+machine class).  Cheap questions (is it running? which pid?) are answered
+from /proc without QMP, so ``status`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from kvmshell.errors import MonitorError
+from kvmshell.vmtree import VM
+
+PIDFILE = "qemu.pid"
+QMP_SOCKET = "qmp.sock"
+
+
+def qemu_pid(vm: VM) -> int | None:
+    """The pid of this VM's QEMU, or None.  The pid file is user-writable,
+    so the process is checked: same uid, and its argv names this VM."""
+    try:
+        with open(vm.file(PIDFILE), "rb") as f:
+            pid = int(f.read(32).strip() or b"0")
+    except (OSError, ValueError):
+        return None
+    if pid <= 1:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        st = os.stat(f"/proc/{pid}")
+    except OSError:
+        return None
+    if st.st_uid != vm.uid or b"guest=" + vm.name.encode() not in argv:
+        return None
+    try:
+        if os.readlink(f"/proc/{pid}/cwd") != vm.path:
+            return None
+    except OSError:
+        return None
+    return pid
+
+
+def started_at(pid: int) -> float | None:
+    """Seconds since the epoch when *pid* started."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as f:
+            btime = next(int(l.split()[1]) for l in f if l.startswith(b"btime"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def qmp_command(vm: VM, command: str, timeout: float = 5.0) -> object:
+    """Run one QMP command through qemu.qmp's synchronous interface."""
+    from qemu.qmp import QMPError
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    # The socket path may exceed sun_path's 108 bytes: use a relative name.
+    os.chdir(vm.path)
+    qmp = QEMUMonitorProtocol(QMP_SOCKET)
+    try:
+        qmp.connect(negotiate=True)
+        qmp.settimeout(timeout)
+        return qmp.cmd(command)
+    except (QMPError, OSError, TimeoutError) as exc:
+        raise MonitorError(f"{vm.name}: QMP {command} failed: {exc}") from exc
+    finally:
+        try:
+            qmp.close()
+        except Exception:  # closing a half-open socket must not hide the real error
+            pass
+
+
+def wait_gone(vm: VM, pid: int, timeout: float) -> bool:
+    """Wait until *pid* has exited and the VM's lock is free (cleanup done)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if qemu_pid(vm) != pid:
+            break
+        time.sleep(0.05)
+    else:
+        return False
+    # The supervisor tears down after QEMU exits; wait for it to let go.
+    while time.monotonic() < deadline + 5:
+        try:
+            fd = os.open(vm.file("lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.05)
+        finally:
+            os.close(fd)
+    return True
+
+
+def stop(vm: VM, pid: int, timeout: float) -> str:
+    """ACPI power-down through QMP; a hard stop after *timeout* seconds."""
+    qmp_command(vm, "system_powerdown")
+    if wait_gone(vm, pid, timeout):
+        return "powered off"
+    kill(vm, pid)
+    return f"did not power off within {timeout:g}s: killed"
+
+
+def kill(vm: VM, pid: int) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    wait_gone(vm, pid, 10)

@@ -1,0 +1,73 @@
+"""The VM identifier: ``<name>.<url-safe base64 of the admin options>``.
+
+The seed's design: the directory name is the VM's whole admin
+configuration.  The encoded payload is the name followed by the admin
+option words, separated by NUL, so two VMs with the same options still get
+different identifiers.  Decoding is strict: the text must be canonical
+(re-encoding gives the same string), so there is exactly one directory
+name per configuration.
+"""
+
+from __future__ import annotations
+
+from kvmshell.errors import TreeError, UsageError
+
+NAME_MAX = 32
+FILENAME_MAX = 255
+_NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_NAME_REST = _NAME_FIRST + "_-"
+_B64 = _NAME_FIRST + "-_"
+
+
+def check_name(name: str) -> str:
+    """Validate a human-readable VM name (what users type)."""
+    if not name:
+        raise UsageError("empty VM name")
+    if len(name) > NAME_MAX:
+        raise UsageError(f"VM name too long: {name[:NAME_MAX]}... (at most {NAME_MAX} characters)")
+    if name[0] not in _NAME_FIRST or any(c not in _NAME_REST for c in name):
+        raise UsageError(
+            f"invalid VM name {name!r}: use letters, digits, '_' and '-', not first")
+    return name
+
+
+def encode(name: str, words: list[str]) -> str:
+    """Return the directory name for VM *name* with admin option *words*."""
+    import base64
+
+    check_name(name)
+    for w in words:
+        if "\0" in w or not w.isprintable() or not w.isascii():
+            raise UsageError(f"invalid admin option word {w!r}")
+    payload = "\0".join([name, *words]).encode("ascii")
+    b64 = base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=")
+    dirname = f"{name}.{b64}"
+    if len(dirname.encode()) > FILENAME_MAX:
+        raise UsageError(
+            f"VM identifier for {name!r} would be {len(dirname)} bytes, "
+            f"over the {FILENAME_MAX}-byte file-name limit: use fewer admin options")
+    return dirname
+
+
+def decode(dirname: str) -> tuple[str, list[str]]:
+    """Return (name, admin words) of a VM directory name, or raise TreeError."""
+    import base64
+    import binascii
+
+    name, dot, b64 = dirname.partition(".")
+    if not dot or not b64 or any(c not in _B64 for c in b64):
+        raise TreeError(f"VM directory {dirname!r}: not <name>.<base64>")
+    try:
+        check_name(name)
+        payload = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+        text = payload.decode("ascii")
+    except (UsageError, binascii.Error, ValueError) as exc:
+        raise TreeError(f"VM directory {dirname!r}: undecodable identifier") from exc
+    parts = text.split("\0")
+    try:
+        canonical = encode(parts[0], parts[1:])
+    except UsageError as exc:
+        raise TreeError(f"VM directory {dirname!r}: {exc.message}") from exc
+    if canonical != dirname or parts[0] != name:
+        raise TreeError(f"VM directory {dirname!r}: identifier is not canonical")
+    return name, parts[1:]

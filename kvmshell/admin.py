@@ -79,6 +79,9 @@ def cmd_create(cfg: Config, args: list[str]) -> int:
     os.mkdir(path, 0o700)
     os.chown(path, uid, gid)
     os.chmod(path, 0o700)
+    lock = os.open(os.path.join(path, "lock"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchown(lock, uid, gid)
+    os.close(lock)
     _replace_link(cfg, name, dirname)
     _out(f"created {name} for {user}: {path}")
     return 0

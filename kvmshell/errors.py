@@ -53,7 +53,12 @@ class ConfigError(KvmshellError):
 
 
 class TreeError(KvmshellError):
-    """The VM tree has wrong ownership, modes or names."""
+    """The VM tree has wrong ownership, modes or names: always says who must act."""
+
+    def __init__(self, message: str) -> None:
+        if "admin" not in message:
+            message += " (admin: fix the VM tree)"
+        super().__init__(message)
 
 
 class RuntimeFailure(KvmshellError):

@@ -107,11 +107,12 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
-    lock = take_lock(vm)
-    passed: list[int] = [lock]
+    # Files first: a refused file must leave the VM directory untouched.
+    opened = open_files(cfg, vm, req)
+    passed = [fd for of in opened.values() for fd in of.fds]
     try:
-        opened = open_files(cfg, vm, req)
-        passed += [fd for of in opened.values() for fd in of.fds]
+        lock = take_lock(vm)
+        passed.insert(0, lock)
         tap_fds: list[int] = []
         if plan.taps:
             from kvmshell import netclient

@@ -37,8 +37,8 @@ def encode(name: str, words: list[str]) -> str:
 
     check_name(name)
     for w in words:
-        if "\0" in w or not w.isprintable() or not w.isascii():
-            raise UsageError(f"invalid admin option word {w!r}")
+        if not w or "\0" in w or not w.isprintable() or not w.isascii():
+            raise UsageError(f"invalid option word {w!r}")
     payload = "\0".join([name, *words]).encode("ascii")
     b64 = base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=")
     dirname = f"{name}.{b64}"

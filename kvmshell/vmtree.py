@@ -54,9 +54,9 @@ def _resolve_link(cfg: Config, name: str) -> str:
     except FileNotFoundError as exc:
         raise UsageError(f"no VM named {name!r}") from exc
     if not stat.S_ISLNK(st.st_mode):
-        raise TreeError(f"{link} must be a symlink to the VM directory (admin: fix the tree)")
+        raise TreeError(f"{link} must be a symlink to the VM directory")
     if st.st_uid != 0:
-        raise TreeError(f"{link} is not owned by root (admin: fix the tree)")
+        raise TreeError(f"{link} is not owned by root")
     target = os.readlink(link)
     if "/" in target:
         raise TreeError(f"{link} -> {target}: must point to a sibling directory")
@@ -69,9 +69,9 @@ def load(cfg: Config, name: str, dirname: str) -> VM:
     try:
         st = os.lstat(path)
     except FileNotFoundError as exc:
-        raise TreeError(f"{name}: {path} is missing (admin: fix the tree)") from exc
+        raise TreeError(f"{name}: {path} is missing") from exc
     if not stat.S_ISDIR(st.st_mode):
-        raise TreeError(f"{path} is not a directory (admin: fix the tree)")
+        raise TreeError(f"{path} is not a directory")
     if stat.S_IMODE(st.st_mode) != 0o700 or st.st_uid == 0:
         raise TreeError(
             f"{path} must be mode 0700 and owned by the VM user (admin: chmod 700; chown USER)")

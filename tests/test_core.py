@@ -1,0 +1,240 @@
+"""Core: the option table, the VM tree, and a validated start/stop of a real guest."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import MARKER, Host, User, console_log, kill_all, wait_for
+from kvmshell import lexer, options, vmid
+from kvmshell.errors import RefusedOption, TreeError, UsageError
+
+pytestmark = pytest.mark.core
+
+
+# ---- the table, read by the tests ------------------------------------------
+
+def _sample(opt: options.Option) -> list[str]:
+    return [opt.name] + ([opt.example or "x"] if opt.arity else [])
+
+
+def test_table_holds_every_seed_option_once() -> None:
+    names = [o.name for o in options.TABLE]
+    assert len(names) == len(set(names))
+    seed_user = {"-fda", "-fdb", "-hda", "-hdb", "-cdrom", "-boot", "-snapshot", "-localtime",
+                 "-kernel", "-append", "-initrd", "-hdachs", "-no-acpi", "-no-reboot",
+                 "-loadvm", "-vnc", "-option-rom"}
+    assert {o.name for o in options.TABLE if o.cls == options.USER} == seed_user
+    assert {o.cls for o in options.TABLE} == {options.USER, options.ADMIN, options.UNUSED}
+
+
+@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls == options.USER],
+                         ids=lambda o: o.name)
+def test_user_option_accepted(opt: options.Option) -> None:
+    words = _sample(opt)
+    if opt.name == "-hdachs":
+        words += ["-hda", "disk.img"]
+    if opt.name in ("-append", "-initrd"):
+        words += ["-kernel", "vmlinuz"]
+    req = options.parse_user(words)
+    assert req.has(opt.name)
+
+
+@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls != options.USER],
+                         ids=lambda o: o.name)
+def test_non_user_option_refused_naming_it(opt: options.Option) -> None:
+    with pytest.raises(RefusedOption) as exc:
+        options.parse_user(_sample(opt))
+    assert exc.value.message.startswith(opt.name + ":")
+    assert ("administrator" if opt.cls == options.ADMIN else "not used") in exc.value.message
+
+
+@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls == options.ADMIN],
+                         ids=lambda o: o.name)
+def test_admin_option(opt: options.Option) -> None:
+    words = _sample(opt)
+    if opt.kind in (options.DIR, options.REDIR):
+        words = ["-net", "nic", "-net", "user"] + words
+    if opt.kind == options.NET:
+        words += ["-net", "user"]   # a nic pairs with a backend
+    if opt.gone:
+        with pytest.raises(RefusedOption, match=opt.name):
+            options.parse_admin(words)
+    else:
+        plan = options.parse_admin(words)
+        argv = options.admin_argv(plan, "vm", [])
+        assert argv[:2] == ["-m", str(plan.megs)]
+
+
+@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls == options.UNUSED],
+                         ids=lambda o: o.name)
+def test_unused_option_refused_by_admin_too(opt: options.Option) -> None:
+    with pytest.raises(RefusedOption, match="not used"):
+        options.parse_admin(_sample(opt))
+
+
+def test_mappings_to_qemu_7_2() -> None:
+    req = options.parse_user(["-localtime", "-no-acpi", "-boot", "dc", "-hda", "d.qcow2",
+                              "-hdachs", "100,16,63,lba", "-cdrom", "x.iso"])
+    opened = {"-hda": options.Opened(10, "qcow2", False, 11),
+              "-cdrom": options.Opened(12, "raw", True)}
+    argv = options.user_argv(req, opened, "vnc.sock")
+    assert argv[argv.index("-rtc") + 1] == "base=localtime"
+    assert argv[-2:] == ["-machine", "acpi=off"]
+    assert "order=dc" in argv
+    assert "if=none,id=hda,format=qcow2,file=/dev/fdset/1" in argv
+    assert "ide-hd,drive=hda,bus=ide.0,unit=0,cyls=100,heads=16,secs=63,bios-chs-trans=lba" in argv
+    assert "if=ide,index=2,media=cdrom,readonly=on,format=raw,file=/dev/fdset/2" in argv
+    assert argv.count("-add-fd") == 3
+    plan = options.parse_admin(["-m", "512", "-net", "nic,model=virtio", "-net", "user",
+                                "-redir", "tcp:2222::22", "-usbdevice", "tablet"])
+    a = options.admin_argv(plan, "web", [])
+    assert "user,id=net0,restrict=off,hostfwd=tcp:127.0.0.1:2222-:22" in a
+    nic = a[a.index("-device", a.index("-netdev")) + 1]
+    assert nic.startswith("virtio-net-pci,netdev=net0,mac=52:54:")
+    assert nic == options.admin_argv(plan, "web", [])[a.index("-device", a.index("-netdev")) + 1]
+    mac = int(nic.rsplit("=", 1)[1].split(":")[0], 16)
+    assert mac & 2 and not mac & 1          # locally administered, unicast
+    assert ["-usb", "-device", "usb-tablet"] == a[2:5]
+
+
+@pytest.mark.parametrize("words,token", [
+    (["-net", "nic,vlan=1"], "vlan= no longer exists"),
+    (["-net", "tap,br=br0,script=/etc/qemu-ifup"], "script="),
+    (["-net", "tap,br=br0,ifname=x"], "ifname="),
+    (["-no-rtc"], "no longer exists"),
+    (["-vmchannel", "di:1,pty"], "no longer exists"),
+    (["-usbdevice", "host:1234:5678"], "no longer exists"),
+    (["-balloon", "none"], "no longer exists"),
+    (["-net", "nic"], "backend"),
+    (["-net", "nic,macaddr=01:00:00:00:00:01", "-net", "user"], "multicast"),
+    (["-net", "tap,br=thisnameistoolong0"], "bridge name"),
+    (["-net", "tap,br=br0,ip=10.0.0.300/24"], "address"),
+    (["-m", "10"], "-m"),
+])
+def test_admin_refusals(words: list[str], token: str) -> None:
+    with pytest.raises(RefusedOption, match=token):
+        options.parse_admin(words)
+
+
+def test_vmid_round_trip_and_canonical() -> None:
+    d = vmid.encode("web", ["-m", "512"])
+    assert vmid.decode(d) == ("web", ["-m", "512"])
+    for bad in (d + "=", d + "A", d[:-1] + "+", d.replace(".", "/"), "web.", "x." + d[4:]):
+        with pytest.raises(TreeError):
+            vmid.decode(bad)
+    with pytest.raises(UsageError, match="file-name limit"):
+        vmid.encode("web", ["-net", "nic," + "x" * 300])
+
+
+def test_lexer() -> None:
+    assert lexer.split("start -append 'console=ttyS0 quiet'") == ["start", "-append", "console=ttyS0 quiet"]
+    assert lexer.split('a "b c" d\\ e') == ["a", "b c", "d e"]
+    assert lexer.split("start -cdrom x.iso; sh") == ["start", "-cdrom", "x.iso;", "sh"]
+    for bad in ("a\nb", "a\rb", "a\x1bb", "'open", "caf\u00e9", "x" * 5000):
+        with pytest.raises(UsageError):
+            lexer.split(bad)
+
+
+# ---- the whole path, through the real entry point ---------------------------
+
+@pytest.fixture(scope="module")
+def core_vm(host: Host, alice: User, guest: Path) -> Path:
+    return host.create_vm("core", alice, "-m", "256", guest=guest)
+
+
+def test_start_status_stop_real_guest(host: Host, alice: User, core_vm: Path) -> None:
+    r = alice.ssh_command("start core -kernel vmlinuz -initrd initrd.img -append 'console=ttyS0'")
+    assert r.returncode == 0, r.stderr
+    try:
+        wait_for(lambda: MARKER in console_log(core_vm), 120, "the guest's marker")
+        doc = alice.status("core")
+        assert doc["state"] == "running"
+        pid = doc["pid"]
+        assert isinstance(pid, int) and alice.qemu_pids() == [pid]
+        assert os.stat(f"/proc/{pid}").st_uid == alice.uid
+        assert int((core_vm / "qemu.pid").read_text()) == pid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"-nodefaults" in cmdline and b"-no-user-config" in cmdline
+        assert any(a.startswith(b"on,") and b"spawn=deny" in a for a in cmdline)
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"LD_PRELOAD" not in b"".join(env)
+
+        again = alice.ssh_command("start core -kernel vmlinuz")
+        assert again.returncode == 1
+        assert "already running" in again.stderr
+        assert alice.qemu_pids() == [pid]
+
+        r = alice.ssh_command("stop core")
+        assert r.returncode == 0, r.stderr
+        assert "powered off" in r.stdout
+        assert alice.status("core")["state"] == "stopped"
+        assert alice.qemu_pids() == []
+        assert not (core_vm / "qmp.sock").exists()
+        # The next start works: nothing was left locked.
+        r = alice.ssh_command("start -kernel vmlinuz -initrd initrd.img -append console=ttyS0")
+        assert r.returncode == 0, r.stderr
+        r = alice.ssh_command("kill")
+        assert r.returncode == 0, r.stderr
+        assert alice.qemu_pids() == []
+    finally:
+        kill_all(alice)
+
+
+def test_guest_outlives_the_session(host: Host, alice: User, core_vm: Path) -> None:
+    """kvmshell returns at once; QEMU is in its own session, not the caller's."""
+    r = alice.ssh_command("start core -kernel vmlinuz -initrd initrd.img -append console=ttyS0")
+    assert r.returncode == 0, r.stderr
+    try:
+        pid = alice.status("core")["pid"]
+        assert isinstance(pid, int)
+        assert os.getsid(pid) != os.getsid(0)
+    finally:
+        alice.ssh_command("kill core")
+        kill_all(alice)
+
+
+def test_qemu_error_is_reported(host: Host, alice: User, core_vm: Path) -> None:
+    bogus = core_vm / "bogus.bin"
+    bogus.write_bytes(b"not a kernel")
+    os.chown(bogus, alice.uid, alice.gid)
+    r = alice.ssh_command("start core -kernel bogus.bin")
+    assert r.returncode == 1
+    assert r.stderr.startswith("kvmshell: ") and "invalid kernel header" in r.stderr
+    assert r.stderr.count("\n") == 1
+    assert alice.qemu_pids() == []
+    bogus.unlink()
+
+
+def test_help_and_list(alice: User, core_vm: Path) -> None:
+    r = alice.ssh_command("help")
+    assert r.returncode == 0 and "start" in r.stdout
+    r = alice.ssh_command("help start")
+    assert "-cdrom" in r.stdout and "-m " not in r.stdout
+    r = alice.ssh_command("list")
+    assert r.returncode == 0 and "core" in r.stdout
+
+
+def test_kvmadm_set_show_remove(host: Host, alice: User) -> None:
+    host.create_vm("adm", alice, "-m", "128")
+    old = host.vm_path("adm")
+    (old / "keep.img").write_bytes(b"data")
+    host.kvmadm("set", "adm", "--", "-m", "256", "-usb")
+    new = host.vm_path("adm")
+    assert new != old and not old.exists() and (new / "keep.img").read_bytes() == b"data"
+    show = host.kvmadm("show", "adm").stdout
+    assert "-m 256 -usb" in show and alice.name in show
+    r = host.kvmadm("set", "adm", "--", "-smp", "4", check=False)
+    assert r.returncode == 2 and "-smp" in r.stderr
+    assert host.vm_path("adm") == new
+    r = host.kvmadm("create", "bad", "--owner", alice.name, "--", "-net", "nic," + "m" * 300, check=False)
+    assert r.returncode == 2
+    host.kvmadm("remove", "adm")
+    assert not os.path.lexists(host.vmdir / "adm")
+    kept = list((host.vmdir / ".removed").iterdir())
+    assert any((k / "keep.img").exists() for k in kept)

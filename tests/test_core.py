@@ -238,3 +238,40 @@ def test_kvmadm_set_show_remove(host: Host, alice: User) -> None:
     assert not os.path.lexists(host.vmdir / "adm")
     kept = list((host.vmdir / ".removed").iterdir())
     assert any((k / "keep.img").exists() for k in kept)
+
+
+def test_three_ways_in_share_one_parser(host: Host, alice: User, core_vm: Path) -> None:
+    """argv, -c CMD (login shell) and SSH_ORIGINAL_COMMAND (ForceCommand)."""
+    from conftest import KVMSHELL
+    conf = str(host.conf)
+    run = lambda argv, **env: subprocess.run(alice.argv(*argv), env=alice.env(**env),  # noqa: E731
+                                             capture_output=True, text=True, timeout=60)
+    r = run([KVMSHELL, "--config", conf, "-c", "status core"])
+    assert r.returncode == 0 and "core: stopped" in r.stdout
+    # sshd's ForceCommand line, when kvmshell is also the login shell:
+    r = run([KVMSHELL, "-c", f"{KVMSHELL} --config {conf}"], SSH_ORIGINAL_COMMAND="status core")
+    assert r.returncode == 0 and "core: stopped" in r.stdout, r.stderr
+    # ...but the same text sent by the user is just words, never kvmshell's options.
+    r = run([KVMSHELL, "-c", f"kvmshell --config {conf} status core"])
+    assert r.returncode == 2 and "kvmshell: unknown verb" in r.stderr
+    r = alice.ssh_command(f"status core --config {conf}")
+    assert r.returncode == 2 and "--config" in r.stderr
+    r = run([KVMSHELL, "--config", conf, "-c", "start core -m 999"])
+    assert r.returncode == 2 and "-m: only the administrator" in r.stderr
+    # no command and no terminal: refused
+    r = run([KVMSHELL, "--config", conf])
+    assert r.returncode == 2 and "no command" in r.stderr
+
+
+def test_refuses_root_and_user_owned_config(host: Host, alice: User, tmp_path: Path) -> None:
+    from conftest import KVMSHELL
+    r = subprocess.run([KVMSHELL, "--config", str(host.conf), "status"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "root" in r.stderr
+    evil = host.root / f"evil-{alice.name}.conf"
+    evil.write_text(f"vmdir = {host.vmdir}\nimage_dirs = /\n")
+    os.chown(evil, alice.uid, alice.gid)
+    r = subprocess.run(alice.argv(KVMSHELL, "--config", str(evil), "status"), env=alice.env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "owned by root" in r.stderr
+    evil.unlink()

@@ -36,6 +36,9 @@ install: deps
 	install -d -m 755 $(BIN) $(SBIN) $(LIBEXEC) $(CONF)
 	install -m 755 bin/kvmshell $(BIN)/kvmshell
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
+	install -m 755 bin/kvmshell-nethelper $(LIBEXEC)/kvmshell-nethelper
+	visudo -cf sudoers.d/kvmshell
+	install -m 440 sudoers.d/kvmshell /etc/sudoers.d/kvmshell
 	rm -f $(BIN)/kvmadm
 	test -e $(CONF)/kvmshell.conf || install -m 644 kvmshell.conf $(CONF)/kvmshell.conf
 	grep -qx $(BIN)/kvmshell /etc/shells || echo $(BIN)/kvmshell >> /etc/shells

@@ -116,7 +116,7 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
         tap_fds: list[int] = []
         if plan.taps:
             from kvmshell import netclient
-            tap_fds = netclient.up(cfg, vm)
+            tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
         argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
         return _spawn(cfg, vm, argv, passed, bool(plan.taps))

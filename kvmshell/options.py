@@ -121,7 +121,7 @@ TABLE: tuple[Option, ...] = (
     Option("-usbdevice", 1, USBDEV, ADMIN, ("-usb", "-device", "{usbdevice}"),
            help="emulated USB device: tablet, mouse or keyboard", example="tablet"),
     Option("-net", 1, NET, ADMIN, ("-netdev", "{netdev}", "-device", "{nic}"),
-           help="nic[,macaddr=M][,model=T] | user[,hostname=H] | tap,br=BRIDGE[,ip=A/N]"
+           help="nic[,macaddr=M][,model=T] | user[,hostname=H] | tap,br=BRIDGE | tap,ip=A/N"
                 " | socket,listen=H:P|connect=H:P|mcast=A:P | none",
            example="nic,model=virtio"),
     Option("-tftp", 1, DIR, ADMIN, ("tftp={dir}",),
@@ -450,6 +450,8 @@ def check_cidr(value: str) -> str:
         raise RefusedOption(f"-net: invalid address {value!r} (want ADDR/PREFIX)") from exc
     if "/" not in value:
         raise RefusedOption(f"-net: address {value!r} needs a prefix length")
+    if iface.ip.is_multicast or iface.ip.is_unspecified or iface.ip.is_loopback:
+        raise RefusedOption(f"-net: {value!r} cannot be an interface address")
     return str(iface)
 
 
@@ -484,10 +486,14 @@ def _parse_net(value: str) -> NetSpec:
         if not h or len(h) > 63 or any(c not in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in h):
             raise RefusedOption(f"-net user: invalid hostname {h!r}")
     elif kind == "tap":
-        if "br" not in params:
-            raise RefusedOption("-net tap: needs br=BRIDGE")
-        check_ifname(params["br"])
-        if "ip" in params:
+        # Bridged (br=) or routed (ip=, the host's end of a point-to-point
+        # tap), not both: an address on a bridge port is never used, and the
+        # bridge's own address is the admin's, shared by all its VMs.
+        if ("br" in params) == ("ip" in params):
+            raise RefusedOption("-net tap: needs either br=BRIDGE or ip=ADDR/PREFIX")
+        if "br" in params:
+            check_ifname(params["br"])
+        else:
             params["ip"] = check_cidr(params["ip"])
     elif kind == "socket":
         if len(params) != 1:

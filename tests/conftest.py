@@ -66,9 +66,23 @@ def install_checkout(root: Path) -> tuple[str, str]:
     return out[0], out[1]
 
 
+def install_nethelper(root: Path, config: Path) -> str:
+    """This checkout's network helper as one root-owned file, its fixed
+    config path rewritten to *config* (the helper takes no config option)."""
+    text = (REPO / "kvmshell" / "helper.py").read_text()
+    assert text.count('\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n') == 1
+    text = text.replace('\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n', f"\nCONFIG = {str(config)!r}\n")
+    path = root / "libexec" / "kvmshell-nethelper"
+    path.parent.mkdir(mode=0o755, exist_ok=True)
+    path.write_text("#!/usr/bin/python3 -I\n" + text + "\nraise SystemExit(main())\n")
+    os.chmod(path, 0o755)
+    return str(path)
+
+
 _ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))
 os.chmod(_ROOT, 0o755)  # users must traverse to their VM directories
 KVMSHELL, KVMADM = install_checkout(_ROOT)
+NETHELPER = install_nethelper(_ROOT, _ROOT / "kvmshell.conf")
 
 
 class User:
@@ -130,7 +144,7 @@ class Host:
 
     def write_conf(self, **extra: str) -> None:
         settings = {"vmdir": str(self.vmdir), "accel": "tcg", "image_dirs": str(self.images),
-                    "stop_timeout": "20", "helper": "/usr/local/libexec/kvmshell/kvmshell-nethelper"}
+                    "stop_timeout": "20", "helper": NETHELPER}
         settings.update(extra)
         self.conf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         os.chmod(self.conf, 0o644)

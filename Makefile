@@ -36,7 +36,7 @@ install: deps
 	install -d -m 755 $(BIN) $(SBIN) $(LIBEXEC) $(CONF)
 	install -m 755 bin/kvmshell $(BIN)/kvmshell
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
-	install -m 755 bin/kvmshell-nethelper $(LIBEXEC)/kvmshell-nethelper
+	install -m 755 kvmshell/helper.py $(LIBEXEC)/kvmshell-nethelper
 	visudo -cf sudoers.d/kvmshell
 	install -m 440 sudoers.d/kvmshell /etc/sudoers.d/kvmshell
 	rm -f $(BIN)/kvmadm

@@ -74,7 +74,7 @@ def install_nethelper(root: Path, config: Path) -> str:
     text = text.replace('\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n', f"\nCONFIG = {str(config)!r}\n")
     path = root / "libexec" / "kvmshell-nethelper"
     path.parent.mkdir(mode=0o755, exist_ok=True)
-    path.write_text("#!/usr/bin/python3 -I\n" + text + "\nraise SystemExit(main())\n")
+    path.write_text(text)
     os.chmod(path, 0o755)
     return str(path)
 

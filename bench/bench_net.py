@@ -1,0 +1,131 @@
+#!/usr/bin/python3
+"""Benchmark: the network helper's ``up`` + ``down`` for a VM with one
+bridged tap, run as a VM user through sudo exactly as kvmshell runs it,
+against the same steps done by hand in the same run, as root:
+``ip tuntap add``, ``ip link set master``, ``ip link del``.  Median wall
+times; target <= 2x.  Also printed, for context: the hand steps each run
+through ``sudo -n`` (what a user without the helper would have to do).
+
+Everything happens in a network namespace made for the run; the helper is
+this checkout's, installed (like the tests do) with its config path pointed
+at the bench's own tree, under a temporary sudoers drop-in.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+RUNS = int(os.environ.get("BENCH_RUNS", "40"))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's kvmadm and helper, whatever is installed.
+KVMADM = ["/usr/bin/python3", "-I", "-c", f"import sys; sys.path.insert(0, {REPO!r}); "
+          "sys.argv[0] = 'kvmadm'; from kvmshell.admin import main; sys.exit(main())"]
+BRIDGE = "kvbbr0"
+
+WORKER = r"""
+import os, socket, statistics, subprocess, sys, time
+helper, runs = sys.argv[1], int(sys.argv[2])
+env = {"PATH": "/usr/bin:/bin"}
+xs = []
+for _ in range(runs):
+    t = time.perf_counter()
+    mine, theirs = socket.socketpair()
+    p = subprocess.Popen(["/usr/bin/sudo", "-n", "--", helper, "up", "b"], stdout=theirs,
+                         stdin=subprocess.DEVNULL, env=env)
+    theirs.close()
+    msg, fds, _, _ = socket.recv_fds(mine, 64, 8)
+    assert p.wait() == 0 and len(fds) == 1, msg
+    subprocess.run(["/usr/bin/sudo", "-n", "--", helper, "down", "b"], check=True, env=env,
+                   stdin=subprocess.DEVNULL)
+    xs.append(time.perf_counter() - t)
+    for fd in fds:
+        os.close(fd)
+    mine.close()
+print(statistics.median(xs))
+"""
+
+
+def install_helper(root: str, conf: str) -> str:
+    """As tests/conftest.py's install_nethelper: one file, config path rewritten."""
+    with open(os.path.join(REPO, "kvmshell", "helper.py")) as f:
+        text = f.read()
+    line = '\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n'
+    assert text.count(line) == 1
+    text = text.replace(line, f"\nCONFIG = {conf!r}\n")
+    path = os.path.join(root, "kvmshell-nethelper")
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+def median_hand(ns: str, prefix: list[str], runs: int) -> float:
+    xs = []
+    for i in range(runs):
+        tap = f"kvbt{i}"
+        t = time.perf_counter()
+        for argv in (["ip", "tuntap", "add", "dev", tap, "mode", "tap"],
+                     ["ip", "link", "set", tap, "master", BRIDGE],
+                     ["ip", "link", "del", tap]):
+            subprocess.run(["ip", "netns", "exec", ns] + prefix + argv if prefix else
+                           ["ip", "-n", ns] + argv[1:], check=True)
+        xs.append(time.perf_counter() - t)
+    return statistics.median(xs)
+
+
+def main() -> int:
+    tag = secrets.token_hex(3)
+    user, group, ns = "kvmbench", f"kvbg{tag}", f"kvbns{tag}"
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "-M", "-N", "-s", "/bin/false", user], check=True)
+    pw = pwd.getpwnam(user)
+    root = tempfile.mkdtemp(prefix="kvmshell-bench-")
+    os.chmod(root, 0o755)
+    drop_in = f"/etc/sudoers.d/kvmshell-bench-{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["usermod", "-aG", group, user], check=True)
+        conf = os.path.join(root, "k.conf")
+        with open(conf, "w") as f:
+            f.write(f"vmdir = {root}/vms\naccel = tcg\n")
+        subprocess.run(KVMADM + ["--config", conf, "create", "b", "--owner", user, "--",
+                        "-net", "nic", "-net", f"tap,br={BRIDGE}"], check=True,
+                       stdout=subprocess.DEVNULL)
+        helper = install_helper(root, conf)
+        with open(os.path.join(REPO, "sudoers.d", "kvmshell")) as f:
+            text = f.read().replace("/usr/local/libexec/kvmshell/kvmshell-nethelper", helper)
+        with open(drop_in, "w") as f:
+            f.write(text.replace("%kvmusers", f"%{group}"))
+        os.chmod(drop_in, 0o440)
+        subprocess.run(["ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", BRIDGE, "up"], check=True)
+        hand = median_hand(ns, [], RUNS)
+        hand_sudo = median_hand(ns, ["/usr/bin/sudo", "-n", "--"], RUNS)
+        r = subprocess.run(["ip", "netns", "exec", ns, "setpriv", f"--reuid={pw.pw_uid}",
+                            f"--regid={pw.pw_gid}", "--init-groups", "--",
+                            "/usr/bin/python3", "-I", "-c", WORKER, helper, str(RUNS)],
+                           capture_output=True, text=True, check=True)
+        ours = float(r.stdout.split()[-1])
+        print(f"network helper up+down per VM (1 bridged tap): {ours * 1000:.1f} ms; "
+              f"by hand (ip tuntap add, link set master, link del): {hand * 1000:.1f} ms "
+              f"-> {ours / hand:.2f}x (target <= 2x); "
+              f"by hand through sudo: {hand_sudo * 1000:.1f} ms -> {ours / hand_sudo:.2f}x")
+        return 0
+    finally:
+        os.unlink(drop_in) if os.path.exists(drop_in) else None
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

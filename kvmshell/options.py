@@ -489,12 +489,12 @@ def _parse_net(value: str) -> NetSpec:
         # Bridged (br=) or routed (ip=, the host's end of a point-to-point
         # tap), not both: an address on a bridge port is never used, and the
         # bridge's own address is the admin's, shared by all its VMs.
-        if ("br" in params) == ("ip" in params):
-            raise RefusedOption("-net tap: needs either br=BRIDGE or ip=ADDR/PREFIX")
         if "br" in params:
             check_ifname(params["br"])
-        else:
+        if "ip" in params:
             params["ip"] = check_cidr(params["ip"])
+        if ("br" in params) == ("ip" in params):
+            raise RefusedOption("-net tap: needs either br=BRIDGE or ip=ADDR/PREFIX, not both")
     elif kind == "socket":
         if len(params) != 1:
             raise RefusedOption("-net socket: needs exactly one of listen=, connect=, mcast=")

@@ -88,6 +88,9 @@ def net(alice: User, bob: User) -> Iterator[Net]:
         text = (Path(__file__).resolve().parents[1] / "sudoers.d" / "kvmshell").read_text()
         text = text.replace("/usr/local/libexec/kvmshell/kvmshell-nethelper", NETHELPER)
         text = text.replace("%kvmusers", f"%{group}")
+        # Aliases are global across sudoers files: a unique one per session, so
+        # that concurrent test sessions never define the same alias twice.
+        text = text.replace("KVMSHELL_NETHELPER", f"KVMSHELL_NETHELPER_{tag.upper()}")
         tmp = drop_in.with_name(f".{drop_in.name}.tmp")  # sudo skips names with '.'
         tmp.write_text(text)
         os.chmod(tmp, 0o440)

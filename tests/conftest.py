@@ -6,6 +6,7 @@ through setpriv, exactly as sshd would run kvmshell for them.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -82,6 +83,8 @@ def install_nethelper(root: Path, config: Path) -> str:
 
 _ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))
 os.chmod(_ROOT, 0o755)  # users must traverse to their VM directories
+# Also when no test asks for the host fixture (e.g. -m security -k prop, --collect-only).
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 KVMSHELL, KVMADM = install_checkout(_ROOT)
 NETHELPER = install_nethelper(_ROOT, _ROOT / "kvmshell.conf")
 

@@ -53,6 +53,18 @@ demo: install guest
 test: install test-deps guest
 	$(PYTHON) -m pytest -v tests
 
+# Coverage-guided fuzzing of the parser for a fixed time; any exception
+# other than a refusal is a finding (and a non-zero exit).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@mkdir -p build/fuzz-corpus
+	@$(PIP) atheris
+	@$(PYTHON) tests/fuzz/fuzz_parser.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  -dict=tests/fuzz/parser.dict build/fuzz-corpus >build/fuzz.log 2>&1 \
+	  || { tail -40 build/fuzz.log; echo "fuzz: FINDING (see build/fuzz.log)"; exit 1; }
+	@grep -E '^(Done|stat::number_of_executed_units|stat::average_exec_per_sec)' build/fuzz.log
+	@echo "fuzz: no finding in $(FUZZ_SECONDS) s"
+
 typecheck:
 	$(PYTHON) -m mypy --strict kvmshell
 

@@ -13,7 +13,7 @@ import socket
 import sys
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 
-from kvmshell import options
+from kvmshell import limits, options
 from kvmshell.config import Config
 from kvmshell.errors import AlreadyRunning, RefusedOption, RuntimeFailure, TreeError, UsageError
 from kvmshell.vmtree import VM
@@ -46,7 +46,9 @@ def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
             "-sandbox", SANDBOX,
             "-machine", "pc"]
     for accel in cfg.accel:
-        argv += ["-accel", accel]
+        # An explicit translation buffer: QEMU's default reserves 1 GiB of
+        # address space, more than the cap limits.py puts on QEMU.
+        argv += ["-accel", f"tcg,tb-size={limits.TB_SIZE_MIB}" if accel == "tcg" else accel]
     # Relative paths: QEMU runs in the VM directory, whose absolute path may
     # be longer than a unix socket address allows.
     argv += ["-pidfile", "qemu.pid",
@@ -96,7 +98,9 @@ def open_files(cfg: Config, vm: VM, req: options.UserRequest) -> dict[str, optio
 
 def clean_env(vm: VM) -> dict[str, str]:
     # Why: nothing of the user's environment (LD_PRELOAD, TMPDIR, ...) reaches QEMU.
-    return {"PATH": "/usr/bin:/bin", "HOME": vm.path, "TMPDIR": vm.path, "LC_ALL": "C"}
+    # MALLOC_ARENA_MAX: fewer malloc arenas keep QEMU well inside its RLIMIT_AS.
+    return {"PATH": "/usr/bin:/bin", "HOME": vm.path, "TMPDIR": vm.path, "LC_ALL": "C",
+            "MALLOC_ARENA_MAX": "2"}
 
 
 def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
@@ -107,8 +111,16 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
+    # Limits next (limits.py): counted outside QEMU, under a per-user lock
+    # held until QEMU runs, so concurrent starts cannot both fit.
+    ulock = limits.check(cfg, vm)
     # Files first: a refused file must leave the VM directory untouched.
-    opened = open_files(cfg, vm, req)
+    try:
+        opened = open_files(cfg, vm, req)
+    except BaseException:
+        if ulock >= 0:
+            os.close(ulock)
+        raise
     passed = [fd for of in opened.values() for fd in of.fds]
     try:
         lock = take_lock(vm)
@@ -119,13 +131,17 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
             tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
         argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
-        return _spawn(cfg, vm, argv, passed, bool(plan.taps))
+        return _spawn(cfg, vm, argv, passed, bool(plan.taps),
+                      limits.qemu_rlimits(cfg, plan.megs), [ulock] if ulock >= 0 else [])
     finally:
         for fd in passed:
             os.close(fd)
+        if ulock >= 0:
+            os.close(ulock)
 
 
-def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool) -> int:
+def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool,
+           rlimits: list[tuple[int, int]] | None = None, close: list[int] | None = None) -> int:
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -134,8 +150,10 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool) 
         code = 1
         try:
             os.close(rfd)
+            for fd in close or []:  # the per-user start lock is the caller's, not ours
+                os.close(fd)
             os.setsid()
-            code = _supervise(cfg, vm, argv, fds, network, wfd)
+            code = _supervise(cfg, vm, argv, fds, network, wfd, rlimits or [])
         except BaseException as exc:  # report, never unwind into the caller's code
             try:
                 os.write(wfd, f"fail supervisor: {exc}".encode())
@@ -169,7 +187,8 @@ def _qemu_error(log: str) -> str:
     return errs[-1] if errs else "QEMU exited"
 
 
-def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool, ready_fd: int) -> int:
+def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool, ready_fd: int,
+               rlimits: list[tuple[int, int]] | None = None) -> int:
     import subprocess
     import time
 
@@ -186,8 +205,11 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
     listener.bind(SERIAL_SOCKET)
     listener.listen(1)
     log = os.open(QEMU_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    caps = list(rlimits or [])
+    # Why: the caps are set in the child before exec, so QEMU never runs uncapped.
     proc = subprocess.Popen(argv, pass_fds=fds, env=clean_env(vm), cwd=vm.path,
-                            stdin=devnull, stdout=log, stderr=log, close_fds=True)
+                            stdin=devnull, stdout=log, stderr=log, close_fds=True,
+                            preexec_fn=(lambda: limits.apply(caps)) if caps else None)
     for fd in fds:
         if fd != fds[0]:  # the supervisor keeps the lock, QEMU keeps the rest
             os.close(fd)
@@ -204,7 +226,10 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
                 continue
         listener.close()
         _wait_qmp(vm, proc, deadline)
-        os.write(ready_fd, f"ok {proc.pid}".encode())
+        try:
+            os.write(ready_fd, f"ok {proc.pid}".encode())
+        except OSError:
+            pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
         os.close(ready_fd)
         ready_fd = -1
         from kvmshell import consolelog
@@ -216,7 +241,10 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
             proc.kill()
             proc.wait()
         if ready_fd >= 0:
-            os.write(ready_fd, f"fail {exc.message}".encode())
+            try:
+                os.write(ready_fd, f"fail {exc.message}".encode())
+            except OSError:
+                pass  # nobody is left to tell
         return 1
     finally:
         if ready_fd >= 0:

@@ -6,6 +6,8 @@ through setpriv, exactly as sshd would run kvmshell for them.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
 import pwd
@@ -81,6 +83,8 @@ def install_nethelper(root: Path, config: Path) -> str:
 
 _ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))
 os.chmod(_ROOT, 0o755)  # users must traverse to their VM directories
+# Also when no test asks for the host fixture (e.g. -m security -k prop, --collect-only).
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 KVMSHELL, KVMADM = install_checkout(_ROOT)
 NETHELPER = install_nethelper(_ROOT, _ROOT / "kvmshell.conf")
 
@@ -169,14 +173,18 @@ class Host:
         return path
 
     def snapshot(self) -> dict[str, tuple[object, ...]]:
-        """Every entry of the tree: type, mode, owner, size, mtime, link target."""
+        """Every entry of the tree: type, mode, owner, size, mtime, link target, contents."""
         out: dict[str, tuple[object, ...]] = {}
         for dirpath, dirnames, filenames in os.walk(self.vmdir):
             for leaf in dirnames + filenames:
                 p = os.path.join(dirpath, leaf)
                 st = os.lstat(p)
                 target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
-                out[p] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, target)
+                digest = None
+                if stat.S_ISREG(st.st_mode):  # byte for byte: contents too
+                    with open(p, "rb") as f:
+                        digest = hashlib.sha256(f.read()).hexdigest()
+                out[p] = (st.st_mode, st.st_uid, st.st_size, st.st_mtime_ns, target, digest)
         return out
 
 
@@ -244,3 +252,20 @@ def kill_all(user: User) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def assert_refused(host: Host, user: User, command: str, token: str, status: int = 2,
+                   **env: str) -> str:
+    """Run *command* as *user* through the real entry point and check the
+    refusal: one ``kvmshell:`` line naming *token*, exit *status*, no QEMU,
+    and a VM tree byte-for-byte the same."""
+    before = host.snapshot()
+    r = user.ssh_command(command, **env)
+    assert r.returncode == status, (command, r.returncode, r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr.startswith("kvmshell: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert token in r.stderr, (token, r.stderr)
+    assert user.qemu_pids() == []
+    assert host.snapshot() == before
+    return r.stderr

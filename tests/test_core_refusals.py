@@ -13,24 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Host, User
+from conftest import Host, User, assert_refused
 from kvmshell import vmid
 
 pytestmark = pytest.mark.core
-
-
-def assert_refused(host: Host, user: User, command: str, token: str, status: int = 2,
-                   **env: str) -> str:
-    before = host.snapshot()
-    r = user.ssh_command(command, **env)
-    assert r.returncode == status, (command, r.returncode, r.stdout, r.stderr)
-    assert r.stdout == ""
-    assert r.stderr.startswith("kvmshell: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    assert token in r.stderr, (token, r.stderr)
-    assert user.qemu_pids() == []
-    assert host.snapshot() == before
-    return r.stderr
 
 
 @pytest.fixture(scope="module")

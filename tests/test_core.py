@@ -165,6 +165,13 @@ def test_start_status_stop_real_guest(host: Host, alice: User, core_vm: Path) ->
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"LD_PRELOAD" not in b"".join(env)
 
+        before = host.vm_path("core")
+        r = host.kvmadm("set", "core", "--", "-m", "512", check=False)
+        assert r.returncode == 1 and "refused while the VM runs" in r.stderr
+        r = host.kvmadm("remove", "core", check=False)
+        assert r.returncode == 1 and "refused while the VM runs" in r.stderr
+        assert host.vm_path("core") == before
+
         again = alice.ssh_command("start core -kernel vmlinuz")
         assert again.returncode == 1
         assert "already running" in again.stderr

@@ -5,6 +5,8 @@
     kvmadm [--config PATH] show NAME
     kvmadm [--config PATH] set NAME [-- ADMIN-OPTIONS...]
     kvmadm [--config PATH] remove NAME [--purge]
+    kvmadm [--config PATH] adduser USER [--key FILE|-]
+    kvmadm [--config PATH] setkey USER FILE|-
 
 The admin's options are validated against the admin class of the option
 table before they become a directory name, exactly as kvmshell will read
@@ -183,8 +185,30 @@ def cmd_show(cfg: Config, args: list[str]) -> int:
     return 0
 
 
+def cmd_adduser(cfg: Config, args: list[str]) -> int:
+    from kvmshell import users
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--key"):
+        raise UsageError("usage: adduser USER [--key FILE|-]")
+    users.adduser(cfg, args[0])
+    _out(f"created VM user {args[0]} (group {cfg.group}, shell {cfg.shell})")
+    if len(args) == 3:
+        path = users.setkey(cfg, args[0], args[2])
+        _out(f"installed the key(s) of {args[0]} in {path}")
+    return 0
+
+
+def cmd_setkey(cfg: Config, args: list[str]) -> int:
+    from kvmshell import users
+    if len(args) != 2:
+        raise UsageError("usage: setkey USER FILE|-")
+    path = users.setkey(cfg, args[0], args[1])
+    _out(f"installed the key(s) of {args[0]} in {path}")
+    return 0
+
+
 COMMANDS = {"create": cmd_create, "set": cmd_set, "remove": cmd_remove,
-            "list": cmd_list, "show": cmd_show}
+            "list": cmd_list, "show": cmd_show, "adduser": cmd_adduser,
+            "setkey": cmd_setkey}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
     "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),
     "kill": ("[VM]", "stop a VM at once"),
+    "upload": ("[VM] NAME", "store stdin as image NAME in the VM's directory"),
+    "images": ("[VM]", "list the images in the VM's directory"),
+    "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
 }
 
 
@@ -158,9 +161,31 @@ def cmd_kill(ctx: Context, args: list[str]) -> int:
     return 0
 
 
+def cmd_upload(ctx: Context, args: list[str]) -> int:
+    from kvmshell import images
+    vm, name, size = images.upload(ctx.cfg, ctx.uid, args)
+    _out(f"{vm.name}: stored {name} ({size} bytes)")
+    return 0
+
+
+def cmd_images(ctx: Context, args: list[str]) -> int:
+    from kvmshell import images
+    for name, size in images.listing(ctx.cfg, ctx.uid, args):
+        _out(f"{size:>14} {name}")
+    return 0
+
+
+def cmd_rm(ctx: Context, args: list[str]) -> int:
+    from kvmshell import images
+    vm, name = images.remove(ctx.cfg, ctx.uid, args)
+    _out(f"{vm.name}: removed {name}")
+    return 0
+
+
 HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill,
+    "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm,
 }
 
 def run_words(ctx: Context, words: list[str]) -> int:
@@ -208,6 +233,18 @@ def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
                 if extra:
                     raise UsageError(f"{extra[0]}: unexpected word in ForceCommand")
                 return config_path, lexer.split(original)
+        else:
+            # sshd with ForceCommand and no command from the client runs
+            # exactly the admin's line, with no SSH_ORIGINAL_COMMAND: that is
+            # "no command" (prompt on a tty, refusal otherwise).  Only a line
+            # of kvmshell's own options qualifies; anything more is user words.
+            # (Whoever can choose -c text here could also set
+            # SSH_ORIGINAL_COMMAND above, so this grants nothing new.)
+            forced = lexer.split(args[1])
+            if _is_force_command(forced):
+                path, extra = _own_options(forced[1:])
+                if not extra:
+                    return path, None
         return config_path, lexer.split(args[1])
     if args:
         return config_path, list(args)

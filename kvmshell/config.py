@@ -27,6 +27,8 @@ _DEFAULTS: dict[str, str] = {
     "max_image_bytes": "0",
     "upload_max_bytes": "4294967296",
     "group": "kvmusers",
+    "authorized_keys": "/etc/kvmshell/authorized_keys",
+    "shell": "/usr/local/bin/kvmshell",
 }
 
 _ACCELS = ("kvm", "tcg")
@@ -41,6 +43,8 @@ class Config:
         self.qemu = _abs(values, "qemu")
         self.helper = _abs(values, "helper")
         self.group = values["group"]
+        self.authorized_keys = _abs(values, "authorized_keys")
+        self.shell = _abs(values, "shell")
         self.accel = values["accel"].split()
         if not self.accel or any(a not in _ACCELS for a in self.accel):
             raise ConfigError(f"{path}: accel must be a list of {'/'.join(_ACCELS)}")

@@ -1,0 +1,188 @@
+"""Images in the VM directory, without a general shell: upload, images, rm.
+
+    upload [VM] NAME     read the image from stdin (``ssh host upload x.iso < x.iso``)
+    images [VM]          list the files you may use or remove
+    rm [VM] NAME         remove one of them
+
+VM may be left out when the user owns exactly one VM.  NAME is a plain
+file name (the rules of ``check_file_name``, no '/').
+
+Why this shape: stdin is untrusted bytes of untrusted length.  The data go to
+a hidden temporary file created with O_EXCL in the VM directory (opened
+through a directory descriptor, never following a symlink), counted against
+``upload_max_bytes`` and against ``max_image_bytes`` (all the user's VM
+directories together), fsync'd, and only then linked to NAME -- which must
+not exist.  A refused or broken upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from kvmshell.errors import RefusedFile, RuntimeFailure, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kvmshell.config import Config
+    from kvmshell.vmtree import VM
+
+CHUNK = 1 << 20
+_TMP_PREFIX = ".upload."
+# Files kvmshell and the supervisor make in the VM directory: never upload
+# targets, never removable by 'rm', not listed as images.
+RESERVED = frozenset({"lock", "console.log", "console.log.1", "serial.sock", "qmp.sock",
+                      "vnc.sock", "qemu.pid"})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def check_name(verb: str, name: str) -> str:
+    from kvmshell import options
+    if "/" in name:
+        raise RefusedFile(f"{verb}: {name!r}: a plain file name, without '/'")
+    options.check_file_name(verb, name)
+    if name in RESERVED or name.endswith(".sock"):
+        raise RefusedFile(f"{verb}: {name!r} is a name kvmshell uses itself")
+    return name
+
+
+def _split(verb: str, args: list[str]) -> tuple[str | None, str]:
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        return args[0], args[1]
+    if not args:
+        raise UsageError(f"{verb}: missing file name (usage: {verb} [VM] NAME)")
+    raise UsageError(f"{args[2]}: unexpected argument to '{verb}'")
+
+
+def _open_dir(vm: "VM") -> int:
+    try:
+        return os.open(vm.path, _DIR_FLAGS)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot open the directory of VM {vm.name!r}: {exc.strerror}") from exc
+
+
+def _usage_bytes(cfg: "Config", uid: int) -> int:
+    """Bytes in regular files across the user's VM directories."""
+    from kvmshell import vmtree
+    total = 0
+    for vm in vmtree.owned(cfg, uid):
+        dfd = _open_dir(vm)
+        try:
+            for entry in os.scandir(dfd):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+        finally:
+            os.close(dfd)
+    return total
+
+
+def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM", str, int]:
+    """Copy *src* into the VM directory as NAME; return (vm, name, bytes)."""
+    from kvmshell import vmtree
+    vm_name, name = _split("upload", args)
+    check_name("upload", name)
+    vm = vmtree.pick(cfg, uid, vm_name)
+    limit = cfg.upload_max_bytes
+    why = "upload_max_bytes"
+    if cfg.max_image_bytes:
+        room = max(0, cfg.max_image_bytes - _usage_bytes(cfg, uid))
+        if not limit or room < limit:
+            limit, why = room, "max_image_bytes, for all your images together"
+    dfd = _open_dir(vm)
+    try:
+        try:
+            os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            raise RefusedFile(f"upload: {name} exists (remove it first with 'rm {name}')")
+        tmp = f"{_TMP_PREFIX}{name}.{os.getpid()}"
+        # Why O_EXCL|O_NOFOLLOW through dfd: nothing the user placed in the
+        # directory (a symlink, a FIFO) is ever written through.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+        done = False
+        try:
+            size = 0
+            while True:
+                chunk = os.read(src, CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if limit and size > limit:
+                    raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+            try:
+                # link, not rename: it fails if NAME appeared meanwhile.
+                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            except FileExistsError as exc:
+                raise RefusedFile(f"upload: {name} exists (remove it first with 'rm {name}')") from exc
+            done = True
+        except OSError as exc:
+            raise RuntimeFailure(f"upload: {name}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dfd)
+            if done:
+                os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return vm, name, size
+
+
+def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int]]:
+    """(name, size) of the user's files in one VM directory."""
+    from kvmshell import vmtree
+    if len(args) > 1:
+        raise UsageError(f"{args[1]}: unexpected argument to 'images'")
+    vm = vmtree.pick(cfg, uid, args[0] if args else None)
+    dfd = _open_dir(vm)
+    out = []
+    try:
+        for entry in os.scandir(dfd):
+            if entry.name.startswith(".") or entry.name in RESERVED or entry.name.endswith(".sock"):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                out.append((entry.name, st.st_size))
+    finally:
+        os.close(dfd)
+    return sorted(out)
+
+
+def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
+    """Unlink NAME from the VM directory unless a running VM holds it."""
+    import fcntl
+    from kvmshell import vmtree
+    vm_name, name = _split("rm", args)
+    check_name("rm", name)
+    vm = vmtree.pick(cfg, uid, vm_name)
+    dfd = _open_dir(vm)
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dfd)
+        except FileNotFoundError as exc:
+            raise RefusedFile(f"rm: {name}: no such file") from exc
+        except OSError as exc:
+            raise RefusedFile(f"rm: {name}: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RefusedFile(f"rm: {name} is not a regular file")
+            try:
+                # A running VM holds a lock on every image it uses (files.py).
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise RefusedFile(f"rm: {name} is in use by a running VM") from exc
+            os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    return vm, name

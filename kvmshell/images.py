@@ -85,11 +85,12 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
     vm_name, name = _split("upload", args)
     check_name("upload", name)
     vm = vmtree.pick(cfg, uid, vm_name)
-    limit = cfg.upload_max_bytes
+    # 0 in the config means "no limit"; a quota already used up means 0 bytes.
+    limit: int | None = cfg.upload_max_bytes or None
     why = "upload_max_bytes"
     if cfg.max_image_bytes:
         room = max(0, cfg.max_image_bytes - _usage_bytes(cfg, uid))
-        if not limit or room < limit:
+        if limit is None or room < limit:
             limit, why = room, "max_image_bytes, for all your images together"
     dfd = _open_dir(vm)
     try:
@@ -112,7 +113,7 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 if not chunk:
                     break
                 size += len(chunk)
-                if limit and size > limit:
+                if limit is not None and size > limit:
                     raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
                 view = memoryview(chunk)
                 while view:

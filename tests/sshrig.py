@@ -31,7 +31,7 @@ KbdInteractiveAuthentication no
 UsePAM yes
 PrintMotd no
 StrictModes yes
-LogLevel DEBUG2
+LogLevel {loglevel}
 # Careless on purpose: the drop-in must win for the VM users' group.
 X11Forwarding yes
 AllowTcpForwarding yes
@@ -64,7 +64,7 @@ def dropin_text(kvmshell_line: str, keys_dir: str, group: str) -> str:
 class Sshd:
     """One sshd; ``stop()`` ends it and removes its directory."""
 
-    def __init__(self, kvmshell_line: str, group: str) -> None:
+    def __init__(self, kvmshell_line: str, group: str, loglevel: str = "DEBUG2") -> None:
         # Not under /tmp: StrictModes refuses a key file below a world-writable
         # directory, and /run is root-owned 0755 like /etc.
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
@@ -80,7 +80,8 @@ class Sshd:
             dropin_text(kvmshell_line, str(self.keys), group))
         self.config = self.rig / "sshd_config"
         self.config.write_text(f"Include {self.rig}/sshd_config.d/*.conf\n"
-                               + CARELESS_MAIN.format(port=self.port, rig=self.rig))
+                               + CARELESS_MAIN.format(port=self.port, rig=self.rig,
+                                                      loglevel=loglevel))
         subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(self.config)], check=True)
         self.log = self.rig / "sshd.log"
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)],

@@ -40,9 +40,18 @@ install: deps
 	visudo -cf sudoers.d/kvmshell
 	install -m 440 sudoers.d/kvmshell /etc/sudoers.d/kvmshell
 	rm -f $(BIN)/kvmadm
-	test -e $(CONF)/kvmshell.conf || install -m 644 kvmshell.conf $(CONF)/kvmshell.conf
+	test -e $(CONF)/kvmshell.conf || { sed 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' \
+	  kvmshell.conf > $(CONF)/kvmshell.conf && chmod 644 $(CONF)/kvmshell.conf; }
 	grep -qx $(BIN)/kvmshell /etc/shells || echo $(BIN)/kvmshell >> /etc/shells
 	getent group kvmusers >/dev/null || groupadd --system kvmusers
+	install -d -m 755 $(CONF)/authorized_keys /etc/ssh/sshd_config.d
+	sed 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' sshd_config.d/kvmshell.conf > /etc/ssh/sshd_config.d/kvmshell.conf
+	chmod 644 /etc/ssh/sshd_config.d/kvmshell.conf
+	install -m 644 pam/kvmshell /etc/pam.d/kvmshell
+	@if [ -x /usr/sbin/sshd ]; then mkdir -p /run/sshd; /usr/sbin/sshd -t || { \
+	  rm -f /etc/ssh/sshd_config.d/kvmshell.conf; \
+	  echo "sshd -t failed with the kvmshell drop-in: not installed"; exit 1; }; fi
+	@if [ -d /run/systemd/system ] && systemctl is-active -q ssh 2>/dev/null; then systemctl reload ssh; fi
 
 guest:
 	tests/guest/build-guest.sh build/guest

@@ -251,11 +251,12 @@ def test_no_command_with_tty_gets_the_prompt(rig: Rig) -> None:
     argv = rig.sshd.ssh_argv(rig.user.name, rig.key, "-tt")
     c = pexpect.spawn(argv[0], argv[1:], timeout=30, env={"TERM": "vt100", "PATH": "/usr/bin:/bin"})
     c.expect_exact("kvmshell> ")
+    c.send("sh -c id\r")                         # words, never a shell
+    c.expect_exact("kvmshell: sh: unknown verb")
+    c.expect_exact("kvmshell> ")
     c.send("status\r")
     c.expect_exact(f"{VM}: stopped")
     c.expect_exact("kvmshell> ")
-    c.send("sh -c id\r")                         # words, never a shell
-    c.expect_exact("kvmshell: sh: unknown verb")
     c.send("exit\r")
     c.expect(pexpect.EOF)
     c.close()

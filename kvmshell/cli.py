@@ -32,7 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
     "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),
     "kill": ("[VM]", "stop a VM at once"),
-    "upload": ("[VM] NAME", "store stdin as image NAME in the VM's directory"),
+    "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
     "images": ("[VM]", "list the images in the VM's directory"),
     "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
 }

@@ -1,6 +1,9 @@
 """Images in the VM directory, without a general shell: upload, images, rm.
 
-    upload [VM] NAME     read the image from stdin (``ssh host upload x.iso < x.iso``)
+    upload [VM] NAME [--size BYTES]
+                         read the image from stdin (``ssh host upload x.iso < x.iso``);
+                         with --size, anything but exactly BYTES is refused (a
+                         dropped connection also ends stdin)
     images [VM]          list the files you may use or remove
     rm [VM] NAME         remove one of them
 
@@ -82,6 +85,11 @@ def _usage_bytes(cfg: "Config", uid: int) -> int:
 def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM", str, int]:
     """Copy *src* into the VM directory as NAME; return (vm, name, bytes)."""
     from kvmshell import vmtree
+    expect: int | None = None
+    if len(args) >= 2 and args[-2] == "--size":
+        if not args[-1].isdigit() or len(args[-1]) > 18:
+            raise UsageError(f"--size: {args[-1]!r}: expected a number of bytes")
+        expect, args = int(args[-1]), args[:-2]
     vm_name, name = _split("upload", args)
     check_name("upload", name)
     vm = vmtree.pick(cfg, uid, vm_name)
@@ -92,6 +100,8 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
         room = max(0, cfg.max_image_bytes - _usage_bytes(cfg, uid))
         if limit is None or room < limit:
             limit, why = room, "max_image_bytes, for all your images together"
+    if expect is not None and limit is not None and expect > limit:
+        raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
     dfd = _open_dir(vm)
     try:
         try:
@@ -118,6 +128,10 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
+            if expect is not None and size != expect:
+                # Why: EOF on stdin is also what a dropped connection looks like.
+                raise UsageError(f"upload: {name}: got {size} bytes, expected {expect} "
+                                 "(connection lost?); nothing stored")
             os.fsync(fd)
             try:
                 # link, not rename: it fails if NAME appeared meanwhile.

@@ -202,6 +202,15 @@ def test_upload_limit_and_names(rig: Rig) -> None:
                        env=rig.user.env(), input=b"x", capture_output=True)
     assert r.returncode == 2 and b"exceeds the limit of 0 bytes (max_image_bytes" in r.stderr, \
         (used, r.stderr)
+    # --size: a short stream (a dropped connection) stores nothing; too big is refused early.
+    r = rig.ssh("upload", "short.img", "--size", "10", input=b"12345")
+    assert r.returncode == 2 and b"got 5 bytes, expected 10" in r.stderr
+    r = rig.ssh("upload", "huge.img", "--size", str(UPLOAD_MAX + 1), input=b"")
+    assert r.returncode == 2 and b"exceeds the limit" in r.stderr
+    assert sorted(os.listdir(rig.host.vm_path(VM))) == before
+    r = rig.ssh("upload", "exact.img", "--size", "5", input=b"12345")
+    assert r.returncode == 0 and (rig.host.vm_path(VM) / "exact.img").read_bytes() == b"12345"
+    assert rig.ssh("rm", "exact.img").returncode == 0
     # rm works on a file of one's own, and the image is gone.
     assert rig.ssh("upload", "tmp.img", input=b"abc").returncode == 0
     r = rig.ssh("rm", "tmp.img")

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from kvmshell.vmtree import VM
 
 CHUNK = 1 << 20
+RECHECK = 16 << 20
 _TMP_PREFIX = ".upload."
 # Files kvmshell and the supervisor make in the VM directory: never upload
 # targets, never removable by 'rm', not listed as images.
@@ -67,19 +68,9 @@ def _open_dir(vm: "VM") -> int:
 
 
 def _usage_bytes(cfg: "Config", uid: int) -> int:
-    """Bytes in regular files across the user's VM directories."""
-    from kvmshell import vmtree
-    total = 0
-    for vm in vmtree.owned(cfg, uid):
-        dfd = _open_dir(vm)
-        try:
-            for entry in os.scandir(dfd):
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-        finally:
-            os.close(dfd)
-    return total
+    """Disk space of the user's VM directories, counted as limits.py counts it."""
+    from kvmshell import limits, vmtree
+    return limits.image_bytes(vmtree.owned(cfg, uid))
 
 
 def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM", str, int]:
@@ -123,6 +114,11 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 if not chunk:
                     break
                 size += len(chunk)
+                if cfg.max_image_bytes and size % RECHECK < len(chunk):
+                    # Concurrent uploads each saw the same room: recount
+                    # (our own temp file included) every RECHECK bytes.
+                    if _usage_bytes(cfg, uid) + len(chunk) > cfg.max_image_bytes:
+                        limit = size - len(chunk)
                 if limit is not None and size > limit:
                     raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
                 view = memoryview(chunk)

@@ -218,6 +218,56 @@ def test_upload_limit_and_names(rig: Rig) -> None:
     assert not (rig.host.vm_path(VM) / "tmp.img").exists()
 
 
+def test_concurrent_uploads_share_the_quota(rig: Rig) -> None:
+    """Two uploads that each fit the room left, but not together: the one that
+    crosses a recount point while the other's data is on disk is refused."""
+    import threading
+    from kvmshell import images, limits, vmtree
+    from kvmshell.config import load
+    vmdir = rig.host.vm_path(VM)
+    used = limits.image_bytes(vmtree.owned(load(str(rig.host.conf)), rig.user.uid))
+    mib = 1 << 20
+    conf = rig.host.root / "quota2.conf"
+    conf.write_text(rig.host.conf.read_text().replace(f"upload_max_bytes = {UPLOAD_MAX}",
+                                                      "upload_max_bytes = 0")
+                    + f"max_image_bytes = {used + 28 * mib}\n")
+    os.chmod(conf, 0o644)
+    assert images.RECHECK == 16 * mib
+    procs = {n: subprocess.Popen(rig.user.argv(KVMSHELL, "--config", str(conf), "upload", n),
+                                 env=rig.user.env(), stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for n in ("a.img", "b.img")}
+    a, b = procs["a.img"], procs["b.img"]
+    try:
+        assert a.stdin is not None and b.stdin is not None
+        a.stdin.write(b"a" * 15 * mib)
+        a.stdin.flush()
+        b.stdin.write(b"b" * 15 * mib)
+        b.stdin.flush()
+        time.sleep(0.5)                           # both have written ~15 MiB to disk
+        try:
+            a.stdin.write(b"a" * 2 * mib)         # a crosses 16 MiB: a + b > room
+            a.stdin.close()
+        except BrokenPipeError:                   # a refused, and stopped reading
+            pass
+        a.wait(30)
+        assert a.stderr is not None
+        err = a.stderr.read()
+        assert a.returncode == 2 and b"exceeds the limit" in err, err
+        b.stdin.write(b"b" * 5 * mib)             # alone now: b fits
+        b.stdin.close()
+        b.wait(30)
+        assert b.returncode == 0, b.stderr.read() if b.stderr else b""
+        assert (vmdir / "b.img").stat().st_size == 20 * mib
+        assert not (vmdir / "a.img").exists()
+        assert not [p for p in os.listdir(vmdir) if p.startswith(".upload")]
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
+        (vmdir / "b.img").unlink(missing_ok=True)
+
+
 @pytest.mark.skipif(not HAVE_CONSOLE, reason="kvmshell.console (issue 4) is not on this branch yet")
 def test_console_over_ssh_tty(rig: Rig) -> None:
     import pexpect

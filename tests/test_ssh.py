@@ -240,10 +240,18 @@ def test_concurrent_uploads_share_the_quota(rig: Rig) -> None:
     a, b = procs["a.img"], procs["b.img"]
     try:
         assert a.stdin is not None and b.stdin is not None
+        # Each counts the room before it makes its temp file: wait for both,
+        # so both saw the same room.
+        wait_for(lambda: sum(p.startswith(".upload.") for p in os.listdir(vmdir)) == 2, 30,
+                 "both uploads to begin")
         a.stdin.write(b"a" * 15 * mib)
         a.stdin.flush()
-        b.stdin.write(b"b" * 15 * mib)
-        b.stdin.flush()
+        try:
+            b.stdin.write(b"b" * 15 * mib)
+            b.stdin.flush()
+        except BrokenPipeError:
+            b.wait(10)
+            pytest.fail("b refused early: " + repr(b.stderr.read() if b.stderr else b""))
         time.sleep(0.5)                           # both have written ~15 MiB to disk
         try:
             a.stdin.write(b"a" * 2 * mib)         # a crosses 16 MiB: a + b > room

@@ -35,6 +35,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
     "images": ("[VM]", "list the images in the VM's directory"),
     "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
+    "console": ("[VM] [--spy|--force] [--no-replay] [--escape ^X]",
+                "attach to the serial console (Ctrl-] detaches)"),
+    "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
 }
 
 
@@ -182,10 +185,21 @@ def cmd_rm(ctx: Context, args: list[str]) -> int:
     return 0
 
 
+def cmd_console(ctx: Context, args: list[str]) -> int:
+    from kvmshell import console
+    return console.main(ctx, args)
+
+
+def cmd_vnc(ctx: Context, args: list[str]) -> int:
+    from kvmshell import vnc
+    return vnc.main(ctx, args)
+
+
 HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill,
     "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm,
+    "console": cmd_console, "vnc": cmd_vnc,
 }
 
 def run_words(ctx: Context, words: list[str]) -> int:
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if words is None:
             if sys.stdin.isatty() and sys.stdout.isatty():
                 try:
-                    from kvmshell import interactive  # type: ignore[attr-defined]
+                    from kvmshell import interactive
                 except ImportError:
                     raise UsageError("no command given (try 'help')") from None
                 return int(interactive.loop(ctx))

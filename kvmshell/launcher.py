@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 LOCK = "lock"
 SERIAL_SOCKET = "serial.sock"
+CONSOLE_SOCKET = "console.sock"   # kvmshell.conmux serves clients here
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 VNC_SOCKET = "vnc.sock"
@@ -196,7 +197,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid"):
+    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET):
         try:
             os.unlink(leaf)
         except FileNotFoundError:
@@ -225,6 +226,8 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
             except (socket.timeout, BlockingIOError):
                 continue
         listener.close()
+        from kvmshell import conmux
+        console = conmux.listen()   # before 'ok': 'start; console' must find it
         _wait_qmp(vm, proc, deadline)
         try:
             os.write(ready_fd, f"ok {proc.pid}".encode())
@@ -232,8 +235,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
             pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
         os.close(ready_fd)
         ready_fd = -1
-        from kvmshell import consolelog
-        consolelog.pump(conn, proc, vm.file(CONSOLE_LOG), cfg.console_log_bytes)
+        conmux.serve(conn, console, proc, vm.file(CONSOLE_LOG), cfg.console_log_bytes)
         proc.wait()
         return 0
     except RuntimeFailure as exc:
@@ -272,7 +274,7 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
 
 
 def _teardown(cfg: Config, vm: VM, network: bool) -> None:
-    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid"):
+    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET):
         try:
             os.unlink(leaf)
         except OSError:

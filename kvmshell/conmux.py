@@ -1,0 +1,341 @@
+"""The serial console multiplexer, run by the per-VM supervisor.
+
+The supervisor is QEMU's only serial peer.  It keeps the bounded
+``console.log`` (see :mod:`kvmshell.consolelog`) and serves console clients
+on ``console.sock`` in the VM directory, conserver-style:
+
+  * guest output goes to the log, to an in-memory replay ring, and to every
+    client;
+  * one client is the *writer*: only its bytes reach the guest.  Any number
+    of *spies* only watch.  A second writer is refused and told who holds
+    the console, unless it asks to ``force``: then the old writer is told
+    who took over and is disconnected;
+  * nothing blocks on a client: each has a bounded output buffer, and a
+    client that falls behind loses output (it is told so), never the guest
+    or the other clients;
+  * a guest that floods is rate-limited by not reading its serial socket
+    for a moment (QEMU then stalls the guest's UART), and the log rotates,
+    so neither the host's CPU nor its disk is the guest's to take.
+
+Protocol, on ``console.sock``: the client sends one line
+
+    attach writer|spy|force REPLAY WHO\\n
+
+(REPLAY: bytes of recent output wanted; WHO: free text naming the session).
+The server answers ``ok writer|spy\\n`` followed by up to REPLAY bytes of
+replay and then live output, or ``busy WHO\\n`` and closes.  After the
+answer the stream is raw bytes both ways.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import struct
+import time
+TYPE_CHECKING = False
+
+from kvmshell.consolelog import BoundedLog
+
+if TYPE_CHECKING:
+    import subprocess
+
+CONSOLE_SOCKET = "console.sock"
+RING_BYTES = 256 * 1024           # replay ring: the most a client can ask for
+CLIENT_BUFFER = 1024 * 1024       # per-client backlog before output is dropped
+TO_GUEST_BUFFER = 64 * 1024       # writer bytes queued for the guest
+MAX_CLIENTS = 32
+HELLO_MAX = 512
+HELLO_TIMEOUT = 5.0
+FLOOD_RATE = 32 * 1024 * 1024     # bytes/s read from the guest at most
+FLOOD_WINDOW = 0.05               # seconds: granularity of the rate limit
+CHUNK = 65536
+
+
+def clean_who(text: str) -> str:
+    """Client-supplied text shown on other sessions' terminals: printable
+    ASCII only, bounded, so no session can send escapes to another."""
+    out = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+    return out[:120] or "?"
+
+
+class Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.mode = ""                # "" until the hello line is read
+        self.who = "?"
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.closing = False          # close once outbuf is flushed
+        self.since = time.monotonic()
+
+
+class Mux:
+    def __init__(self, serial: socket.socket, listener: socket.socket, log: BoundedLog) -> None:
+        self.serial = serial
+        self.listener = listener
+        self.log = log
+        self.ring = bytearray()
+        self.to_guest = bytearray()
+        self.clients: dict[int, Client] = {}
+        self.writer: Client | None = None
+        self.sel = selectors.DefaultSelector()
+        self.uid = os.getuid()
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+        self.paused_until = 0.0
+        for s in (serial, listener):
+            s.setblocking(False)
+        self.sel.register(listener, selectors.EVENT_READ)
+        self.serial_events = selectors.EVENT_READ
+        self.sel.register(serial, self.serial_events)
+
+    # ---- selector bookkeeping ------------------------------------------
+    def _serial_interest(self) -> None:
+        ev = 0
+        if time.monotonic() >= self.paused_until:
+            ev |= selectors.EVENT_READ
+        if self.to_guest:
+            ev |= selectors.EVENT_WRITE
+        if ev != self.serial_events:
+            if self.serial_events and ev:
+                self.sel.modify(self.serial, ev)
+            elif ev:
+                self.sel.register(self.serial, ev)
+            else:
+                self.sel.unregister(self.serial)
+            self.serial_events = ev
+
+    def _client_interest(self, c: Client) -> None:
+        ev = selectors.EVENT_WRITE if c.outbuf else 0
+        # Back-pressure on the writer's keystrokes only (never on output).
+        if not c.closing and (c.mode != "writer" or len(self.to_guest) < TO_GUEST_BUFFER):
+            ev |= selectors.EVENT_READ
+        key = self.sel.get_map().get(c.sock.fileno())
+        if key is None:
+            if ev:
+                self.sel.register(c.sock, ev, c)
+        elif not ev:
+            self.sel.unregister(c.sock)
+        elif key.events != ev:
+            self.sel.modify(c.sock, ev, c)
+
+    def _drop(self, c: Client) -> None:
+        if c.sock.fileno() in self.sel.get_map():
+            self.sel.unregister(c.sock)
+        self.clients.pop(c.sock.fileno(), None)
+        if self.writer is c:
+            self.writer = None
+        c.sock.close()
+
+    # ---- output --------------------------------------------------------
+    def _queue(self, c: Client, data: bytes) -> None:
+        if len(c.outbuf) + len(data) > CLIENT_BUFFER:
+            # Why: a client that does not read must not cost the guest or the
+            # other sessions anything; it loses output and is told so.
+            c.outbuf.clear()
+            c.outbuf += b"\r\n[kvmshell: console output dropped: this session is too slow]\r\n"
+        c.outbuf += data
+
+    def _flush(self, c: Client) -> None:
+        try:
+            sent = c.sock.send(c.outbuf)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(c)
+            return
+        del c.outbuf[:sent]
+        if c.closing and not c.outbuf:
+            self._drop(c)
+
+    def _from_guest(self) -> bool:
+        try:
+            data = self.serial.recv(CHUNK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        now = time.monotonic()
+        if now - self.window_start >= FLOOD_WINDOW:
+            self.window_start, self.window_bytes = now, 0
+        self.window_bytes += len(data)
+        if self.window_bytes >= FLOOD_RATE * FLOOD_WINDOW:
+            self.paused_until = self.window_start + FLOOD_WINDOW
+        self.log.write(data)
+        self.ring += data
+        if len(self.ring) > RING_BYTES:
+            del self.ring[:len(self.ring) - RING_BYTES]
+        for c in list(self.clients.values()):
+            if c.mode and not c.closing:
+                self._queue(c, data)
+                self._flush(c)
+        return True
+
+    def _to_guest(self) -> bool:
+        try:
+            sent = self.serial.send(self.to_guest)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        del self.to_guest[:sent]
+        if self.writer is not None:
+            self._client_interest(self.writer)
+        return True
+
+    # ---- clients -------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        # Why: the VM directory is 0700, so only its owner can connect; check
+        # the peer anyway, so a mode slip cannot hand the console to others.
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", cred)
+        if uid != self.uid or len(self.clients) >= MAX_CLIENTS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        c = Client(sock)
+        self.clients[sock.fileno()] = c
+        self._client_interest(c)
+
+    def _hello(self, c: Client, line: bytes) -> None:
+        words = line.decode("ascii", "replace").split(" ", 3)
+        if len(words) < 3 or words[0] != "attach" or words[1] not in ("writer", "spy", "force") \
+                or not words[2].isdigit():
+            c.outbuf += b"error bad hello\n"
+            c.closing = True
+            return
+        want, replay = words[1], min(int(words[2]), RING_BYTES)
+        c.who = clean_who(words[3] if len(words) > 3 else "")
+        if want == "writer" and self.writer is not None:
+            c.outbuf += f"busy {self.writer.who}\n".encode()
+            c.closing = True
+            return
+        if want == "force" and self.writer is not None:
+            old = self.writer
+            self._queue(old, f"\r\n[kvmshell: console taken over by {c.who}]\r\n".encode())
+            old.closing = True
+            self.writer = None
+            self._client_interest(old)
+        c.mode = "spy" if want == "spy" else "writer"
+        if c.mode == "writer":
+            self.writer = c
+        c.outbuf += f"ok {c.mode}\n".encode()
+        if replay:
+            c.outbuf += self.ring[-replay:]
+        rest = bytes(c.inbuf)
+        c.inbuf.clear()
+        if rest and c.mode == "writer":
+            self.to_guest += rest
+
+    def _from_client(self, c: Client) -> None:
+        try:
+            data = c.sock.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(c)
+            return
+        if not c.mode:
+            c.inbuf += data
+            nl = c.inbuf.find(b"\n")
+            if nl < 0:
+                if len(c.inbuf) > HELLO_MAX:
+                    self._drop(c)
+                return
+            line, rest = bytes(c.inbuf[:nl]), bytes(c.inbuf[nl + 1:])
+            c.inbuf[:] = rest
+            self._hello(c, line)
+            return
+        if c is self.writer:
+            self.to_guest += data
+        # A spy's keystrokes are read and discarded: only the writer types.
+
+    # ---- main loop -----------------------------------------------------
+    def run(self, proc: "subprocess.Popen[bytes]") -> None:
+        while True:
+            now = time.monotonic()
+            timeout = 1.0
+            if self.paused_until > now:
+                timeout = self.paused_until - now
+            for key, mask in self.sel.select(timeout):
+                if key.fileobj is self.listener:
+                    self._accept()
+                elif key.fileobj is self.serial:
+                    if mask & selectors.EVENT_READ and not self._from_guest():
+                        return
+                    if mask & selectors.EVENT_WRITE and not self._to_guest():
+                        return
+                else:
+                    c = key.data
+                    assert isinstance(c, Client)
+                    if c.sock.fileno() < 0 or c.sock.fileno() not in self.clients:
+                        continue
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(c)
+                    if mask & selectors.EVENT_READ and c.sock.fileno() in self.clients:
+                        self._from_client(c)
+            now = time.monotonic()
+            for c in list(self.clients.values()):
+                if c.sock.fileno() < 0:
+                    continue
+                if not c.mode and now - c.since > HELLO_TIMEOUT:
+                    self._drop(c)
+                    continue
+                if c.outbuf and c.closing:
+                    self._flush(c)
+                if c.sock.fileno() in self.clients:
+                    self._client_interest(c)
+            self._serial_interest()
+            if proc.poll() is not None:
+                return
+
+    def close(self) -> None:
+        for c in list(self.clients.values()):
+            try:
+                c.sock.setblocking(True)
+                c.sock.settimeout(0.5)
+                c.sock.sendall(bytes(c.outbuf) + b"\r\n[kvmshell: the VM has stopped]\r\n")
+            except OSError:
+                pass
+            self._drop(c)
+        self.sel.close()
+        self.listener.close()
+        self.serial.close()
+
+
+def listen() -> socket.socket:
+    """Bind console.sock in the current directory (the VM directory)."""
+    try:
+        os.unlink(CONSOLE_SOCKET)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o077)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(CONSOLE_SOCKET)
+    finally:
+        os.umask(old)
+    s.listen(8)
+    return s
+
+
+def serve(serial: socket.socket, listener: socket.socket, proc: "subprocess.Popen[bytes]",
+          path: str, limit: int) -> None:
+    """Multiplex the console until QEMU goes; the log is always kept."""
+    log = BoundedLog(path, limit)
+    mux = Mux(serial, listener, log)
+    try:
+        mux.run(proc)
+    finally:
+        mux.close()
+        log.close()

@@ -13,6 +13,9 @@ APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login pass
                xz-utils zstd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp
 PIP_TEST    := pytest hypothesis mypy vncdotool atheris
+# vncdotool's twisted needs service_identity, and a pyOpenSSL that matches
+# pip's cryptography (Debian's python3-openssl, if present, does not).
+PIP_TEST_UPGRADE := pyopenssl service_identity
 
 .PHONY: all deps test-deps install demo guest test typecheck bench fuzz clean
 
@@ -30,11 +33,13 @@ test-deps: deps
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	$(PIP) $(PIP_TEST)
+	$(PIP) --upgrade $(PIP_TEST_UPGRADE)
 
 install: deps
 	$(PIP) --no-deps --no-build-isolation --upgrade .
 	install -d -m 755 $(BIN) $(SBIN) $(LIBEXEC) $(CONF)
 	install -m 755 bin/kvmshell $(BIN)/kvmshell
+	install -m 755 bin/kvmshell-vncviewer $(BIN)/kvmshell-vncviewer
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
 	install -m 755 kvmshell/helper.py $(LIBEXEC)/kvmshell-nethelper
 	visudo -cf sudoers.d/kvmshell

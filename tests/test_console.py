@@ -255,6 +255,37 @@ def test_vnc_screenshot_not_blank(carol: User, vm: Path) -> None:
         relay.close()
 
 
+def test_vncviewer_helper(carol: User, vm: Path) -> None:
+    """bin/kvmshell-vncviewer, the client-side helper, end to end.  Test-only
+    devices: `ssh` is a stand-in on PATH that runs the remote command as the
+    user with setpriv (no sshd here: that is the ssh suite's), and the
+    "viewer" is vncdotool taking a screenshot."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        shot = os.path.join(d, "shot.png")
+        fake_ssh = os.path.join(d, "ssh")
+        with open(fake_ssh, "w") as f:    # ssh -T -o BatchMode=no TARGET vnc VM
+            f.write("#!/bin/sh\nshift 4\nexec " + " ".join(carol.argv(KVMSHELL)) +
+                    f" --config {carol.host.conf} \"$@\"\n")
+        viewer = os.path.join(d, "viewer")
+        with open(viewer, "w") as f:
+            f.write(f"#!/bin/sh\nexec vncdo -s \"$1\" capture {shot}\n")
+        os.chmod(fake_ssh, 0o755)
+        os.chmod(viewer, 0o755)
+        helper = Path(__file__).resolve().parents[1] / "bin" / "kvmshell-vncviewer"
+        r = subprocess.run([str(helper), f"{carol.name}@localhost", VM], capture_output=True,
+                           text=True, timeout=120,
+                           env={"PATH": f"{d}:/usr/local/bin:/usr/bin:/bin", "VNCVIEWER": viewer})
+        assert r.returncode == 0, r.stderr
+        assert "relay on 127.0.0.1:" in r.stderr
+        lo, hi = Image.open(shot).convert("L").getextrema()
+        assert hi > lo
+    r = subprocess.run([str(helper), "a;b@host"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "unexpected character" in r.stderr
+
+
 def test_vnc_only_in_vm_dir(carol: User, vm: Path) -> None:
     """The display is a socket in the 0700 VM directory, never a TCP port."""
     assert (vm / "vnc.sock").is_socket()
@@ -277,6 +308,13 @@ def test_login_shell_prompt(carol: User, vm: Path) -> None:
         c.expect_exact("kvmshell> ")
         c.sendline(f"status {VM}")
         c.expect_exact(f"{VM}: running")
+        c.expect_exact("kvmshell> ")
+        c.sendline("console")                # the console from the prompt, and back
+        c.expect_exact("Escape character is ^]")
+        c.send("\r")
+        c.expect_exact(PROMPT)
+        c.send("\x1d")
+        c.expect_exact("Detached from")
         c.expect_exact("kvmshell> ")
         c.sendline(f"start {VM} -m 4096")
         c.expect_exact("kvmshell: -m:")

@@ -190,6 +190,7 @@ def test_flood_is_bounded(host: Host, carol: User, vm: Path) -> None:
         stuck.kill()
         stuck.wait()
     sizes = [(vm / leaf).stat().st_size for leaf in ("console.log", "console.log.1")]
+    assert sum(sizes) > limit            # it did rotate: the flood outgrew one file
     assert all(s <= limit for s in sizes), sizes
 
 
@@ -330,6 +331,27 @@ def test_login_shell_prompt(carol: User, vm: Path) -> None:
         c.expect_exact(f"{VM}: running")
         c.expect_exact("kvmshell> ")
         c.sendline("exit")
+        c.expect(pexpect.EOF)
+    finally:
+        c.close(force=True)
+
+
+def test_su_dash_user(carol: User, vm: Path) -> None:
+    """su - user -c CMD runs the login shell with -c; plain su - user gets the prompt."""
+    r = subprocess.run(["su", "-", carol.name, "-c", f"status {VM}"], capture_output=True,
+                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and f"{VM}: running" in r.stdout, r.stderr
+    r = subprocess.run(["su", "-", carol.name, "-c", f"start {VM} -monitor stdio"],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("kvmshell: -monitor:"), r.stderr  # after su's warning
+    c = pexpect.spawn("su", ["-", carol.name], env={"TERM": "dumb", "PATH": "/usr/bin:/bin"},
+                      timeout=30)
+    try:
+        c.expect_exact("kvmshell> ")
+        c.sendline("list")
+        c.expect_exact("running")
+        c.sendeof()
         c.expect(pexpect.EOF)
     finally:
         c.close(force=True)

@@ -35,8 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
     "images": ("[VM]", "list the images in the VM's directory"),
     "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
-    "console": ("[VM] [--spy|--force] [--no-replay] [--escape ^X]",
-                "attach to the serial console (Ctrl-] detaches)"),
+    "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
 }
 
@@ -77,6 +76,10 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
     if args and args[0] == "start":
         from kvmshell import options
         _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + options.user_help())
+        return 0
+    if args and args[0] == "console":
+        from kvmshell import console
+        _out(console.HELP)
         return 0
     if args:
         if args[0] not in VERBS:

@@ -27,6 +27,15 @@ DEFAULT_REPLAY = 64 * 1024
 DEFAULT_ESCAPE = 0x1D   # Ctrl-]
 DEFAULT_LINGER = 2.0
 
+HELP = """usage: console [VM] [--spy|--force] [--no-replay] [--replay N] [--escape ^X] [--linger S]
+  attach to the VM's serial console; the VM keeps running when you leave.
+  Ctrl-] detaches (--escape ^X picks another control character).
+  The last 64 KiB of output are replayed first (--replay N bytes, --no-replay none).
+  One session types, others watch: --spy watches read-only, --force takes over.
+  Without a terminal it is a plain byte stream: no escape; after the input ends,
+  output is copied until the console is quiet for S seconds (--linger, default 2).
+  A serial line has no window size: type the 'stty rows R cols C' shown on attach."""
+
 
 class Options:
     def __init__(self) -> None:

@@ -194,6 +194,25 @@ def test_flood_is_bounded(host: Host, carol: User, vm: Path) -> None:
     assert all(s <= limit for s in sizes), sizes
 
 
+def test_console_socket_serves_only_the_owner(vm: Path) -> None:
+    """Defence in depth behind the 0700 directory: the multiplexer checks
+    the peer's uid, so even root's connection is closed unanswered."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(str(vm / "console.sock"))
+        try:
+            s.sendall(b"attach spy 100 root\n")
+        except (BrokenPipeError, ConnectionResetError):
+            return                          # closed before we could even say hello
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass                            # closed unanswered, too
+    finally:
+        s.close()
+
+
 def test_console_refusals(carol: User, vm: Path) -> None:
     r = carol.ssh_command(f"console {VM} --bogus")
     assert r.returncode == 2 and "--bogus" in r.stderr

@@ -170,9 +170,25 @@ class Mux:
         if len(self.ring) > RING_BYTES:
             del self.ring[:len(self.ring) - RING_BYTES]
         for c in list(self.clients.values()):
-            if c.mode and not c.closing:
+            if not c.mode or c.closing:
+                continue
+            if c.outbuf:
                 self._queue(c, data)
                 self._flush(c)
+            else:
+                try:
+                    sent = c.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._drop(c)
+                    continue
+                if sent < len(data):
+                    self._queue(c, data[sent:])
+            if c.outbuf and c.sock.fileno() in self.clients:
+                self._client_interest(c)
+        if self.paused_until:
+            self._serial_interest()
         return True
 
     def _to_guest(self) -> bool:
@@ -262,42 +278,55 @@ class Mux:
 
     # ---- main loop -----------------------------------------------------
     def run(self, proc: "subprocess.Popen[bytes]") -> None:
+        last_chores = 0.0
         while True:
             now = time.monotonic()
-            timeout = 1.0
+            timeout = 0.5
             if self.paused_until > now:
-                timeout = self.paused_until - now
+                timeout = min(timeout, self.paused_until - now)
+            chores = False
             for key, mask in self.sel.select(timeout):
-                if key.fileobj is self.listener:
-                    self._accept()
-                elif key.fileobj is self.serial:
+                if key.fileobj is self.serial:
                     if mask & selectors.EVENT_READ and not self._from_guest():
                         return
-                    if mask & selectors.EVENT_WRITE and not self._to_guest():
-                        return
-                else:
-                    c = key.data
-                    assert isinstance(c, Client)
-                    if c.sock.fileno() < 0 or c.sock.fileno() not in self.clients:
-                        continue
                     if mask & selectors.EVENT_WRITE:
-                        self._flush(c)
-                    if mask & selectors.EVENT_READ and c.sock.fileno() in self.clients:
-                        self._from_client(c)
-            now = time.monotonic()
-            for c in list(self.clients.values()):
-                if c.sock.fileno() < 0:
+                        chores = True
+                        if not self._to_guest():
+                            return
                     continue
-                if not c.mode and now - c.since > HELLO_TIMEOUT:
-                    self._drop(c)
+                chores = True
+                if key.fileobj is self.listener:
+                    self._accept()
                     continue
-                if c.outbuf and c.closing:
+                c = key.data
+                assert isinstance(c, Client)
+                if c.sock.fileno() < 0 or c.sock.fileno() not in self.clients:
+                    continue
+                if mask & selectors.EVENT_WRITE:
                     self._flush(c)
-                if c.sock.fileno() in self.clients:
-                    self._client_interest(c)
-            self._serial_interest()
-            if proc.poll() is not None:
-                return
+                if mask & selectors.EVENT_READ and c.sock.fileno() in self.clients:
+                    self._from_client(c)
+            now = time.monotonic()
+            # The hot path is guest output alone: it keeps its own selector
+            # state up to date, so the chores run only when something else
+            # happened, or twice a second (hello timeouts, QEMU gone, pauses).
+            if chores or self.to_guest or now - last_chores >= 0.5 or self.paused_until:
+                last_chores = now
+                for c in list(self.clients.values()):
+                    if c.sock.fileno() < 0:
+                        continue
+                    if not c.mode and now - c.since > HELLO_TIMEOUT:
+                        self._drop(c)
+                        continue
+                    if c.outbuf and c.closing:
+                        self._flush(c)
+                    if c.sock.fileno() in self.clients:
+                        self._client_interest(c)
+                if self.paused_until and now >= self.paused_until:
+                    self.paused_until = 0.0
+                self._serial_interest()
+                if proc.poll() is not None:
+                    return
 
     def close(self) -> None:
         for c in list(self.clients.values()):

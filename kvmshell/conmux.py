@@ -13,7 +13,7 @@ on ``console.sock`` in the VM directory, conserver-style:
   * nothing blocks on a client: each has a bounded output buffer, and a
     client that falls behind loses output (it is told so), never the guest
     or the other clients;
-  * a guest that floods is rate-limited by not reading its serial socket
+  * a guest that floods is rate-limited by not reading its serial line
     for a moment (QEMU then stalls the guest's UART), and the log rotates,
     so neither the host's CPU nor its disk is the guest's to take.
 
@@ -72,8 +72,10 @@ class Client:
 
 
 class Mux:
-    def __init__(self, serial: socket.socket, listener: socket.socket, log: BoundedLog) -> None:
-        self.serial = serial
+    def __init__(self, serial_out: int, serial_in: int, listener: socket.socket,
+                 log: BoundedLog) -> None:
+        self.serial = serial_out          # the guest's output (FIFO, read end)
+        self.serial_in = serial_in        # the guest's input (FIFO, write end)
         self.listener = listener
         self.log = log
         self.ring = bytearray()
@@ -85,11 +87,10 @@ class Mux:
         self.window_start = time.monotonic()
         self.window_bytes = 0
         self.paused_until = 0.0
-        for s in (serial, listener):
-            s.setblocking(False)
+        listener.setblocking(False)
         self.sel.register(listener, selectors.EVENT_READ)
-        self.serial_events = selectors.EVENT_READ
-        self.sel.register(serial, self.serial_events)
+        self.serial_events = 0
+        self._serial_interest()
 
     # ---- selector bookkeeping ------------------------------------------
     def _serial_interest(self) -> None:
@@ -98,14 +99,14 @@ class Mux:
             ev |= selectors.EVENT_READ
         if self.to_guest:
             ev |= selectors.EVENT_WRITE
-        if ev != self.serial_events:
-            if self.serial_events and ev:
-                self.sel.modify(self.serial, ev)
-            elif ev:
-                self.sel.register(self.serial, ev)
-            else:
-                self.sel.unregister(self.serial)
-            self.serial_events = ev
+        if ev == self.serial_events:
+            return
+        for bit, fd in ((selectors.EVENT_READ, self.serial), (selectors.EVENT_WRITE, self.serial_in)):
+            if ev & bit and not self.serial_events & bit:
+                self.sel.register(fd, bit)
+            elif self.serial_events & bit and not ev & bit:
+                self.sel.unregister(fd)
+        self.serial_events = ev
 
     def _client_interest(self, c: Client) -> None:
         ev = selectors.EVENT_WRITE if c.outbuf else 0
@@ -152,7 +153,7 @@ class Mux:
 
     def _from_guest(self) -> bool:
         try:
-            data = self.serial.recv(CHUNK)
+            data = os.read(self.serial, CHUNK)
         except BlockingIOError:
             return True
         except OSError:
@@ -193,7 +194,7 @@ class Mux:
 
     def _to_guest(self) -> bool:
         try:
-            sent = self.serial.send(self.to_guest)
+            sent = os.write(self.serial_in, self.to_guest)
         except BlockingIOError:
             return True
         except OSError:
@@ -279,6 +280,23 @@ class Mux:
     # ---- main loop -----------------------------------------------------
     def run(self, proc: "subprocess.Popen[bytes]") -> None:
         last_chores = 0.0
+        # The FIFOs never reach EOF (the supervisor holds both ends), so
+        # QEMU's exit is watched through a pidfd: teardown (and the lock's
+        # release) follows at once.
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:
+            pidfd = -1
+        else:
+            self.sel.register(pidfd, selectors.EVENT_READ)
+        try:
+            self._loop(proc, pidfd, last_chores)
+        finally:
+            if pidfd >= 0:
+                self.sel.unregister(pidfd)
+                os.close(pidfd)
+
+    def _loop(self, proc: "subprocess.Popen[bytes]", pidfd: int, last_chores: float) -> None:
         while True:
             now = time.monotonic()
             timeout = 0.5
@@ -286,13 +304,17 @@ class Mux:
                 timeout = min(timeout, self.paused_until - now)
             chores = False
             for key, mask in self.sel.select(timeout):
-                if key.fileobj is self.serial:
-                    if mask & selectors.EVENT_READ and not self._from_guest():
+                if key.fileobj == self.serial:
+                    if not self._from_guest():
                         return
-                    if mask & selectors.EVENT_WRITE:
-                        chores = True
-                        if not self._to_guest():
-                            return
+                    continue
+                if key.fileobj == pidfd:
+                    last_chores = 0.0          # run the chores now: they see QEMU gone
+                    continue
+                if key.fileobj == self.serial_in:
+                    chores = True
+                    if not self._to_guest():
+                        return
                     continue
                 chores = True
                 if key.fileobj is self.listener:
@@ -310,7 +332,8 @@ class Mux:
             # The hot path is guest output alone: it keeps its own selector
             # state up to date, so the chores run only when something else
             # happened, or twice a second (hello timeouts, QEMU gone, pauses).
-            if chores or self.to_guest or now - last_chores >= 0.5 or self.paused_until:
+            if chores or self.to_guest or now - last_chores >= 0.5 or self.paused_until \
+                    or last_chores == 0.0:
                 last_chores = now
                 for c in list(self.clients.values()):
                     if c.sock.fileno() < 0:
@@ -326,6 +349,13 @@ class Mux:
                     self.paused_until = 0.0
                 self._serial_interest()
                 if proc.poll() is not None:
+                    self.paused_until = 0.0
+                    for _ in range(64):        # QEMU's last words, still in the pipe
+                        try:
+                            if not select_readable(self.serial) or not self._from_guest():
+                                break
+                        except OSError:
+                            break
                     return
 
     def close(self) -> None:
@@ -339,7 +369,13 @@ class Mux:
             self._drop(c)
         self.sel.close()
         self.listener.close()
-        self.serial.close()
+        os.close(self.serial)
+        os.close(self.serial_in)
+
+
+def select_readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def listen() -> socket.socket:
@@ -358,11 +394,11 @@ def listen() -> socket.socket:
     return s
 
 
-def serve(serial: socket.socket, listener: socket.socket, proc: "subprocess.Popen[bytes]",
-          path: str, limit: int) -> None:
+def serve(serial_out: int, serial_in: int, listener: socket.socket,
+          proc: "subprocess.Popen[bytes]", path: str, limit: int) -> None:
     """Multiplex the console until QEMU goes; the log is always kept."""
     log = BoundedLog(path, limit)
-    mux = Mux(serial, listener, log)
+    mux = Mux(serial_out, serial_in, listener, log)
     try:
         mux.run(proc)
     finally:

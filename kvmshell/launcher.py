@@ -22,7 +22,13 @@ if TYPE_CHECKING:
     import subprocess
 
 LOCK = "lock"
-SERIAL_SOCKET = "serial.sock"
+SERIAL_SOCKET = "serial.sock"   # no longer used; removed if an older version left it
+# The serial line is a pair of FIFOs, serial.in and serial.out (QEMU's
+# "pipe" chardev).  Why not a socket: QEMU writes the UART byte by byte, and
+# a unix socket holds only a few hundred one-byte writes before QEMU stalls
+# the guest; a pipe packs them into 64 KiB, so the console never slows the
+# guest down unless it is really flooding.
+SERIAL_PIPE = "serial"
 CONSOLE_SOCKET = "console.sock"   # kvmshell.conmux serves clients here
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
@@ -55,7 +61,7 @@ def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
     argv += ["-pidfile", "qemu.pid",
              "-chardev", "socket,id=qmp,path=qmp.sock,server=on,wait=off",
              "-mon", "chardev=qmp,mode=control",
-             "-chardev", f"socket,id=serial0,path={SERIAL_SOCKET},server=off",
+             "-chardev", f"pipe,id=serial0,path={SERIAL_PIPE}",
              "-serial", "chardev:serial0",
              "-display", "none"]
     return argv
@@ -197,14 +203,17 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET):
+    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET,
+                 SERIAL_PIPE + ".in", SERIAL_PIPE + ".out"):
         try:
             os.unlink(leaf)
         except FileNotFoundError:
             pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(SERIAL_SOCKET)
-    listener.listen(1)
+    serial = []
+    for leaf in (SERIAL_PIPE + ".out", SERIAL_PIPE + ".in"):
+        os.mkfifo(leaf, 0o600)
+        # O_RDWR: never blocks, and the pipe lives as long as the supervisor.
+        serial.append(os.open(leaf, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
     log = os.open(QEMU_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     caps = list(rlimits or [])
     # Why: the caps are set in the child before exec, so QEMU never runs uncapped.
@@ -214,18 +223,8 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
     for fd in fds:
         if fd != fds[0]:  # the supervisor keeps the lock, QEMU keeps the rest
             os.close(fd)
-    listener.settimeout(0.1)
-    conn = None
     deadline = time.monotonic() + READY_TIMEOUT
     try:
-        while conn is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeFailure(_qemu_error(QEMU_LOG))
-            try:
-                conn, _ = listener.accept()
-            except (socket.timeout, BlockingIOError):
-                continue
-        listener.close()
         from kvmshell import conmux
         console = conmux.listen()   # before 'ok': 'start; console' must find it
         _wait_qmp(vm, proc, deadline)
@@ -235,7 +234,8 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
             pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
         os.close(ready_fd)
         ready_fd = -1
-        conmux.serve(conn, console, proc, vm.file(CONSOLE_LOG), cfg.console_log_bytes)
+        conmux.serve(serial[0], serial[1], console, proc, vm.file(CONSOLE_LOG),
+                     cfg.console_log_bytes)
         proc.wait()
         return 0
     except RuntimeFailure as exc:
@@ -274,7 +274,8 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
 
 
 def _teardown(cfg: Config, vm: VM, network: bool) -> None:
-    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET):
+    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET,
+                 SERIAL_PIPE + ".in", SERIAL_PIPE + ".out"):
         try:
             os.unlink(leaf)
         except OSError:

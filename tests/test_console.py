@@ -63,6 +63,9 @@ def vm(host: Host, carol: User, guest: Path) -> Iterator[Path]:
     finally:
         kill_all(carol)
         wait_for(lambda: not (path / "console.sock").exists(), 20, "the supervisor to go")
+        # Remove the VM: carol's uid is freed at the end of this module and a
+        # later test user may get it (and would own a stray VM).
+        host.kvmadm("remove", VM, "--purge")
 
 
 def spawn(user: User, *args: str, timeout: float = 30) -> pexpect.spawn:

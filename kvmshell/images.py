@@ -36,7 +36,7 @@ _TMP_PREFIX = ".upload."
 # Files kvmshell and the supervisor make in the VM directory: never upload
 # targets, never removable by 'rm', not listed as images.
 RESERVED = frozenset({"lock", "console.log", "console.log.1", "serial.sock", "qmp.sock",
-                      "vnc.sock", "qemu.pid"})
+                      "vnc.sock", "qemu.pid", "console.sock", "serial.in", "serial.out"})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -70,7 +70,8 @@ def lock_free(vm_path: Path) -> bool:
         os.close(fd)
 
 
-LEAVES = ("qmp.sock", "serial.sock", "vnc.sock", "qemu.pid")
+LEAVES = ("qmp.sock", "serial.sock", "vnc.sock", "qemu.pid", "console.sock", "serial.in",
+          "serial.out")
 
 
 def assert_clean(vm_path: Path) -> None:
@@ -581,7 +582,7 @@ def test_kvmshell_killed_during_start(host: Host, alice: User, sec_vm: Path) -> 
         wait_for(lambda: alice.status("sec")["state"] == "running", 60, "the VM to run")
         time.sleep(2)                                        # the supervisor has reported by now
         assert alice.status("sec")["state"] == "running"
-        assert (sec_vm / "qmp.sock").exists() and (sec_vm / "serial.sock").exists()
+        assert (sec_vm / "qmp.sock").exists() and (sec_vm / "console.sock").exists()
         r = alice.ssh_command("kill sec")
         assert r.returncode == 0, r.stderr
         assert_clean(sec_vm)

@@ -7,7 +7,10 @@ both under TCG with the same kernel, initramfs and memory:
   * through kvmshell: ``kvmshell start``, read with ``kvmshell console``
     (the supervisor's multiplexer plus the console client);
   * the baseline: plain QEMU with its serial port as a unix socket server,
-    read with ``socat - UNIX-CONNECT:``, the least a relay can do.
+    read with ``socat - UNIX-CONNECT:``, the least a relay can do (and how
+    kvmshell's supervisor first read the serial port).  kvmshell now reads
+    it through a FIFO pair instead, which QEMU's one-byte UART writes do not
+    fill up, so with two copies on one path it can still beat the baseline.
 
 Both clients run without a tty (the byte-stream mode) and are driven the
 same way, interleaved.  Figures:

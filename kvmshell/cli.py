@@ -255,13 +255,14 @@ def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
             # exactly the admin's line, with no SSH_ORIGINAL_COMMAND: that is
             # "no command" (prompt on a tty, refusal otherwise).  Only a line
             # of kvmshell's own options qualifies; anything more is user words.
-            # (Whoever can choose -c text here could also set
-            # SSH_ORIGINAL_COMMAND above, so this grants nothing new.)
+            # Why the config stays argv's: without SSH_ORIGINAL_COMMAND this
+            # -c text may be the user's own (su -c, ssh without the drop-in),
+            # and a config of the user's choosing could drop the admin's limits.
             forced = lexer.split(args[1])
             if _is_force_command(forced):
-                path, extra = _own_options(forced[1:])
+                _, extra = _own_options(forced[1:])
                 if not extra:
-                    return path, None
+                    return config_path, None
         return config_path, lexer.split(args[1])
     if args:
         return config_path, list(args)

@@ -282,3 +282,17 @@ def test_refuses_root_and_user_owned_config(host: Host, alice: User, tmp_path: P
                        capture_output=True, text=True)
     assert r.returncode == 1 and "owned by root" in r.stderr
     evil.unlink()
+
+
+def test_config_only_from_trusted_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmshell import cli
+    from kvmshell.config import DEFAULT_PATH
+    monkeypatch.delenv("SSH_ORIGINAL_COMMAND", raising=False)
+    # -c text without SSH_ORIGINAL_COMMAND may be the user's: no config from it.
+    assert cli.parse_invocation(["kvmshell", "-c", "kvmshell --config /evil"]) == (DEFAULT_PATH, None)
+    assert cli.parse_invocation(["kvmshell", "--config", "/adm", "-c", "kvmshell --config /evil"]) \
+        == ("/adm", None)
+    # with SSH_ORIGINAL_COMMAND, -c text is sshd's ForceCommand line (the admin's)
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "status --config /evil2")
+    assert cli.parse_invocation(["kvmshell", "-c", "/usr/local/bin/kvmshell --config /adm"]) \
+        == ("/adm", ["status", "--config", "/evil2"])

@@ -56,8 +56,15 @@ def rig(guest: Path) -> Iterator[Rig]:
     host = Host(root)
     sshd = Sshd(f"{KVMSHELL} --config {host.conf}", group)
     name = f"kvt{secrets.token_hex(3)}s"
+    # Test-only device: the login shell is a wrapper adding --config for this
+    # session's tree.  kvmshell takes --config from its own argv only, and a
+    # client that sends no command gets sshd's ForceCommand line as `-c TEXT`
+    # with no SSH_ORIGINAL_COMMAND: text kvmshell cannot tell from the user's.
+    shell = root / "kvmshell-login-test"
+    shell.write_text(f"#!/bin/sh\nexec {KVMSHELL} --config {host.conf} \"$@\"\n")
+    os.chmod(shell, 0o755)
     try:
-        host.write_conf(group=group, authorized_keys=str(sshd.keys), shell=KVMSHELL,
+        host.write_conf(group=group, authorized_keys=str(sshd.keys), shell=str(shell),
                         upload_max_bytes=str(UPLOAD_MAX))
         key = sshd.client_key(name)
         # The admin flow, exactly as documented: one command.
@@ -124,7 +131,7 @@ def test_adduser_made_a_confined_account(rig: Rig) -> None:
     import grp
     import pwd
     pw = pwd.getpwnam(rig.user.name)
-    assert pw.pw_shell == KVMSHELL
+    assert pw.pw_shell == str(rig.host.root / "kvmshell-login-test")
     assert rig.user.name in grp.getgrnam(rig.group).gr_mem
     keyfile = rig.sshd.keys / rig.user.name
     st = keyfile.stat()

@@ -37,4 +37,4 @@ echo "+ su - $USER -c 'status $VM'"
 su - "$USER" -c "status $VM"
 echo
 echo "The VM runs.  Reach it with:  su - $USER -c console"
-echo "(once sshd is set up: ssh $USER@localhost console)"
+echo "or over SSH, once its key is installed (kvmadm setkey $USER KEY.pub):  ssh -t $USER@localhost console"

@@ -41,7 +41,7 @@ install: deps
 	install -m 755 bin/kvmshell $(BIN)/kvmshell
 	install -m 755 bin/kvmshell-vncviewer $(BIN)/kvmshell-vncviewer
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
-	install -m 755 kvmshell/helper.py $(LIBEXEC)/kvmshell-nethelper
+	$(PYTHON) -I -m kvmshell.install kvmshell/helper.py $(LIBEXEC) >/dev/null
 	visudo -cf sudoers.d/kvmshell
 	install -m 440 sudoers.d/kvmshell /etc/sudoers.d/kvmshell
 	rm -f $(BIN)/kvmadm

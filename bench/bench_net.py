@@ -54,17 +54,10 @@ print(statistics.median(xs))
 
 
 def install_helper(root: str, conf: str) -> str:
-    """As tests/conftest.py's install_nethelper: one file, config path rewritten."""
-    with open(os.path.join(REPO, "kvmshell", "helper.py")) as f:
-        text = f.read()
-    line = '\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n'
-    assert text.count(line) == 1
-    text = text.replace(line, f"\nCONFIG = {conf!r}\n")
-    path = os.path.join(root, "kvmshell-nethelper")
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o755)
-    return path
+    """This checkout's helper, laid out as `make install` does, config path rewritten."""
+    sys.path.insert(0, REPO)
+    from kvmshell.install import install_nethelper
+    return install_nethelper(os.path.join(REPO, "kvmshell", "helper.py"), root, conf)
 
 
 def median_hand(ns: str, prefix: list[str], runs: int) -> float:
@@ -104,7 +97,10 @@ def main() -> int:
         with open(os.path.join(REPO, "sudoers.d", "kvmshell")) as f:
             text = f.read().replace("/usr/local/libexec/kvmshell/kvmshell-nethelper", helper)
         with open(drop_in, "w") as f:
-            f.write(text.replace("%kvmusers", f"%{group}"))
+            # A sudoers alias of this run's own: aliases are global, and the
+            # installed drop-in already defines KVMSHELL_NETHELPER.
+            f.write(text.replace("%kvmusers", f"%{group}")
+                    .replace("KVMSHELL_NETHELPER", f"KVMSHELL_NETHELPER_{tag.upper()}"))
         os.chmod(drop_in, 0o440)
         subprocess.run(["ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", BRIDGE, "up"], check=True)

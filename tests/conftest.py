@@ -69,16 +69,10 @@ def install_checkout(root: Path) -> tuple[str, str]:
 
 
 def install_nethelper(root: Path, config: Path) -> str:
-    """This checkout's network helper as one root-owned file, its fixed
-    config path rewritten to *config* (the helper takes no config option)."""
-    text = (REPO / "kvmshell" / "helper.py").read_text()
-    assert text.count('\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n') == 1
-    text = text.replace('\nCONFIG = "/etc/kvmshell/kvmshell.conf"\n', f"\nCONFIG = {str(config)!r}\n")
-    path = root / "libexec" / "kvmshell-nethelper"
-    path.parent.mkdir(mode=0o755, exist_ok=True)
-    path.write_text(text)
-    os.chmod(path, 0o755)
-    return str(path)
+    """This checkout's network helper, laid out as `make install` does, its
+    fixed config path rewritten to *config* (the helper takes no config option)."""
+    from kvmshell.install import install_nethelper as install
+    return install(str(REPO / "kvmshell" / "helper.py"), str(root / "libexec"), str(config))
 
 
 _ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))

@@ -23,19 +23,17 @@ same way, interleaved.  Figures:
 from __future__ import annotations
 
 import os
-import pwd
 import select
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.environ.get("KVMSHELL_GUEST", os.path.join(REPO, "build", "guest"))
-KVMSHELL = os.environ.get("KVMSHELL") or shutil.which("kvmshell") or "/usr/local/bin/kvmshell"
-KVMADM = os.environ.get("KVMADM") or shutil.which("kvmadm") or "/usr/local/sbin/kvmadm"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import KVMSHELL, Tree  # noqa: E402
 FLOOD = int(os.environ.get("BENCH_CONSOLE_BYTES", str(1024 * 1024)))
 ROUNDS = int(os.environ.get("BENCH_CONSOLE_ROUNDS", "3"))
 KEYS = int(os.environ.get("BENCH_CONSOLE_KEYS", "40"))
@@ -121,22 +119,12 @@ def wait_file(path: str, token: bytes, timeout: float) -> None:
 
 
 def main() -> int:
-    user = "kvmbench"
-    if subprocess.run(["id", user], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-M", "-N", "-s", KVMSHELL, user], check=True)
-    pw = pwd.getpwnam(user)
-    as_user = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--"]
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-")
-    os.chmod(root, 0o755)
+    tree = Tree()
+    pw, as_user, root, conf = tree.pw, tree.as_user, tree.root, tree.conf
     streams: list[Stream] = []
     raw_qemu = None
     try:
-        conf = os.path.join(root, "k.conf")
-        with open(conf, "w") as f:
-            f.write(f"vmdir = {root}/vms\naccel = tcg\n")
-        subprocess.run([KVMADM, "--config", conf, "create", "c", "--owner", user, "--",
-                        "-m", "256"], check=True, stdout=subprocess.DEVNULL)
-        vmdir = os.path.join(root, "vms", os.readlink(os.path.join(root, "vms", "c")))
+        vmdir = tree.create("c", "-m", "256")
         raw = os.path.join(root, "raw")
         os.mkdir(raw, 0o700)
         os.chown(raw, pw.pw_uid, pw.pw_gid)
@@ -187,10 +175,10 @@ def main() -> int:
         if raw_qemu is not None:
             raw_qemu.kill()
             raw_qemu.wait()
-        subprocess.run(as_user + [KVMSHELL, "--config", os.path.join(root, "k.conf"), "kill", "c"],
+        subprocess.run(as_user + [KVMSHELL, "--config", conf, "kill", "c"],
                        capture_output=True, env={"PATH": "/usr/bin:/bin"})
         time.sleep(0.5)
-        shutil.rmtree(root, ignore_errors=True)
+        tree.close()
     return 0
 
 

@@ -1,0 +1,39 @@
+"""Shared set-up for the benchmarks: a VM user and a VM tree of the run's own."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+
+KVMSHELL = os.environ.get("KVMSHELL") or shutil.which("kvmshell") or "/usr/local/bin/kvmshell"
+KVMADM = os.environ.get("KVMADM") or shutil.which("kvmadm") or "/usr/local/sbin/kvmadm"
+USER = "kvmbench"
+
+
+class Tree:
+    """A user (made if missing), a 0755 temp root and a config naming a tree in it.
+    ``create(vm, *admin)`` makes a VM for the user and returns its directory."""
+
+    def __init__(self) -> None:
+        if subprocess.run(["id", USER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-M", "-N", "-s", KVMSHELL, USER], check=True)
+        self.pw = pwd.getpwnam(USER)
+        self.as_user = ["setpriv", f"--reuid={self.pw.pw_uid}", f"--regid={self.pw.pw_gid}",
+                        "--clear-groups", "--"]
+        self.root = tempfile.mkdtemp(prefix="kvmshell-bench-")
+        os.chmod(self.root, 0o755)
+        self.conf = os.path.join(self.root, "k.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"vmdir = {self.root}/vms\naccel = tcg\n")
+
+    def create(self, vm: str, *admin: str) -> str:
+        subprocess.run([KVMADM, "--config", self.conf, "create", vm, "--owner", USER, "--",
+                        *admin], check=True, stdout=subprocess.DEVNULL)
+        vms = os.path.join(self.root, "vms")
+        return os.path.join(vms, os.readlink(os.path.join(vms, vm)))
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

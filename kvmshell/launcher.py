@@ -9,7 +9,6 @@ log, waits for QEMU and tears down what start set up, however QEMU ends.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 

@@ -18,7 +18,7 @@ longer exists in QEMU 7.2; such an option is refused with that message.
 
 from __future__ import annotations
 
-from kvmshell.errors import RefusedOption, UsageError
+from kvmshell.errors import RefusedOption
 
 USER = "user"
 ADMIN = "admin"

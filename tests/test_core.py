@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import os
-import shutil
 import subprocess
 from pathlib import Path
 

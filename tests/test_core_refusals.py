@@ -7,14 +7,12 @@ token, a non-zero exit, no QEMU started, and a tree byte-for-byte the same.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import Host, User, assert_refused
-from kvmshell import vmid
 
 pytestmark = pytest.mark.core
 

@@ -1,19 +1,14 @@
-"""The VM's serial console, as seen by its supervisor.
+"""The bounded console log the supervisor keeps (see conmux.py).
 
-The supervisor is QEMU's only serial peer: it reads everything the guest
-prints and keeps it in a bounded log in the VM directory (``console.log``
-plus one rotated ``console.log.1``), so output is never lost before a user
-attaches and a flooding guest cannot fill the disk.
+The supervisor is QEMU's only serial peer: it keeps everything the guest
+prints in ``console.log`` plus one rotated ``console.log.1`` in the VM
+directory, so output is never lost before a user attaches and a flooding
+guest cannot fill the disk.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
-
-if TYPE_CHECKING:
-    import subprocess
 
 
 class BoundedLog:
@@ -40,20 +35,3 @@ class BoundedLog:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def pump(conn: socket.socket, proc: "subprocess.Popen[bytes]", path: str, limit: int) -> None:
-    """Copy the guest's serial output into the bounded log until QEMU goes."""
-    log = BoundedLog(path, limit)
-    try:
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                break
-            if not data:
-                break
-            log.write(data)
-    finally:
-        log.close()
-        conn.close()

@@ -24,6 +24,7 @@ import os
 import stat
 
 from kvmshell.errors import RefusedFile, RuntimeFailure, UsageError
+from kvmshell.launcher import CONSOLE_LOG, LOCK, QEMU_LOG, RUNTIME_FILES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,8 +36,7 @@ RECHECK = 16 << 20
 _TMP_PREFIX = ".upload."
 # Files kvmshell and the supervisor make in the VM directory: never upload
 # targets, never removable by 'rm', not listed as images.
-RESERVED = frozenset({"lock", "console.log", "console.log.1", "serial.sock", "qmp.sock",
-                      "vnc.sock", "qemu.pid", "console.sock", "serial.in", "serial.out"})
+RESERVED = frozenset({LOCK, CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     import subprocess
 
 LOCK = "lock"
-SERIAL_SOCKET = "serial.sock"   # no longer used; removed if an older version left it
 # The serial line is a pair of FIFOs, serial.in and serial.out (QEMU's
 # "pipe" chardev).  Why not a socket: QEMU writes the UART byte by byte, and
 # a unix socket holds only a few hundred one-byte writes before QEMU stalls
@@ -32,6 +31,9 @@ CONSOLE_SOCKET = "console.sock"   # kvmshell.conmux serves clients here
 CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 VNC_SOCKET = "vnc.sock"
+# What one run of a VM leaves in its directory, removed before and after.
+RUNTIME_FILES = ("qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET,
+                 SERIAL_PIPE + ".in", SERIAL_PIPE + ".out")
 READY_TIMEOUT = 60.0
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -202,8 +204,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET,
-                 SERIAL_PIPE + ".in", SERIAL_PIPE + ".out"):
+    for leaf in RUNTIME_FILES:
         try:
             os.unlink(leaf)
         except FileNotFoundError:
@@ -273,12 +274,11 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
 
 
 def _teardown(cfg: Config, vm: VM, network: bool) -> None:
-    for leaf in (SERIAL_SOCKET, "qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET,
-                 SERIAL_PIPE + ".in", SERIAL_PIPE + ".out"):
+    for leaf in RUNTIME_FILES:
         try:
             os.unlink(leaf)
-        except OSError:
-            continue
+        except FileNotFoundError:
+            pass
     if network:
         from kvmshell import netclient
         try:

@@ -32,7 +32,7 @@ while ! grep -q "$MARKER" "$dir/console.log" 2>/dev/null; do
     sleep 0.5
 done
 echo "+ the guest's serial console, as kept by kvmshell:"
-tail -n 5 "$dir/console.log" | tr -d '\r'
+tail -n 5 "$dir/console.log" | tr -d '\r' | sed 's/\x1b\[[0-9;]*[A-Za-z]//g'; echo
 echo "+ su - $USER -c 'status $VM'"
 su - "$USER" -c "status $VM"
 echo

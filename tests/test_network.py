@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -173,10 +173,24 @@ def test_tap_options_validated() -> None:
         options.parse_admin(["-net", "nic,macaddr=01:00:00:00:00:01", "-net", "user"])
 
 
+@pytest.mark.security
 def test_tap_names_deterministic_unique_short() -> None:
+    """Tap names are derived by the helper, never given: for many VM names,
+    including names that share all but their last character (which any
+    truncation to 15 bytes would merge), all names are distinct, at most 15
+    bytes, and of a charset safe anywhere an interface name goes."""
+    import string
     names = {helper.tap_name("/v", f"vm{i}", j) for i in range(200) for j in range(helper.MAX_TAPS)}
     assert len(names) == 200 * helper.MAX_TAPS
-    assert all(len(n.encode()) <= 15 for n in names)
+    vm_names = [f"{'x' * 31}{c}" for c in helper._NAME_REST] \
+        + [f"collide-under-truncation-{i:07d}" for i in range(2000)]
+    assert all(len(n) <= helper.NAME_MAX for n in vm_names)
+    many = {helper.tap_name(d, n, j) for d in ("/v", "/var/lib/kvmshell/vms")
+            for n in vm_names for j in (0, helper.MAX_TAPS - 1)}
+    assert len(many) == 2 * len(vm_names) * 2
+    safe = set(string.ascii_lowercase + string.digits)
+    for n in names | many:
+        assert 1 <= len(n.encode()) <= 15 and n.startswith("kvs") and set(n) <= safe, n
     assert helper.tap_name("/v", "a", 0) == helper.tap_name("/v", "a", 0) != helper.tap_name("/w", "a", 0)
 
 
@@ -188,64 +202,207 @@ def test_admin_refuses_bad_network(host: Host, alice: User) -> None:
     assert not (host.vmdir / "badnet").exists()
 
 
-# ---- refusals ------------------------------------------------------------------
+# ---- refusals: security-cases.md section 4, one test id per case -------------
 
-def test_refuses_other_users_vm(net: Net, vms: dict[str, Path], alice: User, bob: User) -> None:
-    before = (net.links(), net.addrs())
-    for user, other in ((alice, "nb"), (bob, "na")):
-        for verb in ("up", "down"):
-            r = net.helper(user, verb, other)
-            assert r.returncode == 2, r
-            assert r.stderr.strip() == f"kvmshell-nethelper: VM {other!r} is not yours"
-            assert r.stderr.count("\n") == 1
-    assert (net.links(), net.addrs()) == before
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"  # a real library: LD_PRELOAD of it is silent
 
 
-@pytest.mark.parametrize("args, why", [
-    (("up", "na", "extra"), "usage"),
-    (("up",), "usage"),
-    (("frob", "na"), "unknown verb"),
-    (("up", "a" * 4000), "invalid VM name"),
-    (("up", "a" * 33), "invalid VM name"),
-    (("up", "../na"), "invalid VM name"),
-    (("up", "na\n"), "invalid VM name"),
-    (("down", "-na"), "invalid VM name"),
-])
-def test_refuses_bad_arguments(net: Net, vms: dict[str, Path], alice: User,
-                               args: tuple[str, ...], why: str) -> None:
-    r = net.helper(alice, *args)
-    assert r.returncode == 2 and why in r.stderr and r.stderr.count("\n") == 1, r
-    assert not net.taps()
-
-
-def test_refuses_extra_environment(net: Net, vms: dict[str, Path], alice: User) -> None:
-    # Through sudo: sudo itself will not pass it (no SETENV in the drop-in).
-    r = net.helper(alice, "up", "na", sudo=("/usr/bin/sudo", "-n", "PYTHONPATH=/tmp"))
-    assert r.returncode != 0 and "PYTHONPATH" in r.stderr, r
-    r = net.helper(alice, "up", "na", sudo=("/usr/bin/sudo", "-n", "-E", "--"),
-                   env=alice.env(PYTHONINSPECT="1"))
+def assert_helper_refused(net: Net, tree: Host, users: tuple[User, ...],
+                          run: "Callable[[], subprocess.CompletedProcess[str]]",
+                          token: str, status: int | None = 2) -> str:
+    """Run one refused helper call and check: non-zero exit (*status* when
+    given; None for sudo's own refusals, which exit 1), one line on stderr
+    naming *token*, no traceback, no QEMU of any test user, the namespace's
+    links and addresses unchanged, and the VM tree byte-for-byte the same."""
+    before = (net.links(), net.addrs(), tree.snapshot())
+    r = run()
     assert r.returncode != 0, r
-    # As root with a forged sudo environment plus one more variable: the
-    # helper's own check.
-    env = {"SUDO_UID": str(alice.uid), "PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": "/tmp"}
-    r = subprocess.run(["ip", "netns", "exec", net.ns, NETHELPER, "up", "na"], env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "unexpected environment variable 'LD_LIBRARY_PATH'" in r.stderr, r
+    if status is not None:
+        assert r.returncode == status, r
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert token in r.stderr, (token, r.stderr)
+    assert (r.stdout or "") == ""
+    for u in users:
+        assert u.qemu_pids() == [], u.name
+    assert (net.links(), net.addrs(), tree.snapshot()) == before
+    return r.stderr
+
+
+def _sudo_as(user: str, *args: str, sudo: tuple[str, ...] = ("/usr/bin/sudo", "-n", "--"),
+             env: dict[str, str] | None = None) -> Any:
+    return ("sudo", user, args, sudo, env or {})
+
+
+def _root(env: dict[str, str], *args: str) -> Any:
+    """As root in the namespace, with *env* exactly: what sudo would hand the
+    helper, forged (only root can run the helper without sudo at all)."""
+    return ("root", None, args, (), env)
+
+
+def _sudo_env(uid: str, **extra: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "SUDO_UID": uid, "SUDO_GID": uid, "SUDO_USER": "x",
+            "SUDO_COMMAND": NETHELPER, **extra}
+
+
+# (id, how, token, status).  "alice"/"bob" are the VM users; na is alice's, nb bob's.
+HELPER_CASES: list[tuple[str, Any, str, int | None]] = [
+    # arguments of the caller's choosing
+    ("args-none", _sudo_as("alice"), "got 0 arguments", 2),
+    ("args-one", _sudo_as("alice", "up"), "got 1 arguments", 2),
+    ("args-extra", _sudo_as("alice", "up", "na", "extra"), "got 3 arguments", 2),
+    ("args-ifname", _sudo_as("alice", "up", "na", "ifname=eth0"), "got 3 arguments", 2),
+    ("verb-unknown", _sudo_as("alice", "frob", "na"), "unknown verb 'frob'", 2),
+    ("verb-option", _sudo_as("alice", "--config=/tmp/x", "na"), "unknown verb '--config=/tmp/x'", 2),
+    ("verb-case", _sudo_as("alice", "UP", "na"), "unknown verb 'UP'", 2),
+    ("name-4000", _sudo_as("alice", "up", "a" * 4000), "invalid VM name (1 to 32", 2),
+    ("name-33", _sudo_as("alice", "up", "a" * 33), "invalid VM name (1 to 32", 2),
+    ("name-empty", _sudo_as("alice", "up", ""), "invalid VM name (1 to 32", 2),
+    ("name-dotdot", _sudo_as("alice", "up", "../na"), "invalid VM name '../na'", 2),
+    ("name-abs", _sudo_as("alice", "up", "/etc/passwd"), "invalid VM name '/etc/passwd'", 2),
+    ("name-newline", _sudo_as("alice", "up", "na\n"), "invalid VM name 'na\\n'", 2),
+    ("name-dash", _sudo_as("alice", "down", "-na"), "invalid VM name '-na'", 2),
+    ("name-dot", _sudo_as("alice", "up", ".na"), "invalid VM name '.na'", 2),
+    ("name-colon", _sudo_as("alice", "up", "na:0"), "invalid VM name 'na:0'", 2),
+    ("name-space", _sudo_as("alice", "up", "na x"), "invalid VM name 'na x'", 2),
+    ("name-nonascii", _sudo_as("alice", "up", "n\u0430"), "invalid VM name 'n\u0430'", 2),
+    ("name-unknown", _sudo_as("alice", "up", "nosuchvm"), "no VM named 'nosuchvm'", 2),
+    # a VM the caller does not own, both verbs, both ways round
+    ("other-up", _sudo_as("alice", "up", "nb"), "VM 'nb' is not yours", 2),
+    ("other-down", _sudo_as("alice", "down", "nb"), "VM 'nb' is not yours", 2),
+    ("other-up-bob", _sudo_as("bob", "up", "na"), "VM 'na' is not yours", 2),
+    ("other-down-bob", _sudo_as("bob", "down", "na"), "VM 'na' is not yours", 2),
+    # environment of the caller's choosing, through sudo: sudo refuses (no SETENV)
+    ("sudo-set-PYTHONPATH", _sudo_as("alice", "up", "na", sudo=("/usr/bin/sudo", "-n", "PYTHONPATH=/tmp", "--")),
+     "PYTHONPATH", None),
+    ("sudo-set-LD_PRELOAD", _sudo_as("alice", "up", "na", sudo=("/usr/bin/sudo", "-n", f"LD_PRELOAD={LIBC}", "--")),
+     "LD_PRELOAD", None),
+    ("sudo-set-SUDO_UID", _sudo_as("bob", "up", "na", sudo=("/usr/bin/sudo", "-n", "SUDO_UID=0", "--")),
+     "SUDO_UID", None),
+    ("sudo-set-TMPDIR", _sudo_as("alice", "up", "na", sudo=("/usr/bin/sudo", "-n", "TMPDIR=/tmp", "--")),
+     "TMPDIR", None),
+    ("sudo-E-PYTHONINSPECT", _sudo_as("alice", "up", "na", sudo=("/usr/bin/sudo", "-n", "-E", "--"),
+                                       env={"PYTHONINSPECT": "1", "LD_PRELOAD": LIBC}),
+     "preserve the environment", None),
+    ("sudo-preserve-PYTHONINSPECT", _sudo_as("alice", "up", "na", sudo=("/usr/bin/sudo", "-n", "--preserve-env=PYTHONINSPECT", "--"),
+                                          env={"PYTHONINSPECT": "1"}),
+     "PYTHONINSPECT", None),
+    # sudo drops LD_PRELOAD silently (its built-in env_delete list) instead of
+    # refusing: the helper's own environment check then passes, and the only
+    # refusal is the missing socket.  Shows LD_PRELOAD never reaches it.
+    ("sudo-preserve-LD_PRELOAD", _sudo_as("alice", "up", "na", sudo=("/usr/bin/sudo", "-n", "--preserve-env=LD_PRELOAD", "--"),
+                                          env={"LD_PRELOAD": LIBC}),
+     "stdout must be a unix socket", 2),
+    # no sudo at all: a user with a forged SUDO_UID is not root
+    ("user-forged-SUDO_UID", ("user", "bob", ("up", "na"), (), {"SUDO_UID": "0"}),
+     "must be run as root through sudo", 2),
+    # root with a sudo-like environment plus one variable: the helper's own check
+    ("root-LD_PRELOAD", _root(_sudo_env("A", LD_PRELOAD=LIBC), "up", "na"),
+     "unexpected environment variable 'LD_PRELOAD'", 2),
+    ("root-LD_LIBRARY_PATH", _root(_sudo_env("A", LD_LIBRARY_PATH="/tmp"), "up", "na"),
+     "unexpected environment variable 'LD_LIBRARY_PATH'", 2),
+    ("root-PYTHONPATH", _root(_sudo_env("A", PYTHONPATH="/tmp"), "up", "na"),
+     "unexpected environment variable 'PYTHONPATH'", 2),
+    ("root-PYTHONINSPECT", _root(_sudo_env("A", PYTHONINSPECT="1"), "up", "na"),
+     "unexpected environment variable 'PYTHONINSPECT'", 2),
+    ("root-PYTHONHOME", _root(_sudo_env("A", PYTHONHOME="/tmp"), "up", "na"),
+     "unexpected environment variable 'PYTHONHOME'", 2),
+    ("root-TMPDIR", _root(_sudo_env("A", TMPDIR="/tmp"), "up", "na"),
+     "unexpected environment variable 'TMPDIR'", 2),
+    ("root-BASH_ENV", _root(_sudo_env("A", BASH_ENV="/tmp/x"), "down", "na"),
+     "unexpected environment variable 'BASH_ENV'", 2),
+    ("root-no-SUDO_UID", _root({"PATH": "/usr/bin:/bin"}, "up", "na"), "no SUDO_UID", 2),
+    ("root-SUDO_UID-junk", _root(_sudo_env("0 ; id"), "up", "na"), "no SUDO_UID", 2),
+    ("root-SUDO_UID-long", _root(_sudo_env("0" * 40), "up", "na"), "no SUDO_UID", 2),
+    # stdout not a socket: nowhere to send the taps, nothing created
+    ("stdout-pipe", _sudo_as("alice", "up", "na"), "stdout must be a unix socket", 2),
+]
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("case, how, token, status", HELPER_CASES,
+                         ids=[c[0] for c in HELPER_CASES])
+def test_helper_refuses(net: Net, vms: dict[str, Path], host: Host, alice: User, bob: User,
+                        case: str, how: Any, token: str, status: int | None) -> None:
+    kind, who, args, sudo, env = how
+    users = {"alice": alice, "bob": bob}
+    if kind == "root":
+        env = {k: (str(alice.uid) if v == "A" else v) for k, v in env.items()}
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", net.ns, NETHELPER, *args], env=env,
+                                  capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+    else:
+        user = users[who]
+        # A pipe for stdout: "up" would need kvmshell's socket to hand over taps,
+        # so every refusal below happens with nothing to receive them either way.
+        run = lambda: net.helper(user, *args, sudo=sudo, env=user.env(**env))  # noqa: E731
+    assert_helper_refused(net, host, (alice, bob), run, token, status)
     assert not net.taps()
 
 
-def test_refuses_without_sudo(net: Net, vms: dict[str, Path], alice: User) -> None:
-    r = net.helper(alice, "up", "na", sudo=())
-    assert r.returncode == 2 and "through sudo" in r.stderr, r
-    env = {"PATH": "/usr/bin:/bin"}  # root, but no SUDO_UID
-    r = subprocess.run([NETHELPER, "up", "na"], env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "through sudo" in r.stderr, r
+# ---- interface names: derived, never given; admin bridge names re-checked -------
+
+BAD_BRIDGES = [("long", "b" * 16), ("slash", "br/0"), ("colon", "br:0"), ("space", "br 0"),
+               ("tab", "br\t0"), ("newline", "br\n0"), ("dot", "."), ("dotdot", ".."),
+               ("empty", ""), ("nonascii", "br\u00e9")]
 
 
-def test_up_needs_a_socket_and_leaves_nothing(net: Net, vms: dict[str, Path], alice: User) -> None:
-    r = net.helper(alice, "up", "na")  # stdout is a pipe: nowhere to send the taps
-    assert r.returncode == 2 and "unix socket" in r.stderr, r
-    assert not net.taps()
+@pytest.mark.security
+@pytest.mark.parametrize("bridge", [b for _, b in BAD_BRIDGES], ids=[i for i, _ in BAD_BRIDGES])
+def test_kvmadm_refuses_bad_bridge_name(host: Host, alice: User, bridge: str) -> None:
+    before = host.snapshot()
+    r = host.kvmadm("create", "badbr", "--owner", alice.name, "--", "-net", "nic",
+                    "-net", f"tap,br={bridge}", check=False)
+    assert r.returncode == 2 and r.stderr.startswith("kvmadm: -net"), r.stderr
+    assert r.stderr.count("\n") == 1 and (repr(bridge) in r.stderr or "-net tap" in r.stderr), \
+        r.stderr
+    assert host.snapshot() == before and not os.path.lexists(host.vmdir / "badbr")
+
+
+@pytest.fixture(scope="module")
+def badbr_tree(host: Host, alice: User) -> tuple[Host, str]:
+    """A tree of its own whose VMs carry bridge names kvmadm would refuse
+    (written past kvmadm, as a careless or compromised admin tool might), and
+    a helper copy reading that tree's config (the helper's config path is fixed)."""
+    from conftest import install_nethelper
+    root = host.root / "net-badbr"
+    root.mkdir(mode=0o755)
+    tree = Host.__new__(Host)
+    tree.root, tree.vmdir, tree.images, tree.conf = root, root / "vms", root / "img", root / "k.conf"
+    tree.images.mkdir()
+    tree.write_conf()
+    helper_path = install_nethelper(root, tree.conf)
+    import base64
+    for i, (_, bridge) in enumerate(BAD_BRIDGES):
+        name = f"bb{i}"
+        path = tree.create_vm(name, alice, "-net", "nic", "-net", f"tap,br={BRIDGE}")
+        words = ["-net", "nic", "-net", f"tap,br={bridge}"]
+        payload = "\0".join([name, *words]).encode()
+        dirname = f"{name}." + base64.urlsafe_b64encode(payload).decode().rstrip("=")
+        os.rename(path, tree.vmdir / dirname)
+        os.unlink(tree.vmdir / name)
+        os.symlink(dirname, tree.vmdir / name)
+    return tree, helper_path
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("index", range(len(BAD_BRIDGES)), ids=[i for i, _ in BAD_BRIDGES])
+def test_helper_rechecks_bridge_name(net: Net, badbr_tree: tuple[Host, str], alice: User,
+                                     bob: User, index: int) -> None:
+    tree, helper_path = badbr_tree
+    bridge = BAD_BRIDGES[index][1]
+    env = _sudo_env(str(alice.uid))
+
+    def run() -> subprocess.CompletedProcess[str]:
+        # As sudo would run it for alice (root, SUDO_UID): the helper's own check.
+        return subprocess.run(["ip", "netns", "exec", net.ns, helper_path, "up", f"bb{index}"],
+                              env=env, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    # A bad admin configuration is a failure (exit 1), not a user refusal.
+    # Non-ASCII never decodes (the helper reads identifiers as ASCII only).
+    token = "undecodable identifier" if not bridge.isascii() else f"bad bridge name {bridge!r}"
+    assert_helper_refused(net, tree, (alice, bob), run, token, 1)
 
 
 # ---- up/down directly: fds, idempotence, helper killed half way ---------------
@@ -286,7 +443,36 @@ def net_vmdir(vms: dict[str, Path]) -> Path:
     return vms["na"].parent
 
 
-def test_helper_killed_half_way_leaves_nothing(net: Net, vms: dict[str, Path], bob: User) -> None:
+@pytest.mark.security
+def test_names_colliding_under_truncation_get_distinct_taps(
+        net: Net, vms: dict[str, Path], host: Host, alice: User) -> None:
+    """Two VMs whose names agree in their first 31 characters (any name
+    truncated to IFNAMSIZ would collide) run side by side: two distinct taps,
+    both on the bridge, and both gone when their descriptors close."""
+    a, b = "c" * 31 + "1", "c" * 31 + "2"
+    for name in (a, b):
+        host.create_vm(name, alice, "-net", "nic", "-net", f"tap,br={BRIDGE}")
+    before = net.links()
+    held = []
+    for name in (a, b):
+        p, s = _up(net, alice, name)
+        msg, fds, _, _ = socket.recv_fds(s, 64, 8)
+        assert p.wait() == 0 and msg == b"ok 1\n" and len(fds) == 1
+        held.append((s, fds))
+    want = sorted(helper.tap_name(str(net_vmdir(vms)), n, 0) for n in (a, b))
+    assert len(set(want)) == 2
+    assert net.taps() == want and net.bridge_ports(BRIDGE) == want
+    for s, fds in held:
+        for fd in fds:
+            os.close(fd)
+        s.close()
+    wait_for(lambda: net.links() == before, 10, "the taps to go")
+
+
+@pytest.mark.security
+def test_helper_killed_half_way_leaves_nothing(net: Net, vms: dict[str, Path], host: Host,
+                                               alice: User, bob: User) -> None:
+    links, addrs, tree = net.links(), net.addrs(), host.snapshot()
     t = time.monotonic()
     p, s = _up(net, bob, "nb")
     _, fds, _, _ = socket.recv_fds(s, 64, 8)
@@ -316,6 +502,10 @@ def test_helper_killed_half_way_leaves_nothing(net: Net, vms: dict[str, Path], b
         os.close(fd)
     s.close()
     wait_for(lambda: not net.taps(), 10, "taps to go")
+    # Nothing stays behind: the namespace and the tree as before, no QEMU.
+    wait_for(lambda: (net.links(), net.addrs()) == (links, addrs), 10, "the namespace as before")
+    assert host.snapshot() == tree
+    assert alice.qemu_pids() == [] and bob.qemu_pids() == []
 
 
 # ---- a real guest ----------------------------------------------------------------

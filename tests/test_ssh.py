@@ -7,6 +7,8 @@ every request goes through the real OpenSSH client.  Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -17,7 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -84,6 +86,34 @@ def rig(guest: Path) -> Iterator[Rig]:
         _drop_user(name)
         subprocess.run(["groupdel", group], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- the "nothing changed" checker (security-cases.md section 5) -----------------
+
+def _ifaces() -> list[str]:
+    """Tunnel-like interfaces of this network namespace (sshd's -w would add
+    a tun here; the filter keeps other test sessions' unrelated links out)."""
+    return sorted(n for _, n in socket.if_nameindex() if n.startswith(("tun", "tap", "kvs")))
+
+
+@contextlib.contextmanager
+def nothing_changed(rig: Rig) -> Iterator[None]:
+    """Around one case: no QEMU of the VM user, no new interface, and the
+    VM tree byte-for-byte the same afterwards."""
+    assert rig.user.qemu_pids() == []
+    before = (_ifaces(), rig.host.snapshot())
+    yield
+    assert rig.user.qemu_pids() == []
+    assert (_ifaces(), rig.host.snapshot()) == before
+
+
+def unchanged(fn: Callable[..., None]) -> Callable[..., None]:
+    """Mark a test a security case and run it inside :func:`nothing_changed`."""
+    @functools.wraps(fn)
+    def wrapper(**kw: Any) -> None:
+        with nothing_changed(kw["rig"]):
+            fn(**kw)
+    return pytest.mark.security(wrapper)
 
 
 # ---- the drop-in, as sshd reads it --------------------------------------------
@@ -311,6 +341,7 @@ def test_console_over_ssh_tty(rig: Rig) -> None:
 
 # ---- nothing beyond the command set ---------------------------------------------
 
+@unchanged
 def test_no_command_without_tty_is_refused(rig: Rig) -> None:
     r = rig.ssh(opts=("-T",))
     assert r.returncode == 2
@@ -337,6 +368,7 @@ def test_no_command_with_tty_gets_the_prompt(rig: Rig) -> None:
     assert c.exitstatus == 0
 
 
+@unchanged
 def test_shell_metacharacters_are_words(rig: Rig) -> None:
     marker = rig.host.root / "pwned"
     for cmd in (f"status; touch {marker}", f"status && touch {marker}", f"$(touch {marker})",
@@ -347,6 +379,7 @@ def test_shell_metacharacters_are_words(rig: Rig) -> None:
     assert not marker.exists()
 
 
+@unchanged
 def test_sftp_and_scp_get_nothing(rig: Rig, tmp_path: Path) -> None:
     src = tmp_path / "f.img"
     src.write_bytes(b"data")
@@ -385,6 +418,7 @@ def _wait_listening(port: int) -> None:
                                     text=True).stdout.strip() != "", 20, f"port {port}")
 
 
+@unchanged
 def test_local_and_dynamic_forwarding_refused(rig: Rig) -> None:
     for kind in ("L", "D"):
         lport = _port()
@@ -417,6 +451,7 @@ def _port() -> int:
     return free_port()
 
 
+@unchanged
 def test_remote_forwarding_refused(rig: Rig) -> None:
     rport = _port()
     r = rig.ssh("status", opts=("-o", "ExitOnForwardFailure=yes", "-R",
@@ -425,6 +460,7 @@ def test_remote_forwarding_refused(rig: Rig) -> None:
     assert _no_ssh_banner(rport)
 
 
+@unchanged
 def test_tunnel_refused(rig: Rig) -> None:
     """-w: the client opens a tun device of its own before asking, so it runs
     in a throwaway network namespace and reaches sshd through socat in ours."""
@@ -437,6 +473,7 @@ def test_tunnel_refused(rig: Rig) -> None:
     assert r.returncode == 255 and b"unnel forwarding failed" in r.stderr, r.stderr
 
 
+@unchanged
 def test_user_rc_and_environment_files_ignored(rig: Rig) -> None:
     ssh_dir = rig.home / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
@@ -454,6 +491,7 @@ def test_user_rc_and_environment_files_ignored(rig: Rig) -> None:
         shutil.rmtree(ssh_dir)
 
 
+@unchanged
 def test_client_environment_not_accepted(rig: Rig) -> None:
     env = ["LD_PRELOAD=/nonexistent/kvt-setenv.so", "PYTHONINSPECT=1", "PYTHONVERBOSE=1",
            "PYTHONPATH=/nonexistent", "LC_ALL=C"]
@@ -471,6 +509,7 @@ def test_client_environment_not_accepted(rig: Rig) -> None:
     assert "Ignoring env request PYTHONVERBOSE: disallowed name" in log
 
 
+@unchanged
 def test_other_keys_and_passwords_get_nothing(rig: Rig) -> None:
     """Only the root-owned key file counts: a key in ~/.ssh/authorized_keys does not."""
     other = rig.sshd.client_key("other")
@@ -485,6 +524,211 @@ def test_other_keys_and_passwords_get_nothing(rig: Rig) -> None:
         assert r.returncode == 255 and b"Permission denied (publickey)" in r.stderr
     finally:
         shutil.rmtree(ssh_dir)
+
+
+# ---- agent and X11 forwarding: what the session process actually gets ----------
+
+def _session_probe(rig: Rig, opts: tuple[str, ...], env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Open an interactive session (``ssh -tt`` + *opts*, client environment
+    *env*), and while kvmshell sits at its prompt read its environment from
+    /proc and list what sshd made for the user under /tmp (agent sockets
+    live in /tmp/ssh-XXXX/agent.N) and the listening X11 ports (6010+)."""
+    import pexpect
+    argv = rig.sshd.ssh_argv(rig.user.name, rig.key, "-tt", *opts)
+    c = pexpect.spawn(argv[0], argv[1:], timeout=30,
+                      env={"TERM": "vt100", "PATH": "/usr/bin:/bin", **env})
+    try:
+        c.expect_exact("kvmshell> ")
+        pids = subprocess.run(["pgrep", "-u", str(rig.user.uid)], capture_output=True,
+                              text=True).stdout.split()
+        environ: dict[str, str] = {}
+        for pid in pids:
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_bytes()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if KVMSHELL.encode() in cmd:
+                environ = dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
+        assert environ, "no kvmshell process of the user found"
+        made = [str(p) for p in Path("/tmp").glob("ssh-*") if p.lstat().st_uid == rig.user.uid]
+        x11 = subprocess.run(["ss", "-Hltn", "sport >= :6010 and sport <= :6099"],
+                             capture_output=True, text=True).stdout
+        made += [l for l in x11.splitlines() if l.strip()]
+        c.send("exit\r")
+        c.expect(pexpect.EOF)
+    finally:
+        c.close(force=True)
+    return environ, made
+
+
+@pytest.mark.skipif(not HAVE_INTERACTIVE, reason="needs the interactive prompt")
+@unchanged
+def test_agent_forwarding_refused(rig: Rig, tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 10, "ssh-agent")
+        environ, made = _session_probe(rig, ("-A",), {"SSH_AUTH_SOCK": str(sock)})
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert "SSH_AUTH_SOCK" not in environ, environ
+    assert made == [], made
+    log = rig.sshd.log.read_text(errors="replace")
+    assert "auth-agent-req@openssh.com" in log          # the client did ask
+
+
+@pytest.mark.skipif(not HAVE_INTERACTIVE, reason="needs the interactive prompt")
+@unchanged
+def test_x11_forwarding_refused(rig: Rig) -> None:
+    environ, made = _session_probe(rig, ("-Y",),
+                                   {"DISPLAY": ":97"})
+    assert "DISPLAY" not in environ, environ
+    assert made == [], made
+    log = rig.sshd.log.read_text(errors="replace")
+    assert "x11-req" in log                               # the client did ask
+
+
+# ---- every way in reaches the same validator -----------------------------------
+
+FORBIDDEN = ["start -monitor stdio", "start -cdrom ../../etc/shadow"]
+
+
+def _via_command(rig: Rig, cmd: str) -> str:
+    r = rig.ssh(cmd, opts=("-T",))
+    return r.stderr.decode()
+
+
+def _via_command_tty(rig: Rig, cmd: str) -> str:
+    return _pexpect_run(rig.sshd.ssh_argv(rig.user.name, rig.key, "-tt") + [cmd], None)
+
+
+def _via_prompt(*opts: str) -> Callable[[Rig, str], str]:
+    def run(rig: Rig, cmd: str) -> str:
+        return _pexpect_run(rig.sshd.ssh_argv(rig.user.name, rig.key, *opts), cmd)
+    return run
+
+
+def _via_su_login(rig: Rig, cmd: str) -> str:
+    # The local tty login: root's `su -` runs the user's login shell on a tty.
+    return _pexpect_run(["su", "-", rig.user.name], cmd)
+
+
+def _via_su_c(rig: Rig, cmd: str) -> str:
+    return _pexpect_run(["su", "-", rig.user.name, "-c", cmd], None)
+
+
+def _pexpect_run(argv: list[str], typed: str | None) -> str:
+    """Run *argv* on a pty; if *typed*, send it at the prompt, then leave."""
+    import pexpect
+    c = pexpect.spawn(argv[0], argv[1:], timeout=30, env={"TERM": "vt100", "PATH": "/usr/bin:/bin"},
+                      encoding="utf-8", codec_errors="replace")
+    try:
+        if typed is None:
+            c.expect(pexpect.EOF)
+            return str(c.before)
+        c.expect_exact("kvmshell> ")
+        c.send(typed + "\r")
+        c.expect_exact("kvmshell> ")
+        out = str(c.before)
+        c.send("exit\r")
+        c.expect(pexpect.EOF)
+        return out
+    finally:
+        c.close(force=True)
+
+
+ENTRIES: dict[str, Callable[[Rig, str], str]] = {
+    "ssh-cmd": _via_command,
+    "ssh-t-cmd": _via_command_tty,
+    "ssh-nocmd": _via_prompt(),            # a tty on the client side: ssh asks for one
+    "ssh-t-nocmd": _via_prompt("-tt"),
+    "su-login": _via_su_login,
+    "su-c": _via_su_c,
+}
+
+
+@pytest.mark.skipif(not HAVE_INTERACTIVE, reason="needs the interactive prompt")
+@pytest.mark.parametrize("cmd", FORBIDDEN, ids=["monitor", "cdrom-dotdot"])
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@unchanged
+def test_every_way_in_same_validator(rig: Rig, entry: str, cmd: str) -> None:
+    """The reference answer is kvmshell's, run as sshd's ForceCommand would;
+    every way in must print that same one line."""
+    want = rig.user.ssh_command(cmd).stderr
+    assert want.startswith("kvmshell: ") and want.count("\n") == 1, want
+    token = cmd.split()[1]
+    assert token in want
+    got = ENTRIES[entry](rig, cmd).replace("\r\n", "\n")
+    assert want.strip() in got.splitlines(), (entry, want, got)
+    assert "Traceback" not in got
+
+
+@unchanged
+def test_no_command_no_tty_same_answer_everywhere(rig: Rig) -> None:
+    """Without a terminal and without a command there is nothing to validate:
+    `ssh -T host` and `su - USER` from a script both get the same refusal."""
+    want = "kvmshell: no command given and no terminal (try 'help')\n"
+    assert rig.ssh(opts=("-T",)).stderr.decode() == want
+    r = subprocess.run(["su", "-", rig.user.name], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=30)
+    assert (r.returncode, r.stderr) == (2, want)
+
+
+# ---- children get a clean environment -------------------------------------------
+
+QEMU_ENV = {"PATH", "HOME", "TMPDIR", "LC_ALL", "MALLOC_ARENA_MAX"}
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"   # a real library: preloading it is silent
+
+
+def _qemu_environ(rig: Rig) -> dict[str, str]:
+    (pid,) = rig.user.qemu_pids()
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(kv.split("=", 1) for kv in raw.decode().split("\0") if "=" in kv)
+
+
+def _check_clean(rig: Rig, environ: dict[str, str]) -> None:
+    assert set(environ) <= QEMU_ENV, sorted(set(environ) - QEMU_ENV)
+    assert environ["TMPDIR"] == str(rig.host.vm_path(VM))
+    assert not any(k.startswith(("LD_", "PYTHON", "SSH_")) for k in environ)
+
+
+@pytest.mark.security
+def test_qemu_started_over_ssh_gets_clean_environment(rig: Rig) -> None:
+    ssh_dir = rig.home / ".ssh"
+    ssh_dir.mkdir(mode=0o700)
+    (ssh_dir / "environment").write_text(f"LD_PRELOAD={LIBC}\nTMPDIR=/tmp\nPYTHONPATH=/tmp\n")
+    for p in (ssh_dir, ssh_dir / "environment"):
+        os.chown(p, rig.user.uid, rig.user.gid)
+    env = [f"LD_PRELOAD={LIBC}", "LD_LIBRARY_PATH=/tmp", "PYTHONPATH=/tmp", "PYTHONINSPECT=1",
+           "PYTHONHOME=/tmp", "TMPDIR=/tmp", "LC_ALL=C"]
+    try:
+        r = rig.ssh("start", opts=("-o", "SetEnv=" + " ".join(env), "-o", "SendEnv=LD_* PYTHON*"))
+        assert r.returncode == 0, r.stderr
+        _check_clean(rig, _qemu_environ(rig))
+    finally:
+        shutil.rmtree(ssh_dir)
+        rig.ssh("kill")
+        kill_all(rig.user)
+        wait_for(lambda: not rig.user.qemu_pids(), 30, "QEMU to exit")
+
+
+@pytest.mark.security
+def test_qemu_gets_clean_environment_even_if_sshd_let_it_through(rig: Rig) -> None:
+    """Defence in depth: a sshd that passed the variables on (no drop-in) still
+    gives QEMU none of them (kvmshell run with them set, as such a sshd would)."""
+    try:
+        r = rig.user.ssh_command("start", LD_PRELOAD=LIBC, LD_LIBRARY_PATH="/tmp",
+                                 PYTHONPATH="/tmp", PYTHONINSPECT="1", PYTHONHOME="/tmp",
+                                 TMPDIR="/tmp", SSH_AUTH_SOCK="/tmp/x", DISPLAY=":0")
+        assert r.returncode == 0, r.stderr
+        _check_clean(rig, _qemu_environ(rig))
+    finally:
+        rig.ssh("kill")
+        kill_all(rig.user)
+        wait_for(lambda: not rig.user.qemu_pids(), 30, "QEMU to exit")
 
 
 # ---- PAM: the shipped service file, against real local users --------------------

@@ -347,7 +347,10 @@ def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str) -> l
             if name == "-hda" and geometry is not None:
                 tmpl = "if=none,id=hda," + _DRIVE
             spec = tmpl.format(format=of.fmt, fdset=fdset)
-            if of.readonly and "readonly=on" not in spec:
+            # Under -snapshot kvmshell opens disks read-only and QEMU writes
+            # to a temporary overlay in the VM directory (TMPDIR): the device
+            # must stay writable, or IDE refuses it ("Block node is read-only").
+            if of.readonly and not req.has("-snapshot") and "readonly=on" not in spec:
                 spec += ",readonly=on"
             argv += [opt.qemu[0], spec]
         elif opt.kind in (BLOB, STATE):

@@ -216,6 +216,59 @@ def test_qemu_error_is_reported(host: Host, alice: User, core_vm: Path) -> None:
     bogus.unlink()
 
 
+def _qemu_io(vm_path: Path, device: str, command: str) -> None:
+    """Write through QEMU's block layer as a compromised QEMU could (the test
+    is root and reaches QMP directly; users never do)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    qmp = QEMUMonitorProtocol(str(vm_path / "qmp.sock"))
+    qmp.connect(negotiate=True)
+    try:
+        qmp.cmd("human-monitor-command", **{"command-line": f"qemu-io {device} \"{command}\""})
+    finally:
+        qmp.close()
+
+
+@pytest.mark.parametrize("extra,device,base_changes", [
+    ("-hda d.qcow2 -hdb e.img -fda f.img -fdb g.img -cdrom x.iso", "ide0-hd0", True),
+    ("-hda d.qcow2 -hdb e.img -fda f.img -fdb g.img -cdrom x.iso -snapshot", "ide0-hd0", False),
+    ("-hda d.qcow2 -hdachs 100,16,63,lba", "hda", True),
+    ("-hda d.qcow2 -hdachs 100,16,63 -snapshot", "hda", False),
+    ("-fda f.img -snapshot", "floppy0", False),
+], ids=["disks", "disks-snapshot", "hdachs", "hdachs-snapshot", "floppy-snapshot"])
+def test_disks_start_for_real(host: Host, alice: User, core_vm: Path,
+                              extra: str, device: str, base_changes: bool) -> None:
+    """Every disk option starts a real QEMU; with -snapshot the guest's writes
+    land in a temporary overlay and the user's image is left as it was."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(core_vm / "d.qcow2"), "64M"],
+                   check=True)
+    for leaf, size in (("e.img", 1 << 20), ("f.img", 1474560), ("g.img", 1474560),
+                       ("x.iso", 1 << 20)):
+        with open(core_vm / leaf, "wb") as f:
+            f.truncate(size)
+    for leaf in ("d.qcow2", "e.img", "f.img", "g.img", "x.iso"):
+        os.chown(core_vm / leaf, alice.uid, alice.gid)
+    image = "d.qcow2" if device != "floppy0" else "f.img"
+    before = (core_vm / image).read_bytes()
+    try:
+        r = alice.ssh_command(f"start core {extra}")
+        assert r.returncode == 0, r.stderr
+        assert alice.status("core")["state"] == "running"
+        _qemu_io(core_vm, device, "write -P 0xab 0 64k")
+        # qemu-io reports on QEMU's stdout, which the launcher keeps in qemu.log.
+        wait_for(lambda: b"wrote 65536/65536 bytes" in (core_vm / "qemu.log").read_bytes(),
+                 10, "qemu-io's write")
+        r = alice.ssh_command("kill core")
+        assert r.returncode == 0, r.stderr
+        assert ((core_vm / image).read_bytes() != before) == base_changes
+        # The overlay was QEMU's temporary file in the VM directory: gone.
+        assert not [p for p in os.listdir(core_vm) if p.startswith("vl.")]
+    finally:
+        kill_all(alice)
+        for leaf in ("d.qcow2", "e.img", "f.img", "g.img", "x.iso"):
+            (core_vm / leaf).unlink(missing_ok=True)
+
+
 def test_help_and_list(alice: User, core_vm: Path) -> None:
     r = alice.ssh_command("help")
     assert r.returncode == 0 and "start" in r.stdout

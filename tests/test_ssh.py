@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import KVMADM, KVMSHELL, MARKER, REPO, Host, User, _drop_user, console_log, \
+from conftest import KVMSHELL, MARKER, REPO, Host, User, _drop_user, console_log, \
     kill_all, wait_for
 from sshrig import Sshd
 
@@ -258,7 +258,6 @@ def test_upload_limit_and_names(rig: Rig) -> None:
 def test_concurrent_uploads_share_the_quota(rig: Rig) -> None:
     """Two uploads that each fit the room left, but not together: the one that
     crosses a recount point while the other's data is on disk is refused."""
-    import threading
     from kvmshell import images, limits, vmtree
     from kvmshell.config import load
     vmdir = rig.host.vm_path(VM)

@@ -139,7 +139,7 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
             tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
         argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
-        return _spawn(cfg, vm, argv, passed, bool(plan.taps),
+        return _spawn(cfg, vm, argv, passed, len(plan.taps),
                       limits.qemu_rlimits(cfg, plan.megs), [ulock] if ulock >= 0 else [])
     finally:
         for fd in passed:
@@ -148,7 +148,7 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
             os.close(ulock)
 
 
-def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool,
+def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
            rlimits: list[tuple[int, int]] | None = None, close: list[int] | None = None) -> int:
     rfd, wfd = os.pipe()
     sys.stdout.flush()
@@ -161,7 +161,7 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool,
             for fd in close or []:  # the per-user start lock is the caller's, not ours
                 os.close(fd)
             os.setsid()
-            code = _supervise(cfg, vm, argv, fds, network, wfd, rlimits or [])
+            code = _supervise(cfg, vm, argv, fds, taps, wfd, rlimits or [])
         except BaseException as exc:  # report, never unwind into the caller's code
             try:
                 os.write(wfd, f"fail supervisor: {exc}".encode())
@@ -195,7 +195,7 @@ def _qemu_error(log: str) -> str:
     return errs[-1] if errs else "QEMU exited"
 
 
-def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bool, ready_fd: int,
+def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, ready_fd: int,
                rlimits: list[tuple[int, int]] | None = None) -> int:
     import subprocess
     import time
@@ -251,7 +251,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], network: bo
     finally:
         if ready_fd >= 0:
             os.close(ready_fd)
-        _teardown(cfg, vm, network)
+        _teardown(cfg, vm, taps)
 
 
 def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
@@ -273,15 +273,20 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
             time.sleep(0.05)
 
 
-def _teardown(cfg: Config, vm: VM, network: bool) -> None:
+def _teardown(cfg: Config, vm: VM, taps: int) -> None:
     for leaf in RUNTIME_FILES:
         try:
             os.unlink(leaf)
         except FileNotFoundError:
             pass
-    if network:
+    if taps:
         from kvmshell import netclient
         try:
-            netclient.down(cfg, vm)
+            # The taps are not persistent: QEMU's exit closed the last
+            # descriptor and the kernel deleted them.  A root process runs
+            # only if one is still there (a descriptor leaked to another
+            # process, say), and then deletes it regardless of who holds it.
+            if netclient.remaining(cfg, vm, taps):
+                netclient.down(cfg, vm)
         except RuntimeFailure:
             pass  # logged by the helper; the next start's 'up' cleans up too

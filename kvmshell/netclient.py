@@ -78,6 +78,22 @@ def up(cfg: Config, vm: VM, expect: int | None = None) -> list[int]:
         theirs.close()
 
 
+def remaining(cfg: Config, vm: VM, taps: int) -> list[str]:
+    """Which of the VM's tap names exist in this network namespace (no
+    privilege needed).  The names are the helper's own derivation."""
+    from kvmshell.helper import tap_name
+
+    out = []
+    for i in range(taps):
+        name = tap_name(cfg.vmdir, vm.name, i)
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            continue
+        out.append(name)
+    return out
+
+
 def down(cfg: Config, vm: VM) -> None:
     """Have the helper delete whatever taps of the VM remain."""
     import subprocess

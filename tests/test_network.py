@@ -545,3 +545,45 @@ def test_kill9_qemu_then_start_again(net: Net, vms: dict[str, Path], alice: User
         _wait_stopped(net, alice)
     finally:
         kill_all(alice)
+
+
+def _steal_fd(pid: int, fd: int) -> int:
+    """pidfd_getfd(2): a duplicate of another process's descriptor, as a
+    compromised QEMU could hand its tap to a process of the same user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd on x86_64
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return int(got)
+    finally:
+        os.close(pidfd)
+
+
+@pytest.mark.security
+def test_leaked_tap_is_deleted_when_qemu_exits(net: Net, vms: dict[str, Path],
+                                               alice: User) -> None:
+    """A tap descriptor that outlives QEMU (passed to another process) would
+    keep the tap on the bridge: the supervisor sees it still there after
+    QEMU's exit and has the helper delete it."""
+    _start(net, alice, "na")
+    stolen = -1
+    try:
+        (pid,) = alice.qemu_pids()
+        tap = helper.tap_name(str(net_vmdir(vms)), "na", 0)
+        fds = [int(n) for n in os.listdir(f"/proc/{pid}/fd")
+               if f"iff:\t{tap}" in Path(f"/proc/{pid}/fdinfo/{n}").read_text()]
+        assert len(fds) == 1, fds
+        stolen = _steal_fd(pid, fds[0])
+        r = net.kvmshell(alice, "kill na")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: not alice.qemu_pids(), 30, "QEMU to exit")
+        wait_for(lambda: not net.taps(), 20, "the leaked tap to be deleted")
+        assert net.bridge_ports(BRIDGE) == []
+    finally:
+        if stolen >= 0:
+            os.close(stolen)
+        kill_all(alice)

@@ -347,11 +347,10 @@ def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str) -> l
             if name == "-hda" and geometry is not None:
                 tmpl = "if=none,id=hda," + _DRIVE
             spec = tmpl.format(format=of.fmt, fdset=fdset)
-            # Under -snapshot kvmshell opens disks read-only and QEMU writes
-            # to a temporary overlay in the VM directory (TMPDIR): the device
-            # must stay writable, or IDE refuses it ("Block node is read-only").
-            if of.readonly and not req.has("-snapshot") and "readonly=on" not in spec:
-                spec += ",readonly=on"
+            # No readonly=on for disks: under -snapshot kvmshell opens them
+            # read-only and QEMU writes to a temporary overlay in the VM
+            # directory (TMPDIR), so the device stays writable (IDE refuses a
+            # read-only node); otherwise they are opened read-write.
             argv += [opt.qemu[0], spec]
         elif opt.kind in (BLOB, STATE):
             argv += [opt.qemu[0], opt.qemu[1].format(fd=opened[name].fd)]

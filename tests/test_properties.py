@@ -57,8 +57,6 @@ def _allowed() -> tuple[dict[str, int], list[re.Pattern[str]]]:
                 arity[word] = 1 if has_value else 0
             elif "{cmdline}" not in word:
                 values.append(_pattern(word))
-                if "media=" in word or "if=floppy" in word:
-                    values.append(_pattern(word) + re.escape(",readonly=on"))
     values.append(r"acpi=off")  # -no-acpi, merged into one -machine
     return arity, [re.compile(v) for v in values]
 

@@ -42,10 +42,13 @@ install: deps
 	install -m 755 bin/kvmshell-vncviewer $(BIN)/kvmshell-vncviewer
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
 	$(PYTHON) -I -m kvmshell.install kvmshell/helper.py $(LIBEXEC) >/dev/null
-	visudo -cf sudoers.d/kvmshell
-	install -m 440 sudoers.d/kvmshell /etc/sudoers.d/kvmshell
+	mkdir -p build
+	sed 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' sudoers.d/kvmshell > build/sudoers.kvmshell
+	visudo -cf build/sudoers.kvmshell
+	install -m 440 build/sudoers.kvmshell /etc/sudoers.d/kvmshell
 	rm -f $(BIN)/kvmadm
-	test -e $(CONF)/kvmshell.conf || { sed 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' \
+	test -e $(CONF)/kvmshell.conf || { sed -e 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' \
+	  -e 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' \
 	  kvmshell.conf > $(CONF)/kvmshell.conf && chmod 644 $(CONF)/kvmshell.conf; }
 	grep -qx $(BIN)/kvmshell /etc/shells || echo $(BIN)/kvmshell >> /etc/shells
 	getent group kvmusers >/dev/null || groupadd --system kvmusers

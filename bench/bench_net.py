@@ -101,7 +101,8 @@ def median_hand(ns: str, prefix: list[str], runs: int) -> float:
 def main() -> int:
     tag = secrets.token_hex(3)
     user, group, ns = "kvmbench", f"kvbg{tag}", f"kvbns{tag}"
-    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+    made_user = subprocess.run(["id", user], capture_output=True).returncode != 0
+    if made_user:
         subprocess.run(["useradd", "-M", "-N", "-s", "/bin/false", user], check=True)
     pw = pwd.getpwnam(user)
     root = tempfile.mkdtemp(prefix="kvmshell-bench-")
@@ -159,6 +160,8 @@ def main() -> int:
         os.unlink(drop_in) if os.path.exists(drop_in) else None
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
+        if made_user:
+            subprocess.run(["userdel", "-f", user], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -18,7 +18,9 @@ class Tree:
     ``create(vm, *admin)`` makes a VM for the user and returns its directory."""
 
     def __init__(self) -> None:
-        if subprocess.run(["id", USER], capture_output=True).returncode != 0:
+        # A user the run makes is the run's own: close() removes it again.
+        self.made_user = subprocess.run(["id", USER], capture_output=True).returncode != 0
+        if self.made_user:
             subprocess.run(["useradd", "-M", "-N", "-s", KVMSHELL, USER], check=True)
         self.pw = pwd.getpwnam(USER)
         self.as_user = ["setpriv", f"--reuid={self.pw.pw_uid}", f"--regid={self.pw.pw_gid}",
@@ -37,3 +39,5 @@ class Tree:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.made_user:
+            subprocess.run(["userdel", "-f", USER], capture_output=True)

@@ -347,3 +347,15 @@ def test_config_only_from_trusted_text(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSH_ORIGINAL_COMMAND", "status --config /evil2")
     assert cli.parse_invocation(["kvmshell", "-c", "/usr/local/bin/kvmshell --config /adm"]) \
         == ("/adm", ["status", "--config", "/evil2"])
+
+
+def test_shipped_config_matches_the_shipped_files() -> None:
+    """kvmshell.conf loads, and names the helper the sudoers drop-in allows
+    and the login shell the sshd drop-in forces."""
+    from kvmshell import config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = config.load(str(repo / "kvmshell.conf"), require_root=False)
+    assert f"= {cfg.helper}\n" in (repo / "sudoers.d" / "kvmshell").read_text()
+    assert cfg.vmdir == "/var/lib/kvmshell/vms" and cfg.accel[0] == "kvm"
+    assert cfg.shell in (repo / "sshd_config.d" / "kvmshell.conf").read_text()

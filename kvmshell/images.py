@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 RECHECK = 16 << 20
-_TMP_PREFIX = ".upload."
 # Files kvmshell and the supervisor make in the VM directory: never upload
 # targets, never removable by 'rm', not listed as images.
 RESERVED = frozenset({LOCK, CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES})
@@ -67,6 +66,34 @@ def _open_dir(vm: "VM") -> int:
         raise RuntimeFailure(f"cannot open the directory of VM {vm.name!r}: {exc.strerror}") from exc
 
 
+def _refuse_existing(verb: str, name: str, dfd: int) -> None:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    raise RefusedFile(f"{verb}: {name} exists (remove it first with 'rm {name}')")
+
+
+def _create_tmp(verb: str, name: str, dfd: int) -> tuple[str, int]:
+    """A new hidden file beside NAME, for data that becomes NAME only when whole."""
+    tmp = f".{verb}.{name}.{os.getpid()}"
+    # Why O_EXCL|O_NOFOLLOW through dfd: nothing the user placed in the
+    # directory (a symlink, a FIFO) is ever written through.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dfd)
+    return tmp, fd
+
+
+def _publish(verb: str, name: str, dfd: int, tmp: str, fd: int) -> None:
+    """fsync the data, then give it its name; refused if NAME appeared meanwhile."""
+    os.fsync(fd)
+    try:
+        # link, not rename: it fails if NAME exists.
+        os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    except FileExistsError as exc:
+        raise RefusedFile(f"{verb}: {name} exists (remove it first with 'rm {name}')") from exc
+
+
 def _usage_bytes(cfg: "Config", uid: int) -> int:
     """Disk space of the user's VM directories, counted as limits.py counts it."""
     from kvmshell import limits, vmtree
@@ -95,17 +122,8 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
         raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
     dfd = _open_dir(vm)
     try:
-        try:
-            os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except FileNotFoundError:
-            pass
-        else:
-            raise RefusedFile(f"upload: {name} exists (remove it first with 'rm {name}')")
-        tmp = f"{_TMP_PREFIX}{name}.{os.getpid()}"
-        # Why O_EXCL|O_NOFOLLOW through dfd: nothing the user placed in the
-        # directory (a symlink, a FIFO) is ever written through.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=dfd)
+        _refuse_existing("upload", name, dfd)
+        tmp, fd = _create_tmp("upload", name, dfd)
         done = False
         try:
             size = 0
@@ -128,12 +146,7 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 # Why: EOF on stdin is also what a dropped connection looks like.
                 raise UsageError(f"upload: {name}: got {size} bytes, expected {expect} "
                                  "(connection lost?); nothing stored")
-            os.fsync(fd)
-            try:
-                # link, not rename: it fails if NAME appeared meanwhile.
-                os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
-            except FileExistsError as exc:
-                raise RefusedFile(f"upload: {name} exists (remove it first with 'rm {name}')") from exc
+            _publish("upload", name, dfd, tmp, fd)
             done = True
         except OSError as exc:
             raise RuntimeFailure(f"upload: {name}: {exc.strerror}") from exc
@@ -144,6 +157,45 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 os.fsync(dfd)
     finally:
         os.close(dfd)
+    return vm, name, size
+
+
+def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
+    """Write a running VM's state to NAME in its directory and stop it
+    (``start VM -loadvm NAME`` restores it).  Nothing is lost on failure:
+    the VM runs on and no NAME appears."""
+    from kvmshell import launcher, monitor, vmtree
+    from kvmshell.errors import RuntimeFailure as Failure
+    vm_name, name = _split("save", args)
+    check_name("save", name)
+    vm = vmtree.pick(cfg, uid, vm_name)
+    pid = monitor.qemu_pid(vm)
+    if pid is None:
+        raise Failure(f"VM {vm.name!r} is not running")
+    if cfg.max_image_bytes:
+        # The state is about the guest's RAM at most, plus page headers and
+        # device state (QEMU's file-size rlimit also stops it at max_image_bytes).
+        megs = launcher.admin_plan(vm).megs
+        need = (megs + megs // 64 + 16) << 20
+        room = max(0, cfg.max_image_bytes - _usage_bytes(cfg, uid))
+        if need > room:
+            raise UsageError(f"save: no room for the state of a {need >> 20} MiB guest "
+                             f"({room} bytes left of max_image_bytes)")
+    dfd = _open_dir(vm)
+    try:
+        _refuse_existing("save", name, dfd)
+        tmp, fd = _create_tmp("save", name, dfd)
+        try:
+            # Why a descriptor: QEMU writes the state into a file kvmshell
+            # created, and never names or opens a path itself.
+            monitor.save(vm, fd, lambda: _publish("save", name, dfd, tmp, fd))
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    monitor.wait_gone(vm, pid, 30)
     return vm, name, size
 
 

@@ -227,7 +227,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, 
     try:
         from kvmshell import conmux
         console = conmux.listen()   # before 'ok': 'start; console' must find it
-        _wait_qmp(vm, proc, deadline)
+        _wait_qmp(vm, proc, deadline, incoming="-incoming" in argv)
         try:
             os.write(ready_fd, f"ok {proc.pid}".encode())
         except OSError:
@@ -254,8 +254,12 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, 
         _teardown(cfg, vm, taps)
 
 
-def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
-    """QMP answering query-status means machine init finished."""
+def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float,
+              incoming: bool = False) -> None:
+    """QMP answering query-status means machine init finished.  With
+    -loadvm (*incoming*), also wait until the saved state has been read, so
+    that a state QEMU cannot load fails the start with QEMU's reason, and
+    resume the guest: 'save' paused it, and the state carries that."""
     import time
 
     from kvmshell.errors import MonitorError
@@ -265,12 +269,23 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float) -> None:
         if proc.poll() is not None:
             raise RuntimeFailure(_qemu_error(QEMU_LOG))
         if time.monotonic() > deadline:
-            raise RuntimeFailure("QEMU did not answer on its monitor")
+            raise RuntimeFailure("QEMU did not answer on its monitor"
+                                 " (or did not finish loading the saved state)")
         try:
-            qmp_command(vm, "query-status", timeout=2)
-            return
+            status = qmp_command(vm, "query-status", timeout=2)
         except MonitorError:
             time.sleep(0.05)
+            continue
+        state = status.get("status") if isinstance(status, dict) else None
+        if state == "inmigrate":
+            time.sleep(0.05)
+            continue
+        if incoming and state == "paused":
+            try:
+                qmp_command(vm, "cont", timeout=10)
+            except MonitorError as exc:
+                raise RuntimeFailure(f"the saved state loaded but the VM did not resume: {exc}") from exc
+        return
 
 
 def _teardown(cfg: Config, vm: VM, taps: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MARKER, Host, User, console_log, kill_all, wait_for
+from conftest import KVMSHELL, MARKER, Host, User, console_log, kill_all, wait_for
 from kvmshell import lexer, options, vmid
 from kvmshell.errors import RefusedOption, TreeError, UsageError
 
@@ -266,6 +266,64 @@ def test_disks_start_for_real(host: Host, alice: User, core_vm: Path,
     finally:
         kill_all(alice)
         for leaf in ("d.qcow2", "e.img", "f.img", "g.img", "x.iso"):
+            (core_vm / leaf).unlink(missing_ok=True)
+
+
+def _guest(user: User, vm: str, command: str) -> str:
+    """Run *command* in the guest's shell through the console verb (byte-stream mode)."""
+    r = subprocess.run(user.argv(KVMSHELL, "--config", str(user.host.conf)),
+                       env=user.env(SSH_ORIGINAL_COMMAND=f"console {vm} --no-replay --linger 2"),
+                       input=f"\n{command}; echo DONE-$((40+2))\n", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "DONE-42" in r.stdout, (r.stdout[-1000:], r.stderr)
+    return r.stdout
+
+
+def test_save_and_loadvm_round_trip(host: Host, alice: User, core_vm: Path) -> None:
+    """'save' writes the running guest's state into a file kvmshell made (QEMU
+    gets a descriptor) and stops the VM; 'start -loadvm' resumes that guest,
+    RAM included, instead of booting a new one."""
+    boot = "-kernel vmlinuz -initrd initrd.img -append console=ttyS0"
+    r = alice.ssh_command(f"start core {boot}")
+    assert r.returncode == 0, r.stderr
+    try:
+        wait_for(lambda: MARKER in console_log(core_vm), 120, "the guest's marker")
+        _guest(alice, "core", "echo kept-$((6*7)) > /saved")
+        for bad, token in (("save core qemu.log", "a name kvmshell uses itself"),
+                           ("save core ../x", "'../x'"), ("save", "missing file name"),
+                           ("save core vmlinuz", "vmlinuz exists")):
+            r = alice.ssh_command(bad)
+            assert r.returncode == 2 and token in r.stderr and r.stderr.count("\n") == 1, (bad, r.stderr)
+        assert alice.status("core")["state"] == "running"
+
+        r = alice.ssh_command("save core state1")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("core: saved to state1 (") and "-loadvm state1" in r.stdout
+        assert alice.qemu_pids() == [] and alice.status("core")["state"] == "stopped"
+        st = (core_vm / "state1").stat()
+        assert st.st_uid == alice.uid and st.st_size > 0
+        assert not [p for p in os.listdir(core_vm) if p.startswith(".save.")]
+        r = alice.ssh_command("save core state2")
+        assert r.returncode == 1 and "not running" in r.stderr
+        assert not (core_vm / "state2").exists()
+
+        r = alice.ssh_command(f"start core -loadvm state1 {boot}")
+        assert r.returncode == 0, r.stderr
+        assert "kept-42" in _guest(alice, "core", "cat /saved")
+        # Resumed, not booted: this start's console output has no kernel banner.
+        assert b"Linux version" not in (core_vm / "console.log").read_bytes()
+        r = alice.ssh_command("kill core")
+        assert r.returncode == 0, r.stderr
+
+        # A state QEMU cannot load fails the start with QEMU's reason.
+        (core_vm / "junk.state").write_bytes(b"not a migration stream" * 100)
+        os.chown(core_vm / "junk.state", alice.uid, alice.gid)
+        r = alice.ssh_command(f"start core -loadvm junk.state {boot}")
+        assert r.returncode == 1 and r.stderr.startswith("kvmshell: ") and r.stderr.count("\n") == 1
+        assert alice.qemu_pids() == []
+    finally:
+        kill_all(alice)
+        for leaf in ("state1", "junk.state"):
             (core_vm / leaf).unlink(missing_ok=True)
 
 

@@ -189,11 +189,12 @@ def test_vm_names(host: Host, alice: User, neg_vm: Path, command: str, token: st
     assert_refused(host, alice, command, token)
 
 
-@pytest.mark.parametrize("verb", ["start", "stop", "kill", "status"])
+@pytest.mark.parametrize("verb", ["start", "stop", "kill", "status", "save", "upload", "rm"])
 def test_another_users_vm(host: Host, alice: User, bob: User, verb: str) -> None:
     if not os.path.lexists(host.vmdir / "bobs"):
         host.create_vm("bobs", bob)
-    assert_refused(host, alice, f"{verb} bobs", "'bobs' is not yours")
+    rest = " x.img" if verb in ("save", "upload", "rm") else ""
+    assert_refused(host, alice, f"{verb} bobs{rest}", "'bobs' is not yours")
 
 
 def _bad_tree(host: Host, alice: User, name: str) -> tuple[Host, Path]:

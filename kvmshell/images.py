@@ -172,6 +172,16 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
     pid = monitor.qemu_pid(vm)
     if pid is None:
         raise Failure(f"VM {vm.name!r} is not running")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            qemu_argv = f.read().split(b"\0")
+    except OSError as exc:
+        raise Failure(f"VM {vm.name!r} is not running") from exc
+    if b"-snapshot" in qemu_argv:
+        # The guest's disk writes live only in QEMU's temporary overlay: a
+        # state restored over the unchanged images would corrupt them.
+        raise UsageError("save: the VM runs with -snapshot; its disk changes would be lost "
+                         "(stop it instead)")
     if cfg.max_image_bytes:
         # The state is about the guest's RAM at most, plus page headers and
         # device state (QEMU's file-size rlimit also stops it at max_image_bytes).

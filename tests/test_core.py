@@ -261,6 +261,10 @@ def test_disks_start_for_real(host: Host, alice: User, core_vm: Path,
             # qemu-io reports on QEMU's stdout, which the launcher keeps in qemu.log.
             wait_for(lambda: b"wrote 65536/65536 bytes" in (core_vm / "qemu.log").read_bytes(),
                      10, "qemu-io's write")
+        if "-snapshot" in extra:
+            r = alice.ssh_command("save core st")
+            assert r.returncode == 2 and "runs with -snapshot" in r.stderr, r.stderr
+            assert not (core_vm / "st").exists() and alice.status("core")["state"] == "running"
         r = alice.ssh_command("kill core")
         assert r.returncode == 0, r.stderr
         assert ((core_vm / image).read_bytes() != before) == base_changes

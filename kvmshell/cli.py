@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
     "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),
     "kill": ("[VM]", "stop a VM at once"),
+    "reset": ("[VM]", "hard-reset a running VM (as the reset button)"),
     "save": ("[VM] NAME", "save a running VM's state to NAME and stop it ('start -loadvm NAME')"),
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
     "images": ("[VM]", "list the images in the VM's directory"),
@@ -168,6 +169,14 @@ def cmd_kill(ctx: Context, args: list[str]) -> int:
     return 0
 
 
+def cmd_reset(ctx: Context, args: list[str]) -> int:
+    from kvmshell import monitor
+    vm, _pid = _running(ctx, "reset", args)
+    monitor.qmp_command(vm, "system_reset")
+    _out(f"{vm.name}: reset")
+    return 0
+
+
 def cmd_save(ctx: Context, args: list[str]) -> int:
     from kvmshell import images
     vm, name, size = images.save(ctx.cfg, ctx.uid, args)
@@ -208,7 +217,8 @@ def cmd_vnc(ctx: Context, args: list[str]) -> int:
 
 HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
-    "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "save": cmd_save,
+    "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "reset": cmd_reset,
+    "save": cmd_save,
     "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm,
     "console": cmd_console, "vnc": cmd_vnc,
 }

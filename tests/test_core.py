@@ -286,7 +286,7 @@ def _guest(user: User, vm: str, command: str) -> str:
     return r.stdout
 
 
-def test_save_and_loadvm_round_trip(host: Host, alice: User, core_vm: Path) -> None:
+def test_save_loadvm_reset(host: Host, alice: User, core_vm: Path) -> None:
     """'save' writes the running guest's state into a file kvmshell made (QEMU
     gets a descriptor) and stops the VM; 'start -loadvm' resumes that guest,
     RAM included, instead of booting a new one."""
@@ -310,8 +310,9 @@ def test_save_and_loadvm_round_trip(host: Host, alice: User, core_vm: Path) -> N
         st = (core_vm / "state1").stat()
         assert st.st_uid == alice.uid and st.st_size > 0
         assert not [p for p in os.listdir(core_vm) if p.startswith(".save.")]
-        r = alice.ssh_command("save core state2")
-        assert r.returncode == 1 and "not running" in r.stderr
+        for verb in ("save core state2", "reset core"):
+            r = alice.ssh_command(verb)
+            assert r.returncode == 1 and "not running" in r.stderr, r.stderr
         assert not (core_vm / "state2").exists()
 
         r = alice.ssh_command(f"start core -loadvm state1 {boot}")
@@ -319,6 +320,13 @@ def test_save_and_loadvm_round_trip(host: Host, alice: User, core_vm: Path) -> N
         assert "kept-42" in _guest(alice, "core", "cat /saved")
         # Resumed, not booted: this start's console output has no kernel banner.
         assert b"Linux version" not in (core_vm / "console.log").read_bytes()
+        # 'reset' is the reset button: the same QEMU, a new boot.
+        pid = alice.qemu_pids()
+        r = alice.ssh_command("reset core")
+        assert r.returncode == 0 and r.stdout == "core: reset\n", r.stderr
+        wait_for(lambda: b"Linux version" in (core_vm / "console.log").read_bytes(), 60,
+                 "the guest to boot again")
+        assert alice.qemu_pids() == pid
         r = alice.ssh_command("kill core")
         assert r.returncode == 0, r.stderr
 

@@ -79,8 +79,11 @@ def _create_tmp(verb: str, name: str, dfd: int) -> tuple[str, int]:
     tmp = f".{verb}.{name}.{os.getpid()}"
     # Why O_EXCL|O_NOFOLLOW through dfd: nothing the user placed in the
     # directory (a symlink, a FIFO) is ever written through.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=dfd)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+    except OSError as exc:
+        raise RuntimeFailure(f"{verb}: {name}: {exc.strerror}") from exc
     return tmp, fd
 
 

@@ -60,6 +60,9 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR = 16, 17, 18, 20
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 10, 18, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+AF_BRIDGE, RTM_SETLINK, RTM_NEWNEIGH = 7, 19, 28
+IFLA_PROTINFO, NLA_F_NESTED, IFLA_BRPORT_LEARNING, IFLA_BRPORT_LOCKED = 12, 0x8000, 8, 39
+NDA_LLADDR, NUD_NOARP, NTF_MASTER = 2, 0x40, 0x04
 IFF_UP = 0x1
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
@@ -172,18 +175,50 @@ def resolve(vmdir: str, name: str, uid: int) -> list[str]:
     return _decode_words(name, dirname)
 
 
-class Tap:
-    def __init__(self, ifname: str, bridge: str | None, addr: str | None) -> None:
-        self.ifname, self.bridge, self.addr = ifname, bridge, addr
-
-
-def tap_name(vmdir: str, name: str, index: int) -> str:
-    """Deterministic, per tree, VM and NIC; 14 bytes (IFNAMSIZ-1 is 15)."""
+def _sha256(data: bytes) -> bytes:
     try:
         from _sha256 import sha256  # type: ignore[import-not-found]  # builtin; hashlib loads OpenSSL
     except ImportError:
         from hashlib import sha256
-    h = sha256(f"{vmdir}\0{name}".encode()).hexdigest()[:10]
+    return bytes(sha256(data).digest())
+
+
+class Tap:
+    def __init__(self, ifname: str, bridge: str | None, addr: str | None,
+                 mac: bytes = b"") -> None:
+        self.ifname, self.bridge, self.addr, self.mac = ifname, bridge, addr, mac
+
+
+def guest_mac(name: str, index: int) -> bytes:
+    """The MAC kvmshell gives NIC *index* when the admin named none (the same
+    derivation as options.stable_mac: a locally administered unicast MAC)."""
+    return b"\x52\x54" + _sha256(f"kvmshell:{name}:{index}".encode())[:4]
+
+
+def _nic_macs(name: str, words: list[str]) -> list[bytes]:
+    """The MAC of each ``-net nic``, in order (NICs pair with backends in order)."""
+    out: list[bytes] = []
+    for i, word in enumerate(words[:-1]):
+        if word not in ("-net", "--net") or words[i + 1].split(",")[0] != "nic":
+            continue
+        mac = b""
+        for item in words[i + 1].split(",")[1:]:
+            key, _, val = item.partition("=")
+            if key == "macaddr":
+                parts = val.split(":")
+                if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF"
+                                                                  for c in p) for p in parts):
+                    raise Failed(f"VM {name}: bad MAC address {val[:20]!r}")
+                mac = bytes.fromhex("".join(parts))
+                if mac[0] & 1:
+                    raise Failed(f"VM {name}: multicast MAC address {val!r}")
+        out.append(mac or guest_mac(name, len(out)))
+    return out
+
+
+def tap_name(vmdir: str, name: str, index: int) -> str:
+    """Deterministic, per tree, VM and NIC; 14 bytes (IFNAMSIZ-1 is 15)."""
+    h = _sha256(f"{vmdir}\0{name}".encode()).hex()[:10]
     return f"kvs{h}{index:x}"
 
 
@@ -191,9 +226,17 @@ def taps_of(vmdir: str, name: str, words: list[str]) -> list[Tap]:
     """The VM's ``-net tap`` backends, re-validated (the admin's words, but
     this program trusts nothing it did not check itself)."""
     out: list[Tap] = []
+    macs = _nic_macs(name, words)
+    backend = -1
     for i, word in enumerate(words[:-1]):
-        if word not in ("-net", "--net") or not words[i + 1].split(",")[0] == "tap":
+        if word not in ("-net", "--net"):
             continue
+        if words[i + 1].split(",")[0] in ("user", "tap", "socket"):
+            backend += 1
+        if words[i + 1].split(",")[0] != "tap":
+            continue
+        if backend >= len(macs):
+            raise Failed(f"VM {name}: -net tap without a -net nic to pair with")
         params: dict[str, str] = {}
         for item in words[i + 1].split(",")[1:]:
             key, eq, val = item.partition("=")
@@ -215,7 +258,7 @@ def taps_of(vmdir: str, name: str, words: list[str]) -> list[Tap]:
             raise Failed(f"VM {name}: -net tap needs br= or ip=")
         if len(out) >= MAX_TAPS:
             raise Failed(f"VM {name}: more than {MAX_TAPS} taps")
-        out.append(Tap(tap_name(vmdir, name, len(out)), br, addr))
+        out.append(Tap(tap_name(vmdir, name, len(out)), br, addr, macs[backend]))
     return out
 
 
@@ -296,6 +339,20 @@ class Netlink:
         extra = _rta(IFLA_MASTER, struct.pack("=I", master)) if master is not None else b""
         self.request(RTM_NEWLINK, _ifinfo(index, IFF_UP, IFF_UP) + extra)
 
+    def lock_port(self, index: int, mac: bytes) -> None:
+        """Let bridge port *index* send frames from *mac* only: learning off,
+        the port locked (a source MAC must have a bridge FDB entry on this
+        port), and one static entry for the guest's own MAC."""
+        flags = _rta(IFLA_BRPORT_LEARNING, b"\0") + _rta(IFLA_BRPORT_LOCKED, b"\1")
+        self.request(RTM_SETLINK, struct.pack("=BxHiII", AF_BRIDGE, 0, index, 0, 0)
+                     + _rta(IFLA_PROTINFO | NLA_F_NESTED, flags))
+        # Static (NUD_NOARP), not permanent: a permanent entry is a "local"
+        # one, which a locked port refuses as a source.  EXCL: a MAC already
+        # on the bridge elsewhere is a conflict, not ours to move.
+        self.request(RTM_NEWNEIGH, struct.pack("=BBHiHBB", AF_BRIDGE, 0, 0, index, NUD_NOARP,
+                                               NTF_MASTER, 0) + _rta(NDA_LLADDR, mac),
+                     NLM_F_CREATE | NLM_F_EXCL)
+
     def add_addr(self, index: int, addr: str) -> None:
         import ipaddress
 
@@ -358,6 +415,15 @@ def up(nl: Netlink, taps: list[Tap], who: str, out: socket.socket) -> None:
             if tap.addr is not None:
                 nl.add_addr(index, tap.addr)
             nl.set_up(index, master)
+            if master is not None:
+                # Why: the guest must not send as another guest on the bridge.
+                # Set before QEMU holds the tap, so no frame goes out unchecked.
+                try:
+                    nl.lock_port(index, tap.mac)
+                except OSError as exc:
+                    mac = ":".join(f"{b:02x}" for b in tap.mac)
+                    raise Failed(f"{tap.ifname}: cannot lock the bridge port to {mac}: "
+                                 f"{exc.strerror}") from exc
             log(f"{who}: created {tap.ifname}"
                 + (f" on bridge {tap.bridge}" if tap.bridge else f" with address {tap.addr}"))
         # The descriptors are the only handle on the taps: closing ours

@@ -194,6 +194,31 @@ def test_tap_names_deterministic_unique_short() -> None:
     assert helper.tap_name("/v", "a", 0) == helper.tap_name("/v", "a", 0) != helper.tap_name("/w", "a", 0)
 
 
+@pytest.mark.parametrize("words", [
+    ["-net", "nic", "-net", "tap,br=br0"],
+    ["-net", "tap,br=br0", "-net", "nic,macaddr=52:54:00:aa:bb:cc"],
+    ["-net", "nic,macaddr=02:00:00:00:00:01", "-net", "user", "-net", "nic",
+     "-net", "tap,br=br0"],
+    ["-net", "nic,model=virtio", "-net", "nic,macaddr=0A:0B:0C:0D:0E:0F,model=e1000",
+     "-net", "tap,ip=10.9.0.1/24", "-net", "tap,br=br1"],
+    ["-net", "user", "-net", "socket,listen=127.0.0.1:1234", "-net", "tap,br=br0",
+     "-net", "nic", "-net", "nic", "-net", "nic,macaddr=52:54:00:00:00:09"],
+], ids=["one", "nic-after", "third-backend", "second-tap", "after-others"])
+def test_helper_locks_the_mac_qemu_gives_the_nic(words: list[str]) -> None:
+    """The helper re-derives, from the admin's words alone, the MAC that
+    options.admin_argv gives the NIC paired with each tap: the MAC it locks
+    the bridge port to is the guest's own."""
+    argv = options.admin_argv(options.parse_admin(words), "vm", [90, 91])
+    by_fd = {}
+    for i, word in enumerate(argv):
+        m = re.search(r"tap,id=(net\d+),fd=(\d+)", word)
+        if m:
+            dev = next(a for a in argv if f"netdev={m.group(1)}," in a)
+            by_fd[int(m.group(2))] = re.search(r"mac=([0-9a-f:]+)", dev).group(1)  # type: ignore[union-attr]
+    taps = helper.taps_of("/v", "vm", words)
+    assert [":".join(f"{b:02x}" for b in t.mac) for t in taps] == [by_fd[fd] for fd in sorted(by_fd)]
+
+
 def test_admin_refuses_bad_network(host: Host, alice: User) -> None:
     for bad in ("tap,br=no/slash", "nic,macaddr=zz:00:00:00:00:00", "tap,ip=300.1.1.1/24"):
         r = host.kvmadm("create", "badnet", "--owner", alice.name, "--", "-net", "nic",
@@ -525,6 +550,49 @@ def test_ping_both_ways_and_power_off(net: Net, vms: dict[str, Path], alice: Use
         assert r.returncode == 0, r.stderr
         _wait_stopped(net, alice)
         assert not any(GUEST_IP in a for a in net.addrs())
+    finally:
+        kill_all(alice)
+
+
+def _bridge_json(net: Net, *args: str) -> list[dict[str, object]]:
+    import json
+    r = subprocess.run(["ip", "netns", "exec", net.ns, "bridge", "-j", "-d", *args],
+                       capture_output=True, text=True, check=True)
+    return list(json.loads(r.stdout or "[]"))
+
+
+@pytest.mark.security
+def test_guest_cannot_send_as_another_mac(net: Net, vms: dict[str, Path], alice: User) -> None:
+    """The helper locks each bridged tap to its guest's MAC (learning off,
+    locked port, one static FDB entry): the guest reaches the host with its
+    own MAC, and nothing it sends with another MAC crosses the bridge."""
+    _start(net, alice, "na")
+    try:
+        tap = helper.tap_name(str(net_vmdir(vms)), "na", 0)
+        mac = options.stable_mac("na", 0)
+        (port,) = [p for p in _bridge_json(net, "link", "show", "dev", tap)]
+        assert port.get("locked") is True and port.get("learning") is False, port
+        # Beside the tap's own host-side address (a "permanent", local entry):
+        # exactly one static entry, the guest's MAC.
+        fdb = [e for e in _bridge_json(net, "fdb", "show", "dev", tap)
+               if e.get("master") == BRIDGE and e.get("state") != "permanent"]
+        assert [(e["mac"], e.get("state")) for e in fdb] == [(mac, "static")], fdb
+        wait_for(lambda: MARKER in console_log(vms["na"]), 120, "the guest to boot")
+        out = guest_run(net, alice, "na", f"ping -c 2 -W 3 {HOST_IP}")
+        assert "TEST-DONE-0" in out, out
+        # One ping a line, so that the console never falls quiet for long.
+        pings = (f"n=0; for i in 1 2 3; do ping -c 1 -W 1 {HOST_IP} >/dev/null && n=$((n+1)); "
+                 "echo try-$i; done; echo replies-$n")
+        spoof = "52:54:00:de:ad:01"
+        out = guest_run(net, alice, "na", f"ip link set eth0 address {spoof}; {pings}")
+        assert "replies-0" in out, out
+        # Nothing was learned for the spoofed address, anywhere on the bridge.
+        assert spoof not in {e.get("mac") for e in _bridge_json(net, "fdb", "show")}
+        out = guest_run(net, alice, "na", f"ip link set eth0 address {mac}; {pings}")
+        assert re.search(r"replies-[123]", out), out
+        r = net.kvmshell(alice, "kill na")
+        assert r.returncode == 0, r.stderr
+        _wait_stopped(net, alice)
     finally:
         kill_all(alice)
 

@@ -10,7 +10,8 @@ or root itself can have set it.
 
 ``up``   removes leftovers of an earlier run, creates one tap per ``-net tap``
          of the VM (names derived here, never given), attaches it to its
-         bridge or gives it its host-side address, brings it up, and sends
+         bridge (locked to the guest's MAC: no learning, one static FDB
+         entry) or gives it its host-side address, brings it up, and sends
          the open tap descriptors back over stdout (a unix socket: sudo
          closes every other descriptor) with SCM_RIGHTS.  The taps are not
          persistent, so the kernel deletes them, with their addresses, when

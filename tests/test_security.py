@@ -501,6 +501,10 @@ def test_image_bytes_limit(host: Host, alice: User) -> None:
         limits = Path(f"/proc/{pid}/limits").read_text()
         # No single file QEMU writes may grow past the user's whole budget.
         assert re.search(r"Max file size\s+1048576\s+1048576", limits), limits
+        # 'save' counts the state (about the guest's RAM) before QEMU writes any.
+        r = u.ssh_command("save b st")
+        assert r.returncode == 2 and "no room for the state of a 48 MiB guest" in r.stderr, r.stderr
+        assert u.qemu_pids() == [pid] and not [p for p in os.listdir(path) if "st" in p.split(".")]
     finally:
         kill_and_wait(u, path)
 

@@ -191,8 +191,8 @@ class Tap:
 
 
 def guest_mac(name: str, index: int) -> bytes:
-    """The MAC kvmshell gives NIC *index* when the admin named none (the same
-    derivation as options.stable_mac: a locally administered unicast MAC)."""
+    """The MAC kvmshell gives NIC *index* when the admin named none: locally
+    administered, unicast (options.stable_mac, which QEMU's argv uses, calls this)."""
     return b"\x52\x54" + _sha256(f"kvmshell:{name}:{index}".encode())[:4]
 
 
@@ -230,11 +230,11 @@ def taps_of(vmdir: str, name: str, words: list[str]) -> list[Tap]:
     macs = _nic_macs(name, words)
     backend = -1
     for i, word in enumerate(words[:-1]):
-        if word not in ("-net", "--net"):
+        kind = words[i + 1].split(",")[0]
+        if word not in ("-net", "--net") or kind not in ("user", "tap", "socket"):
             continue
-        if words[i + 1].split(",")[0] in ("user", "tap", "socket"):
-            backend += 1
-        if words[i + 1].split(",")[0] != "tap":
+        backend += 1
+        if kind != "tap":
             continue
         if backend >= len(macs):
             raise Failed(f"VM {name}: -net tap without a -net nic to pair with")

@@ -168,18 +168,17 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
     (``start VM -loadvm NAME`` restores it).  Nothing is lost on failure:
     the VM runs on and no NAME appears."""
     from kvmshell import launcher, monitor, vmtree
-    from kvmshell.errors import RuntimeFailure as Failure
     vm_name, name = _split("save", args)
     check_name("save", name)
     vm = vmtree.pick(cfg, uid, vm_name)
     pid = monitor.qemu_pid(vm)
     if pid is None:
-        raise Failure(f"VM {vm.name!r} is not running")
+        raise RuntimeFailure(f"VM {vm.name!r} is not running")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             qemu_argv = f.read().split(b"\0")
     except OSError as exc:
-        raise Failure(f"VM {vm.name!r} is not running") from exc
+        raise RuntimeFailure(f"VM {vm.name!r} is not running") from exc
     if b"-snapshot" in qemu_argv:
         # The guest's disk writes live only in QEMU's temporary overlay: a
         # state restored over the unchanged images would corrupt them.

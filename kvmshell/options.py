@@ -592,11 +592,12 @@ def parse_admin(words: list[str]) -> AdminPlan:
 
 
 def stable_mac(name: str, index: int) -> str:
-    """A locally administered unicast MAC, stable per VM name and NIC index."""
-    import hashlib
+    """A locally administered unicast MAC, stable per VM name and NIC index:
+    the network helper's derivation, so the MAC QEMU gives the NIC is the
+    one the helper locks its bridge port to."""
+    from kvmshell.helper import guest_mac
 
-    h = hashlib.sha256(f"kvmshell:{name}:{index}".encode()).digest()
-    return "52:54:" + ":".join(f"{b:02x}" for b in h[:4])
+    return ":".join(f"{b:02x}" for b in guest_mac(name, index))
 
 
 def admin_argv(plan: AdminPlan, vm_name: str, tap_fds: list[int]) -> list[str]:

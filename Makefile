@@ -12,7 +12,7 @@ APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 open
 APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
                xz-utils zstd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp
-PIP_TEST    := pytest hypothesis mypy vncdotool atheris
+PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes
 # vncdotool's twisted needs service_identity, and a pyOpenSSL that matches
 # pip's cryptography (Debian's python3-openssl, if present, does not).
 PIP_TEST_UPGRADE := pyopenssl service_identity
@@ -36,12 +36,15 @@ test-deps: deps
 	$(PIP) --upgrade $(PIP_TEST_UPGRADE)
 
 install: deps
+	# setuptools reuses build/lib: a module moved or removed since the last
+	# build would otherwise be installed again.
+	rm -rf build/lib build/bdist.*
 	$(PIP) --no-deps --no-build-isolation --upgrade .
 	install -d -m 755 $(BIN) $(SBIN) $(LIBEXEC) $(CONF)
 	install -m 755 bin/kvmshell $(BIN)/kvmshell
 	install -m 755 bin/kvmshell-vncviewer $(BIN)/kvmshell-vncviewer
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
-	$(PYTHON) -I -m kvmshell.install kvmshell/helper.py $(LIBEXEC) >/dev/null
+	$(PYTHON) -I -m kvmshell.admin.install $(LIBEXEC) >/dev/null
 	mkdir -p build
 	sed 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' sudoers.d/kvmshell > build/sudoers.kvmshell
 	visudo -cf build/sudoers.kvmshell

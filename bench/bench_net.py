@@ -29,7 +29,7 @@ RUNS = int(os.environ.get("BENCH_RUNS", "40"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # This checkout's kvmadm and helper, whatever is installed.
 KVMADM = ["/usr/bin/python3", "-I", "-c", f"import sys; sys.path.insert(0, {REPO!r}); "
-          "sys.argv[0] = 'kvmadm'; from kvmshell.admin import main; sys.exit(main())"]
+          "sys.argv[0] = 'kvmadm'; from kvmshell.admin.kvmadm import main; sys.exit(main())"]
 BRIDGE = "kvbbr0"
 
 WORKER = r"""
@@ -61,7 +61,9 @@ LIFECYCLE = r"""
 import os, statistics, sys, time
 repo, conf, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, repo)
-from kvmshell import config, netclient, vmtree
+from kvmshell.common import config
+from kvmshell.shell import netclient
+from kvmshell.common import vmtree
 cfg = config.load(conf)
 vm = vmtree.resolve(cfg, "b", os.getuid())
 xs, downs = [], 0
@@ -80,8 +82,8 @@ print(statistics.median(xs), downs)
 def install_helper(root: str, conf: str) -> str:
     """This checkout's helper, laid out as `make install` does, config path rewritten."""
     sys.path.insert(0, REPO)
-    from kvmshell.install import install_nethelper
-    return install_nethelper(os.path.join(REPO, "kvmshell", "helper.py"), root, conf)
+    from kvmshell.admin.install import install_nethelper
+    return install_nethelper(root, conf, REPO)
 
 
 def median_hand(ns: str, prefix: list[str], runs: int) -> float:

@@ -71,8 +71,8 @@ def install_checkout(root: Path) -> tuple[str, str]:
 def install_nethelper(root: Path, config: Path) -> str:
     """This checkout's network helper, laid out as `make install` does, its
     fixed config path rewritten to *config* (the helper takes no config option)."""
-    from kvmshell.install import install_nethelper as install
-    return install(str(REPO / "kvmshell" / "helper.py"), str(root / "libexec"), str(config))
+    from kvmshell.admin.install import install_nethelper as install
+    return install(str(root / "libexec"), str(config), str(_ROOT / "lib"))
 
 
 _ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))

@@ -9,79 +9,83 @@ from pathlib import Path
 import pytest
 
 from conftest import KVMSHELL, MARKER, Host, User, console_log, kill_all, wait_for
-from kvmshell import lexer, options, vmid
-from kvmshell.errors import RefusedOption, TreeError, UsageError
+from kvmshell.shell import lexer
+from kvmshell.common import adminopts
+from kvmshell.common import optable
+from kvmshell.shell import useropts
+from kvmshell.common import vmid
+from kvmshell.common.errors import RefusedOption, TreeError, UsageError
 
 pytestmark = pytest.mark.core
 
 
 # ---- the table, read by the tests ------------------------------------------
 
-def _sample(opt: options.Option) -> list[str]:
+def _sample(opt: optable.Option) -> list[str]:
     return [opt.name] + ([opt.example or "x"] if opt.arity else [])
 
 
 def test_table_holds_every_seed_option_once() -> None:
-    names = [o.name for o in options.TABLE]
+    names = [o.name for o in optable.TABLE]
     assert len(names) == len(set(names))
     seed_user = {"-fda", "-fdb", "-hda", "-hdb", "-cdrom", "-boot", "-snapshot", "-localtime",
                  "-kernel", "-append", "-initrd", "-hdachs", "-no-acpi", "-no-reboot",
                  "-loadvm", "-vnc", "-option-rom"}
-    assert {o.name for o in options.TABLE if o.cls == options.USER} == seed_user
-    assert {o.cls for o in options.TABLE} == {options.USER, options.ADMIN, options.UNUSED}
+    assert {o.name for o in optable.TABLE if o.cls == optable.USER} == seed_user
+    assert {o.cls for o in optable.TABLE} == {optable.USER, optable.ADMIN, optable.UNUSED}
 
 
-@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls == options.USER],
+@pytest.mark.parametrize("opt", [o for o in optable.TABLE if o.cls == optable.USER],
                          ids=lambda o: o.name)
-def test_user_option_accepted(opt: options.Option) -> None:
+def test_user_option_accepted(opt: optable.Option) -> None:
     words = _sample(opt)
     if opt.name == "-hdachs":
         words += ["-hda", "disk.img"]
     if opt.name in ("-append", "-initrd"):
         words += ["-kernel", "vmlinuz"]
-    req = options.parse_user(words)
+    req = useropts.parse_user(words)
     assert req.has(opt.name)
 
 
-@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls != options.USER],
+@pytest.mark.parametrize("opt", [o for o in optable.TABLE if o.cls != optable.USER],
                          ids=lambda o: o.name)
-def test_non_user_option_refused_naming_it(opt: options.Option) -> None:
+def test_non_user_option_refused_naming_it(opt: optable.Option) -> None:
     with pytest.raises(RefusedOption) as exc:
-        options.parse_user(_sample(opt))
+        useropts.parse_user(_sample(opt))
     assert exc.value.message.startswith(opt.name + ":")
-    assert ("administrator" if opt.cls == options.ADMIN else "not used") in exc.value.message
+    assert ("administrator" if opt.cls == optable.ADMIN else "not used") in exc.value.message
 
 
-@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls == options.ADMIN],
+@pytest.mark.parametrize("opt", [o for o in optable.TABLE if o.cls == optable.ADMIN],
                          ids=lambda o: o.name)
-def test_admin_option(opt: options.Option) -> None:
+def test_admin_option(opt: optable.Option) -> None:
     words = _sample(opt)
-    if opt.kind in (options.DIR, options.REDIR):
+    if opt.kind in (optable.DIR, optable.REDIR):
         words = ["-net", "nic", "-net", "user"] + words
-    if opt.kind == options.NET:
+    if opt.kind == optable.NET:
         words += ["-net", "user"]   # a nic pairs with a backend
     if opt.gone:
         with pytest.raises(RefusedOption, match=opt.name):
-            options.parse_admin(words)
+            adminopts.parse_admin(words)
     else:
-        plan = options.parse_admin(words)
-        argv = options.admin_argv(plan, "vm", [])
+        plan = adminopts.parse_admin(words)
+        argv = adminopts.admin_argv(plan, "vm", [])
         assert argv[:2] == ["-m", str(plan.megs)]
 
 
-@pytest.mark.parametrize("opt", [o for o in options.TABLE if o.cls == options.UNUSED],
+@pytest.mark.parametrize("opt", [o for o in optable.TABLE if o.cls == optable.UNUSED],
                          ids=lambda o: o.name)
-def test_unused_option_refused_by_admin_too(opt: options.Option) -> None:
+def test_unused_option_refused_by_admin_too(opt: optable.Option) -> None:
     with pytest.raises(RefusedOption, match="not used"):
-        options.parse_admin(_sample(opt))
+        adminopts.parse_admin(_sample(opt))
 
 
 def test_mappings_to_qemu_7_2() -> None:
-    req = options.parse_user(["-localtime", "-no-acpi", "-boot", "dc", "-hda", "d.qcow2",
+    req = useropts.parse_user(["-localtime", "-no-acpi", "-boot", "dc", "-hda", "d.qcow2",
                               "-hdachs", "100,16,63,lba", "-cdrom", "x.iso"])
-    opened = {"-hda": options.Opened(10, "qcow2", False, 11),
-              "-cdrom": options.Opened(12, "raw", True)}
-    argv = options.user_argv(req, opened, "vnc.sock")
+    opened = {"-hda": useropts.Opened(10, "qcow2", False, 11),
+              "-cdrom": useropts.Opened(12, "raw", True)}
+    argv = useropts.user_argv(req, opened, "vnc.sock")
     assert argv[argv.index("-rtc") + 1] == "base=localtime"
     assert argv[-2:] == ["-machine", "acpi=off"]
     assert "order=dc" in argv
@@ -89,13 +93,13 @@ def test_mappings_to_qemu_7_2() -> None:
     assert "ide-hd,drive=hda,bus=ide.0,unit=0,cyls=100,heads=16,secs=63,bios-chs-trans=lba" in argv
     assert "if=ide,index=2,media=cdrom,readonly=on,format=raw,file=/dev/fdset/2" in argv
     assert argv.count("-add-fd") == 3
-    plan = options.parse_admin(["-m", "512", "-net", "nic,model=virtio", "-net", "user",
+    plan = adminopts.parse_admin(["-m", "512", "-net", "nic,model=virtio", "-net", "user",
                                 "-redir", "tcp:2222::22", "-usbdevice", "tablet"])
-    a = options.admin_argv(plan, "web", [])
+    a = adminopts.admin_argv(plan, "web", [])
     assert "user,id=net0,restrict=off,hostfwd=tcp:127.0.0.1:2222-:22" in a
     nic = a[a.index("-device", a.index("-netdev")) + 1]
     assert nic.startswith("virtio-net-pci,netdev=net0,mac=52:54:")
-    assert nic == options.admin_argv(plan, "web", [])[a.index("-device", a.index("-netdev")) + 1]
+    assert nic == adminopts.admin_argv(plan, "web", [])[a.index("-device", a.index("-netdev")) + 1]
     mac = int(nic.rsplit("=", 1)[1].split(":")[0], 16)
     assert mac & 2 and not mac & 1          # locally administered, unicast
     assert ["-usb", "-device", "usb-tablet"] == a[2:5]
@@ -117,7 +121,7 @@ def test_mappings_to_qemu_7_2() -> None:
 ])
 def test_admin_refusals(words: list[str], token: str) -> None:
     with pytest.raises(RefusedOption, match=token):
-        options.parse_admin(words)
+        adminopts.parse_admin(words)
 
 
 def test_vmid_round_trip_and_canonical() -> None:
@@ -380,7 +384,7 @@ def test_user_options_start_qemu_in_pairs_and_all_together(alice: User, combo_vm
     (-loadvm needs a saved state: test_save_loadvm_reset.)"""
     import itertools
 
-    assert set(_REAL) == {o.name for o in options.TABLE if o.cls == options.USER} - {"-loadvm"}
+    assert set(_REAL) == {o.name for o in optable.TABLE if o.cls == optable.USER} - {"-loadvm"}
     combos = list(itertools.combinations(_REAL, 2)) + [tuple(_REAL)]
     failed = []
     try:
@@ -500,8 +504,8 @@ def test_refuses_root_and_user_owned_config(host: Host, alice: User, tmp_path: P
 
 
 def test_config_only_from_trusted_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvmshell import cli
-    from kvmshell.config import DEFAULT_PATH
+    from kvmshell.shell import cli
+    from kvmshell.common.config import DEFAULT_PATH
     monkeypatch.delenv("SSH_ORIGINAL_COMMAND", raising=False)
     # -c text without SSH_ORIGINAL_COMMAND may be the user's: no config from it.
     assert cli.parse_invocation(["kvmshell", "-c", "kvmshell --config /evil"]) == (DEFAULT_PATH, None)
@@ -516,7 +520,7 @@ def test_config_only_from_trusted_text(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_shipped_config_matches_the_shipped_files() -> None:
     """kvmshell.conf loads, and names the helper the sudoers drop-in allows
     and the login shell the sshd drop-in forces."""
-    from kvmshell import config
+    from kvmshell.common import config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = config.load(str(repo / "kvmshell.conf"), require_root=False)

@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import KVMSHELL, MARKER, NETHELPER, Host, User, console_log, kill_all, wait_for
-from kvmshell import helper, options
-from kvmshell.errors import RefusedOption
+from kvmshell.common import adminopts, guestnet
+from kvmshell.privileged import nethelper as helper
+from kvmshell.common.errors import RefusedOption
 
 pytestmark = pytest.mark.network
 
@@ -162,15 +163,15 @@ def guest_run(net: "Net", user: User, vm: str, command: str, timeout: float = 60
 # ---- pure parts --------------------------------------------------------------
 
 def test_tap_options_validated() -> None:
-    plan = options.parse_admin(["-net", "nic", "-net", "tap,br=br0"])
-    assert options.admin_argv(plan, "v", [7])[3] == "tap,id=net0,fd=7"
+    plan = adminopts.parse_admin(["-net", "nic", "-net", "tap,br=br0"])
+    assert adminopts.admin_argv(plan, "v", [7])[3] == "tap,id=net0,fd=7"
     for bad in ("tap", "tap,br=br0,ip=10.0.0.1/24", "tap,br=" + "x" * 16, "tap,br=a/b",
                 "tap,ip=10.0.0.1", "tap,ip=224.0.0.1/4", "tap,ifname=x", "tap,br=br0,br=br1",
                 "tap,script=/bin/sh"):
         with pytest.raises(RefusedOption, match="-net"):
-            options.parse_admin(["-net", "nic", "-net", bad])
+            adminopts.parse_admin(["-net", "nic", "-net", bad])
     with pytest.raises(RefusedOption, match="MAC"):
-        options.parse_admin(["-net", "nic,macaddr=01:00:00:00:00:01", "-net", "user"])
+        adminopts.parse_admin(["-net", "nic,macaddr=01:00:00:00:00:01", "-net", "user"])
 
 
 @pytest.mark.security
@@ -180,18 +181,18 @@ def test_tap_names_deterministic_unique_short() -> None:
     truncation to 15 bytes would merge), all names are distinct, at most 15
     bytes, and of a charset safe anywhere an interface name goes."""
     import string
-    names = {helper.tap_name("/v", f"vm{i}", j) for i in range(200) for j in range(helper.MAX_TAPS)}
-    assert len(names) == 200 * helper.MAX_TAPS
+    names = {guestnet.tap_name("/v", f"vm{i}", j) for i in range(200) for j in range(guestnet.MAX_TAPS)}
+    assert len(names) == 200 * guestnet.MAX_TAPS
     vm_names = [f"{'x' * 31}{c}" for c in helper._NAME_REST] \
         + [f"collide-under-truncation-{i:07d}" for i in range(2000)]
     assert all(len(n) <= helper.NAME_MAX for n in vm_names)
-    many = {helper.tap_name(d, n, j) for d in ("/v", "/var/lib/kvmshell/vms")
-            for n in vm_names for j in (0, helper.MAX_TAPS - 1)}
+    many = {guestnet.tap_name(d, n, j) for d in ("/v", "/var/lib/kvmshell/vms")
+            for n in vm_names for j in (0, guestnet.MAX_TAPS - 1)}
     assert len(many) == 2 * len(vm_names) * 2
     safe = set(string.ascii_lowercase + string.digits)
     for n in names | many:
         assert 1 <= len(n.encode()) <= 15 and n.startswith("kvs") and set(n) <= safe, n
-    assert helper.tap_name("/v", "a", 0) == helper.tap_name("/v", "a", 0) != helper.tap_name("/w", "a", 0)
+    assert guestnet.tap_name("/v", "a", 0) == guestnet.tap_name("/v", "a", 0) != guestnet.tap_name("/w", "a", 0)
 
 
 @pytest.mark.parametrize("words", [
@@ -206,9 +207,9 @@ def test_tap_names_deterministic_unique_short() -> None:
 ], ids=["one", "nic-after", "third-backend", "second-tap", "after-others"])
 def test_helper_locks_the_mac_qemu_gives_the_nic(words: list[str]) -> None:
     """The helper re-derives, from the admin's words alone, the MAC that
-    options.admin_argv gives the NIC paired with each tap: the MAC it locks
+    adminopts.admin_argv gives the NIC paired with each tap: the MAC it locks
     the bridge port to is the guest's own."""
-    argv = options.admin_argv(options.parse_admin(words), "vm", [90, 91])
+    argv = adminopts.admin_argv(adminopts.parse_admin(words), "vm", [90, 91])
     by_fd = {}
     for i, word in enumerate(argv):
         m = re.search(r"tap,id=(net\d+),fd=(\d+)", word)
@@ -425,8 +426,12 @@ def test_helper_rechecks_bridge_name(net: Net, badbr_tree: tuple[Host, str], ali
                               env=env, capture_output=True, text=True, timeout=60,
                               stdin=subprocess.DEVNULL)
     # A bad admin configuration is a failure (exit 1), not a user refusal.
-    # Non-ASCII never decodes (the helper reads identifiers as ASCII only).
-    token = "undecodable identifier" if not bridge.isascii() else f"bad bridge name {bridge!r}"
+    # Non-ASCII never decodes (the helper reads identifiers as ASCII only);
+    # control characters fail the identifier's own check; the rest fail
+    # kvmadm's option parser, which the helper re-runs.
+    token = ("undecodable identifier" if not bridge.isascii() else
+             "invalid option word" if not bridge.isprintable() else
+             f"invalid bridge name {bridge!r}")
     assert_helper_refused(net, tree, (alice, bob), run, token, 1)
 
 
@@ -447,8 +452,8 @@ def test_up_down_direct_idempotent(net: Net, vms: dict[str, Path], bob: User) ->
     assert p.wait() == 0 and msg == b"ok 2\n" and len(fds) == 2
     taps = net.taps()
     assert len(taps) == 2
-    assert net.bridge_ports(BRIDGE) == [helper.tap_name(str(net_vmdir(vms)), "nb", 0)]
-    assert f"10.78.0.1/24@{helper.tap_name(str(net_vmdir(vms)), 'nb', 1)}" in net.addrs()
+    assert net.bridge_ports(BRIDGE) == [guestnet.tap_name(str(net_vmdir(vms)), "nb", 0)]
+    assert f"10.78.0.1/24@{guestnet.tap_name(str(net_vmdir(vms)), 'nb', 1)}" in net.addrs()
     # up again while the first run's taps are held open: replaced, not doubled.
     p2, s2 = _up(net, bob, "nb")
     msg2, fds2, _, _ = socket.recv_fds(s2, 64, 8)
@@ -484,7 +489,7 @@ def test_names_colliding_under_truncation_get_distinct_taps(
         msg, fds, _, _ = socket.recv_fds(s, 64, 8)
         assert p.wait() == 0 and msg == b"ok 1\n" and len(fds) == 1
         held.append((s, fds))
-    want = sorted(helper.tap_name(str(net_vmdir(vms)), n, 0) for n in (a, b))
+    want = sorted(guestnet.tap_name(str(net_vmdir(vms)), n, 0) for n in (a, b))
     assert len(set(want)) == 2
     assert net.taps() == want and net.bridge_ports(BRIDGE) == want
     for s, fds in held:
@@ -568,8 +573,8 @@ def test_guest_cannot_send_as_another_mac(net: Net, vms: dict[str, Path], alice:
     own MAC, and nothing it sends with another MAC crosses the bridge."""
     _start(net, alice, "na")
     try:
-        tap = helper.tap_name(str(net_vmdir(vms)), "na", 0)
-        mac = options.stable_mac("na", 0)
+        tap = guestnet.tap_name(str(net_vmdir(vms)), "na", 0)
+        mac = guestnet.stable_mac("na", 0)
         (port,) = [p for p in _bridge_json(net, "link", "show", "dev", tap)]
         assert port.get("locked") is True and port.get("learning") is False, port
         # Beside the tap's own host-side address (a "permanent", local entry):
@@ -641,7 +646,7 @@ def test_leaked_tap_is_deleted_when_qemu_exits(net: Net, vms: dict[str, Path],
     stolen = -1
     try:
         (pid,) = alice.qemu_pids()
-        tap = helper.tap_name(str(net_vmdir(vms)), "na", 0)
+        tap = guestnet.tap_name(str(net_vmdir(vms)), "na", 0)
         fds = [int(n) for n in os.listdir(f"/proc/{pid}/fd")
                if f"iff:\t{tap}" in Path(f"/proc/{pid}/fdinfo/{n}").read_text()]
         assert len(fds) == 1, fds

@@ -16,15 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmshell import lexer, options, vmid
-from kvmshell.errors import KvmshellError, RefusedOption, TreeError, UsageError
+from kvmshell.shell import lexer
+from kvmshell.common import adminopts
+from kvmshell.common import optable
+from kvmshell.shell import useropts
+from kvmshell.common import vmid
+from kvmshell.common.errors import KvmshellError, RefusedOption, TreeError, UsageError
 
 pytestmark = pytest.mark.security
 
 SETTINGS = settings(max_examples=600, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
-USER_OPTS = [o for o in options.TABLE if o.cls == options.USER]
+USER_OPTS = [o for o in optable.TABLE if o.cls == optable.USER]
 
 # ---- what an accepted argv may contain, derived from the table ---------------
 
@@ -48,7 +52,7 @@ def _pattern(template: str) -> str:
 def _allowed() -> tuple[dict[str, int], list[re.Pattern[str]]]:
     arity: dict[str, int] = {"-add-fd": 1, "-device": 1}      # the wrapper's own
     values = [r"fd=\d+,set=\d+", "VGA",                         # -add-fd, -vnc's display
-              _pattern("if=none,id=hda," + options._DRIVE)]     # -hda under -hdachs
+              _pattern("if=none,id=hda," + optable.DRIVE_TEMPLATE)]     # -hda under -hdachs
     for o in USER_OPTS:
         t = o.qemu
         for i, word in enumerate(t):
@@ -64,17 +68,17 @@ def _allowed() -> tuple[dict[str, int], list[re.Pattern[str]]]:
 ARITY, VALUES = _allowed()
 
 
-def _fake_opened(req: options.UserRequest) -> dict[str, options.Opened]:
+def _fake_opened(req: useropts.UserRequest) -> dict[str, useropts.Opened]:
     """Descriptors as launcher.open_files would return them (no files needed)."""
     out = {}
     for n, (opt, value) in enumerate(req.files()):
         fmt = "qcow2" if value.endswith(".qcow2") else "raw"
-        write = opt.kind == options.DISK and not req.has("-snapshot")
-        out[opt.name] = options.Opened(100 + 2 * n, fmt, not write, 101 + 2 * n if write else -1)
+        write = opt.kind == optable.DISK and not req.has("-snapshot")
+        out[opt.name] = useropts.Opened(100 + 2 * n, fmt, not write, 101 + 2 * n if write else -1)
     return out
 
 
-def check_argv(req: options.UserRequest, argv: list[str]) -> None:
+def check_argv(req: useropts.UserRequest, argv: list[str]) -> None:
     """The central property, on one accepted request."""
     i = 0
     appended = 0
@@ -99,14 +103,14 @@ def run_command(command: str) -> list[str] | None:
     """lexer -> grammar -> argv; None when refused (and the refusal is checked)."""
     try:
         words = lexer.split(command)
-        req = options.parse_user(words)
+        req = useropts.parse_user(words)
     except KvmshellError as exc:
         assert isinstance(exc, UsageError), exc
         assert "\n" not in exc.message and exc.message
         return None
     for name in req.values:
-        assert options.BY_NAME[name].cls == options.USER
-    argv = options.user_argv(req, _fake_opened(req), "vnc.sock")
+        assert optable.BY_NAME[name].cls == optable.USER
+    argv = useropts.user_argv(req, _fake_opened(req), "vnc.sock")
     check_argv(req, argv)
     return argv
 
@@ -114,7 +118,7 @@ def run_command(command: str) -> list[str] | None:
 # ---- strategies ---------------------------------------------------------------
 
 _PRINTABLE = st.characters(min_codepoint=32, max_codepoint=126)
-_SPELLINGS = [o.name for o in options.TABLE] + ["--" + o.name[1:] for o in options.TABLE] + [
+_SPELLINGS = [o.name for o in optable.TABLE] + ["--" + o.name[1:] for o in optable.TABLE] + [
     "-readconfig", "-incoming", "-qmp", "-chardev", "-device", "-object", "-drive", "-add-fd",
     "-", "--", "-cdrom=x.iso", "-HDA", "-m64"]
 _VALUES = st.one_of(
@@ -149,7 +153,7 @@ def test_option_soup_is_refused_or_safe(words: list[str]) -> None:
 
 @SETTINGS
 @given(st.lists(st.tuples(st.sampled_from(USER_OPTS), st.one_of(st.none(), _VALUES)), max_size=8))
-def test_user_options_map_safely(pairs: list[tuple[options.Option, str | None]]) -> None:
+def test_user_options_map_safely(pairs: list[tuple[optable.Option, str | None]]) -> None:
     """P3: sequences of user-class options with their example value (None)
     or an arbitrary one: those accepted give a safe argv, the others are
     refused naming a word of the input."""
@@ -157,11 +161,11 @@ def test_user_options_map_safely(pairs: list[tuple[options.Option, str | None]])
     for opt, value in pairs:
         words += [opt.name] + ([opt.example or "x" if value is None else value] if opt.arity else [])
     try:
-        req = options.parse_user(words)
+        req = useropts.parse_user(words)
     except RefusedOption as exc:
         assert any(exc.message.startswith(w + ":") for w in words), (words, exc.message)
         return
-    check_argv(req, options.user_argv(req, _fake_opened(req), "vnc.sock"))
+    check_argv(req, useropts.user_argv(req, _fake_opened(req), "vnc.sock"))
 
 
 @SETTINGS
@@ -221,7 +225,7 @@ def test_vmid_mutation_refused(name: str, words: list[str], pos: int, ch: str) -
             pass
 
 
-_ADMIN_SPELLINGS = [o.name for o in options.TABLE] + [
+_ADMIN_SPELLINGS = [o.name for o in optable.TABLE] + [
     "nic", "nic,model=virtio", "user", "tap,br=br0", "socket,listen=:1234", "none", "tablet",
     "virtio", "512", "tcp:2222::22", "/srv/tftp", "nic,vlan=1", "host:1:2"]
 
@@ -233,9 +237,9 @@ def test_parse_admin_only_refuses(words: list[str]) -> None:
     """P8: parse_admin raises nothing but RefusedOption; what it accepts maps
     to an argv (tap descriptors are the helper's, faked as numbers here)."""
     try:
-        plan = options.parse_admin(words)
+        plan = adminopts.parse_admin(words)
     except RefusedOption as exc:
         assert "\n" not in exc.message
         return
-    argv = options.admin_argv(plan, "vm", list(range(200, 200 + len(plan.taps))))
+    argv = adminopts.admin_argv(plan, "vm", list(range(200, 200 + len(plan.taps))))
     assert argv[:2] == ["-m", str(plan.megs)]

@@ -236,8 +236,9 @@ def test_nul_refused(text: str) -> None:
     """NUL cannot reach kvmshell through SSH_ORIGINAL_COMMAND, -c or argv (the
     kernel ends each string at NUL), so the lexer and name checks are tested
     in-process: a NUL is refused, never truncated."""
-    from kvmshell import lexer, vmid
-    from kvmshell.errors import UsageError
+    from kvmshell.shell import lexer
+    from kvmshell.common import vmid
+    from kvmshell.common.errors import UsageError
     with pytest.raises(UsageError, match="control character"):
         lexer.split(text)
     with pytest.raises(UsageError):
@@ -416,8 +417,8 @@ def test_same_image_two_vms(host: Host, alice: User, sec_vm: Path) -> None:
         b = started_pid(alice.ssh_command(f"start sec2 -cdrom {shared}"))
         assert sorted(alice.qemu_pids()) == sorted([a, b])
         # The running VM holds its disk: a second opener is refused, naming it.
-        from kvmshell import files
-        from kvmshell.errors import RefusedFile
+        from kvmshell.shell import files
+        from kvmshell.common.errors import RefusedFile
         for write in (True, False):
             with pytest.raises(RefusedFile, match="disk.img is in use by another VM"):
                 files.open_file("-hda", "disk.img", vmdir=str(sec_vm), image_dirs=[],
@@ -512,7 +513,7 @@ def test_image_bytes_limit(host: Host, alice: User) -> None:
 def test_memory_capped_outside_qemu(host: Host, alice: User, guest: Path) -> None:
     """-m 128: the guest sees at most 128 MiB, and the QEMU process is capped
     (RLIMIT_AS, set before exec), so asking QEMU for more RAM gets none."""
-    from kvmshell import limits
+    from kvmshell.shell import limits
     from qemu.qmp import QMPError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.ssh
 
 UPLOAD_MAX = 4 << 20
 VM = "web"
-HAVE_CONSOLE = importlib.util.find_spec("kvmshell.console") is not None
-HAVE_INTERACTIVE = importlib.util.find_spec("kvmshell.interactive") is not None
+HAVE_CONSOLE = importlib.util.find_spec("kvmshell.shell.console") is not None
+HAVE_INTERACTIVE = importlib.util.find_spec("kvmshell.shell.interactive") is not None
 
 
 class Rig:
@@ -258,8 +258,10 @@ def test_upload_limit_and_names(rig: Rig) -> None:
 def test_concurrent_uploads_share_the_quota(rig: Rig) -> None:
     """Two uploads that each fit the room left, but not together: the one that
     crosses a recount point while the other's data is on disk is refused."""
-    from kvmshell import images, limits, vmtree
-    from kvmshell.config import load
+    from kvmshell.shell import images
+    from kvmshell.shell import limits
+    from kvmshell.common import vmtree
+    from kvmshell.common.config import load
     vmdir = rig.host.vm_path(VM)
     used = limits.image_bytes(vmtree.owned(load(str(rig.host.conf)), rig.user.uid))
     mib = 1 << 20
@@ -784,7 +786,7 @@ def test_pam_service_with_pamtester(pam_users: tuple[str, str, str, str]) -> Non
 
 
 def test_pam_service_with_python_pam(pam_users: tuple[str, str, str, str]) -> None:
-    from kvmshell import auth
+    from kvmshell.common import auth
     service, member, outsider, password = pam_users
     assert auth.check_password(member, password, service=service)
     assert not auth.check_password(member, "wrong", service=service)

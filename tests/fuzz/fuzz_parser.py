@@ -22,8 +22,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(HERE))]
 
 with atheris.instrument_imports():
-    from kvmshell import lexer, options, vmid
-    from kvmshell.errors import KvmshellError
+    from kvmshell.shell import lexer
+    from kvmshell.common import adminopts
+    from kvmshell.shell import useropts
+    from kvmshell.common import vmid
+    from kvmshell.common.errors import KvmshellError
 
 from test_properties import _fake_opened, check_argv  # noqa: E402
 
@@ -35,11 +38,11 @@ def one_input(data: bytes) -> None:
     try:
         if which == 0:
             words = lexer.split(text)
-            req = options.parse_user(words[1:] if words[:1] == ["start"] else words)
-            check_argv(req, options.user_argv(req, _fake_opened(req), "vnc.sock"))
+            req = useropts.parse_user(words[1:] if words[:1] == ["start"] else words)
+            check_argv(req, useropts.user_argv(req, _fake_opened(req), "vnc.sock"))
         elif which == 1:
-            plan = options.parse_admin(lexer.split(text))
-            options.admin_argv(plan, "vm", list(range(200, 200 + len(plan.taps))))
+            plan = adminopts.parse_admin(lexer.split(text))
+            adminopts.admin_argv(plan, "vm", list(range(200, 200 + len(plan.taps))))
         else:
             name, words = vmid.decode(text)
             assert vmid.encode(name, words) == text

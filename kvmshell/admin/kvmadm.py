@@ -19,9 +19,11 @@ import os
 import stat
 import sys
 
-from kvmshell import options, vmid, vmtree
-from kvmshell.config import DEFAULT_PATH, Config, load
-from kvmshell.errors import KvmshellError, RuntimeFailure, TreeError, UsageError
+from kvmshell.common import adminopts
+from kvmshell.common import vmid
+from kvmshell.common import vmtree
+from kvmshell.common.config import DEFAULT_PATH, Config, load
+from kvmshell.common.errors import KvmshellError, RuntimeFailure, TreeError, UsageError
 
 USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
 
@@ -71,7 +73,7 @@ def cmd_create(cfg: Config, args: list[str]) -> int:
     if len(head) != 3 or head[1] != "--owner":
         raise UsageError("usage: create NAME --owner USER [-- ADMIN-OPTIONS...]")
     name, user = head[0], head[2]
-    options.parse_admin(words)
+    adminopts.parse_admin(words)
     dirname = vmid.encode(name, words)
     uid, gid = _owner(user)
     ensure_top(cfg)
@@ -116,7 +118,7 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     if len(head) != 1:
         raise UsageError("usage: set NAME [-- ADMIN-OPTIONS...]")
     vm = vmtree.resolve(cfg, head[0])
-    options.parse_admin(words)
+    adminopts.parse_admin(words)
     dirname = vmid.encode(vm.name, words)
     lock = _running(vm)
     try:
@@ -163,12 +165,12 @@ def _user(uid: int) -> str:
 
 
 def cmd_list(cfg: Config, args: list[str]) -> int:
-    from kvmshell import monitor
+    from kvmshell.common import runstate
     if args:
         raise UsageError(f"{args[0]}: unexpected argument")
     for name in vmtree.names(cfg):
         vm = vmtree.resolve(cfg, name)
-        pid = monitor.qemu_pid(vm)
+        pid = runstate.qemu_pid(vm)
         state = f"running (pid {pid})" if pid else "stopped"
         _out(f"{vm.name:<20} {_user(vm.uid):<12} {state:<22} {' '.join(vm.admin_words)}")
     return 0
@@ -178,15 +180,15 @@ def cmd_show(cfg: Config, args: list[str]) -> int:
     if len(args) != 1:
         raise UsageError("usage: show NAME")
     vm = vmtree.resolve(cfg, args[0])
-    plan = options.parse_admin(vm.admin_words)
+    plan = adminopts.parse_admin(vm.admin_words)
     _out(f"name:      {vm.name}\nowner:     {_user(vm.uid)}\ndirectory: {vm.path}")
     _out(f"options:   {' '.join(vm.admin_words) or '(none)'}")
-    _out(f"qemu:      {' '.join(options.admin_argv(plan, vm.name, [-1] * len(plan.taps)))}")
+    _out(f"qemu:      {' '.join(adminopts.admin_argv(plan, vm.name, [-1] * len(plan.taps)))}")
     return 0
 
 
 def cmd_adduser(cfg: Config, args: list[str]) -> int:
-    from kvmshell import users
+    from kvmshell.admin import users
     if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--key"):
         raise UsageError("usage: adduser USER [--key FILE|-]")
     users.adduser(cfg, args[0])
@@ -198,7 +200,7 @@ def cmd_adduser(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_setkey(cfg: Config, args: list[str]) -> int:
-    from kvmshell import users
+    from kvmshell.admin import users
     if len(args) != 2:
         raise UsageError("usage: setkey USER FILE|-")
     path = users.setkey(cfg, args[0], args[1])

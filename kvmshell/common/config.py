@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell.errors import ConfigError
+from kvmshell.common.errors import ConfigError
 
 DEFAULT_PATH = "/etc/kvmshell/kvmshell.conf"
 

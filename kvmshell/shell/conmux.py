@@ -36,7 +36,7 @@ import struct
 import time
 TYPE_CHECKING = False
 
-from kvmshell.consolelog import BoundedLog
+from kvmshell.shell.consolelog import BoundedLog
 
 if TYPE_CHECKING:
     import subprocess

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell import vmid
-from kvmshell.config import Config
-from kvmshell.errors import NotYours, TreeError, UsageError
+from kvmshell.common import vmid
+from kvmshell.common.config import Config
+from kvmshell.common.errors import NotYours, TreeError, UsageError
 
 
 class VM:

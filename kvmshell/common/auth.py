@@ -8,7 +8,7 @@ stack, pam_faildelay, pam_nologin and pam_limits.
 
 from __future__ import annotations
 
-from kvmshell.errors import RuntimeFailure
+from kvmshell.common.errors import RuntimeFailure
 
 SERVICE = "kvmshell"
 

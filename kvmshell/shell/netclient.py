@@ -1,4 +1,4 @@
-"""kvmshell's side of the privileged network helper (see helper.py).
+"""kvmshell's side of the privileged network helper (see kvmshell/privileged/nethelper.py).
 
 kvmshell runs as the VM user and cannot open /dev/net/tun (mode 0600), so
 it asks the helper, through sudo, with nothing but a verb and the VM name.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import socket
 
-from kvmshell.config import Config
-from kvmshell.errors import RuntimeFailure
-from kvmshell.vmtree import VM
+from kvmshell.common.config import Config
+from kvmshell.common.errors import RuntimeFailure
+from kvmshell.common.vmtree import VM
 
 SUDO = "/usr/bin/sudo"
 TIMEOUT = 30.0
@@ -81,7 +81,7 @@ def up(cfg: Config, vm: VM, expect: int | None = None) -> list[int]:
 def remaining(cfg: Config, vm: VM, taps: int) -> list[str]:
     """Which of the VM's tap names exist in this network namespace (no
     privilege needed).  The names are the helper's own derivation."""
-    from kvmshell.helper import tap_name
+    from kvmshell.common.guestnet import tap_name
 
     out = []
     for i in range(taps):

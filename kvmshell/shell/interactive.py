@@ -1,7 +1,7 @@
 """The interactive prompt: kvmshell as a login shell on a terminal.
 
 Each line goes through the same lexer and validator as an SSH command
-(lexer.split + cli.run_words): the prompt is a convenience, not another
+(lexer.split, then the run_words that cli passes in): the prompt is a convenience, not another
 way in.  readline gives line editing, in-memory history (the user's home
 may not exist, so nothing is written) and completion of verbs and VM names.
 """
@@ -11,16 +11,18 @@ from __future__ import annotations
 import sys
 TYPE_CHECKING = False
 
-from kvmshell.errors import KvmshellError
+from kvmshell.common.errors import KvmshellError
 
 if TYPE_CHECKING:
-    from kvmshell.cli import Context
+    from collections.abc import Callable
+
+    from kvmshell.shell.context import Context
 
 LEAVE = ("exit", "quit", "logout")
 
 
 def _vm_names(ctx: "Context") -> list[str]:
-    from kvmshell import vmtree
+    from kvmshell.common import vmtree
     try:
         return [vm.name for vm in vmtree.owned(ctx.cfg, ctx.uid)]
     except KvmshellError:
@@ -30,7 +32,7 @@ def _vm_names(ctx: "Context") -> list[str]:
 def _completer(ctx: "Context") -> "object":
     import readline
 
-    from kvmshell.cli import VERBS
+    from kvmshell.shell.context import VERBS
 
     matches: list[str] = []
 
@@ -52,8 +54,9 @@ def _completer(ctx: "Context") -> "object":
     return complete
 
 
-def loop(ctx: "Context") -> int:
-    from kvmshell import cli, lexer
+def loop(ctx: "Context", run_words: "Callable[[Context, list[str]], int]") -> int:
+    """Prompt, read and run lines until EOF or ``exit``; the last status."""
+    from kvmshell.shell import lexer
     try:
         import readline
         readline.set_completer(_completer(ctx))  # type: ignore[arg-type]
@@ -78,7 +81,7 @@ def loop(ctx: "Context") -> int:
                 continue
             if words[0] in LEAVE and len(words) == 1:
                 return status
-            status = cli.run_words(ctx, words)
+            status = run_words(ctx, words)
         except KvmshellError as exc:
             sys.stderr.write(f"kvmshell: {exc.message}\n")
             status = exc.status

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import binascii  # not base64: that module imports re, ~6 ms on every command
 
-from kvmshell.errors import TreeError, UsageError
+from kvmshell.common.errors import TreeError, UsageError
 
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")

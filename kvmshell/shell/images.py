@@ -23,13 +23,13 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell.errors import RefusedFile, RuntimeFailure, UsageError
-from kvmshell.launcher import CONSOLE_LOG, LOCK, QEMU_LOG, RUNTIME_FILES
+from kvmshell.common.errors import RefusedFile, RuntimeFailure, UsageError
+from kvmshell.shell.launcher import CONSOLE_LOG, LOCK, QEMU_LOG, RUNTIME_FILES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from kvmshell.config import Config
-    from kvmshell.vmtree import VM
+    from kvmshell.common.config import Config
+    from kvmshell.common.vmtree import VM
 
 CHUNK = 1 << 20
 RECHECK = 16 << 20
@@ -40,10 +40,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def check_name(verb: str, name: str) -> str:
-    from kvmshell import options
+    from kvmshell.common import optable
     if "/" in name:
         raise RefusedFile(f"{verb}: {name!r}: a plain file name, without '/'")
-    options.check_file_name(verb, name)
+    optable.check_file_name(verb, name)
     if name in RESERVED or name.endswith(".sock"):
         raise RefusedFile(f"{verb}: {name!r} is a name kvmshell uses itself")
     return name
@@ -99,13 +99,14 @@ def _publish(verb: str, name: str, dfd: int, tmp: str, fd: int) -> None:
 
 def _usage_bytes(cfg: "Config", uid: int) -> int:
     """Disk space of the user's VM directories, counted as limits.py counts it."""
-    from kvmshell import limits, vmtree
+    from kvmshell.shell import limits
+    from kvmshell.common import vmtree
     return limits.image_bytes(vmtree.owned(cfg, uid))
 
 
 def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM", str, int]:
     """Copy *src* into the VM directory as NAME; return (vm, name, bytes)."""
-    from kvmshell import vmtree
+    from kvmshell.common import vmtree
     expect: int | None = None
     if len(args) >= 2 and args[-2] == "--size":
         if not args[-1].isdigit() or len(args[-1]) > 18:
@@ -167,7 +168,9 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
     """Write a running VM's state to NAME in its directory and stop it
     (``start VM -loadvm NAME`` restores it).  Nothing is lost on failure:
     the VM runs on and no NAME appears."""
-    from kvmshell import launcher, monitor, vmtree
+    from kvmshell.shell import launcher
+    from kvmshell.shell import monitor
+    from kvmshell.common import vmtree
     vm_name, name = _split("save", args)
     check_name("save", name)
     vm = vmtree.pick(cfg, uid, vm_name)
@@ -213,7 +216,7 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
 
 def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int]]:
     """(name, size) of the user's files in one VM directory."""
-    from kvmshell import vmtree
+    from kvmshell.common import vmtree
     if len(args) > 1:
         raise UsageError(f"{args[1]}: unexpected argument to 'images'")
     vm = vmtree.pick(cfg, uid, args[0] if args else None)
@@ -234,7 +237,7 @@ def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int]]:
 def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
     """Unlink NAME from the VM directory unless a running VM holds it."""
     import fcntl
-    from kvmshell import vmtree
+    from kvmshell.common import vmtree
     vm_name, name = _split("rm", args)
     check_name("rm", name)
     vm = vmtree.pick(cfg, uid, vm_name)

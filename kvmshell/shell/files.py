@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell.errors import RefusedFile
-from kvmshell.options import Opened
+from kvmshell.common.errors import RefusedFile
+from kvmshell.shell.useropts import Opened
 
 QCOW2_MAGIC = b"QFI\xfb"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -20,8 +20,8 @@ import stat
 import subprocess
 import sys
 
-from kvmshell.config import Config
-from kvmshell.errors import RuntimeFailure, TreeError, UsageError
+from kvmshell.common.config import Config
+from kvmshell.common.errors import RuntimeFailure, TreeError, UsageError
 
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
 KEY_TYPES = frozenset({

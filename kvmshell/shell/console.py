@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 
-from kvmshell.errors import RuntimeFailure, UsageError
+from kvmshell.common.errors import RuntimeFailure, UsageError
 
 DEFAULT_REPLAY = 64 * 1024
 DEFAULT_ESCAPE = 0x1D   # Ctrl-]
@@ -127,7 +127,7 @@ def unix_connect(vmdir: str, leaf: str, what: str) -> socket.socket:
 
 def connect(vmdir: str, mode: str, replay: int) -> tuple[socket.socket, str]:
     """Connect and say hello; return the socket and the granted mode."""
-    from kvmshell.conmux import CONSOLE_SOCKET
+    from kvmshell.shell.conmux import CONSOLE_SOCKET
     s = unix_connect(vmdir, CONSOLE_SOCKET, "console")
     s.sendall(f"attach {mode} {replay} {_who()}\n".encode())
     line = bytearray()
@@ -240,9 +240,11 @@ def attach(vmdir: str, vm_name: str, o: Options) -> int:
 
 
 def main(ctx: object, args: list[str]) -> int:
-    from kvmshell import cli, monitor, vmtree
+    from kvmshell.shell.context import Context
+    from kvmshell.shell import monitor
+    from kvmshell.common import vmtree
 
-    assert isinstance(ctx, cli.Context)
+    assert isinstance(ctx, Context)
     o = parse(args)
     vm = vmtree.pick(ctx.cfg, ctx.uid, o.name)
     if monitor.qemu_pid(vm) is None:

@@ -18,46 +18,12 @@ import os
 import sys
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 
-from kvmshell.errors import KvmshellError, UsageError
+from kvmshell.common.errors import KvmshellError, UsageError
+
+from kvmshell.shell.context import VERBS, Context
 
 if TYPE_CHECKING:
-    from kvmshell.config import Config
-    from kvmshell.vmtree import VM
-
-# The command set, as data: verb -> (synopsis, summary).
-VERBS: dict[str, tuple[str, str]] = {
-    "help": ("[VERB]", "show this help"),
-    "list": ("", "list your VMs and their state"),
-    "status": ("[VM] [--json]", "show whether a VM runs, and its pid"),
-    "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
-    "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),
-    "kill": ("[VM]", "stop a VM at once"),
-    "reset": ("[VM]", "hard-reset a running VM (as the reset button)"),
-    "save": ("[VM] NAME", "save a running VM's state to NAME and stop it ('start -loadvm NAME')"),
-    "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
-    "images": ("[VM]", "list the images in the VM's directory"),
-    "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
-    "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
-    "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
-}
-
-
-class Context:
-    """What every verb needs: the config path and the caller."""
-
-    def __init__(self, config_path: str) -> None:
-        self.config_path = config_path
-        self.uid = os.getuid()
-        self._cfg: object = None
-
-    @property
-    def cfg(self) -> "Config":
-        from kvmshell import config
-        if self._cfg is None:
-            self._cfg = config.load(self.config_path)
-        assert isinstance(self._cfg, config.Config)
-        return self._cfg
-
+    from kvmshell.common.vmtree import VM
 
 def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
@@ -76,11 +42,12 @@ def _no_more(verb: str, rest: list[str]) -> None:
 
 def cmd_help(ctx: Context, args: list[str]) -> int:
     if args and args[0] == "start":
-        from kvmshell import options
-        _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + options.user_help())
+        from kvmshell.common import optable
+        from kvmshell.shell import useropts
+        _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + optable.user_help())
         return 0
     if args and args[0] == "console":
-        from kvmshell import console
+        from kvmshell.shell import console
         _out(console.HELP)
         return 0
     if args:
@@ -97,13 +64,13 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
 
 
 def _state(vm: "VM") -> tuple[str, int | None]:
-    from kvmshell import monitor
+    from kvmshell.shell import monitor
     pid = monitor.qemu_pid(vm)
     return ("running" if pid else "stopped"), pid
 
 
 def cmd_list(ctx: Context, args: list[str]) -> int:
-    from kvmshell import vmtree
+    from kvmshell.common import vmtree
     _no_more("list", args)
     for vm in vmtree.owned(ctx.cfg, ctx.uid):
         state, pid = _state(vm)
@@ -112,7 +79,7 @@ def cmd_list(ctx: Context, args: list[str]) -> int:
 
 
 def cmd_status(ctx: Context, args: list[str]) -> int:
-    from kvmshell import vmtree
+    from kvmshell.common import vmtree
     name, rest = _split_vm(args)
     as_json = False
     if rest[:1] == ["--json"]:
@@ -124,7 +91,7 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
         import json
         doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid}
         if pid:
-            from kvmshell import monitor
+            from kvmshell.shell import monitor
             doc["started"] = monitor.started_at(pid)
         _out(json.dumps(doc))
     else:
@@ -133,9 +100,12 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
 
 
 def cmd_start(ctx: Context, args: list[str]) -> int:
-    from kvmshell import launcher, options, vmtree
+    from kvmshell.shell import launcher
+    from kvmshell.common import optable
+    from kvmshell.shell import useropts
+    from kvmshell.common import vmtree
     name, rest = _split_vm(args)
-    req = options.parse_user(rest)          # refuse before touching anything
+    req = useropts.parse_user(rest)          # refuse before touching anything
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
     pid = launcher.start(ctx.cfg, vm, req)
     _out(f"{vm.name}: started (pid {pid}); 'console' attaches to its serial console")
@@ -143,8 +113,8 @@ def cmd_start(ctx: Context, args: list[str]) -> int:
 
 
 def _running(ctx: Context, verb: str, args: list[str]) -> tuple["VM", int]:
-    from kvmshell import vmtree
-    from kvmshell.errors import RuntimeFailure
+    from kvmshell.common import vmtree
+    from kvmshell.common.errors import RuntimeFailure
     name, rest = _split_vm(args)
     _no_more(verb, rest)
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
@@ -155,14 +125,14 @@ def _running(ctx: Context, verb: str, args: list[str]) -> tuple["VM", int]:
 
 
 def cmd_stop(ctx: Context, args: list[str]) -> int:
-    from kvmshell import monitor
+    from kvmshell.shell import monitor
     vm, pid = _running(ctx, "stop", args)
     _out(f"{vm.name}: {monitor.stop(vm, pid, ctx.cfg.stop_timeout)}")
     return 0
 
 
 def cmd_kill(ctx: Context, args: list[str]) -> int:
-    from kvmshell import monitor
+    from kvmshell.shell import monitor
     vm, pid = _running(ctx, "kill", args)
     monitor.kill(vm, pid)
     _out(f"{vm.name}: killed")
@@ -170,7 +140,7 @@ def cmd_kill(ctx: Context, args: list[str]) -> int:
 
 
 def cmd_reset(ctx: Context, args: list[str]) -> int:
-    from kvmshell import monitor
+    from kvmshell.shell import monitor
     vm, _pid = _running(ctx, "reset", args)
     monitor.qmp_command(vm, "system_reset")
     _out(f"{vm.name}: reset")
@@ -178,40 +148,40 @@ def cmd_reset(ctx: Context, args: list[str]) -> int:
 
 
 def cmd_save(ctx: Context, args: list[str]) -> int:
-    from kvmshell import images
+    from kvmshell.shell import images
     vm, name, size = images.save(ctx.cfg, ctx.uid, args)
     _out(f"{vm.name}: saved to {name} ({size} bytes); restore with 'start {vm.name} -loadvm {name}'")
     return 0
 
 
 def cmd_upload(ctx: Context, args: list[str]) -> int:
-    from kvmshell import images
+    from kvmshell.shell import images
     vm, name, size = images.upload(ctx.cfg, ctx.uid, args)
     _out(f"{vm.name}: stored {name} ({size} bytes)")
     return 0
 
 
 def cmd_images(ctx: Context, args: list[str]) -> int:
-    from kvmshell import images
+    from kvmshell.shell import images
     for name, size in images.listing(ctx.cfg, ctx.uid, args):
         _out(f"{size:>14} {name}")
     return 0
 
 
 def cmd_rm(ctx: Context, args: list[str]) -> int:
-    from kvmshell import images
+    from kvmshell.shell import images
     vm, name = images.remove(ctx.cfg, ctx.uid, args)
     _out(f"{vm.name}: removed {name}")
     return 0
 
 
 def cmd_console(ctx: Context, args: list[str]) -> int:
-    from kvmshell import console
+    from kvmshell.shell import console
     return console.main(ctx, args)
 
 
 def cmd_vnc(ctx: Context, args: list[str]) -> int:
-    from kvmshell import vnc
+    from kvmshell.shell import vnc
     return vnc.main(ctx, args)
 
 
@@ -225,7 +195,7 @@ HANDLERS = {
 
 def run_words(ctx: Context, words: list[str]) -> int:
     """Validate and run one command (already split into words)."""
-    from kvmshell import lexer
+    from kvmshell.shell import lexer
     lexer.check_words(words)
     if not words:
         raise UsageError("no command given (try 'help')")
@@ -238,7 +208,7 @@ def run_words(ctx: Context, words: list[str]) -> int:
 
 def _own_options(args: list[str]) -> tuple[str, list[str]]:
     """kvmshell's own options, from a trusted argv or ForceCommand line."""
-    from kvmshell.config import DEFAULT_PATH
+    from kvmshell.common.config import DEFAULT_PATH
     path = DEFAULT_PATH
     while args and args[0] == "--config":
         if len(args) < 2:
@@ -253,7 +223,7 @@ def _is_force_command(cmd_words: list[str]) -> bool:
 
 def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
     """Return (config path, user words); None words means 'no command'."""
-    from kvmshell import lexer
+    from kvmshell.shell import lexer
     config_path, args = _own_options(argv[1:])
     original = os.environ.get("SSH_ORIGINAL_COMMAND")
     if args[:1] == ["-c"]:
@@ -299,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         if words is None:
             if sys.stdin.isatty() and sys.stdout.isatty():
                 try:
-                    from kvmshell import interactive
+                    from kvmshell.shell import interactive
                 except ImportError:
                     raise UsageError("no command given (try 'help')") from None
-                return int(interactive.loop(ctx))
+                return int(interactive.loop(ctx, run_words))
             raise UsageError("no command given and no terminal (try 'help')")
         return run_words(ctx, words)
     except KvmshellError as exc:

@@ -1,7 +1,7 @@
 """``vnc [VM]``: connect stdin/stdout to the VM's VNC socket.
 
 QEMU's display, when the user turns it on with ``-vnc``, listens only on
-``vnc.sock`` in the 0700 VM directory (see options.py): never a TCP port
+``vnc.sock`` in the 0700 VM directory (see optable.py): never a TCP port
 that others could reach.  This verb makes ``ssh vmuser@host vnc`` a byte
 transport that any VNC client can use through a local relay, e.g.
 
@@ -17,7 +17,7 @@ import os
 import selectors
 import socket
 
-from kvmshell.errors import RuntimeFailure, UsageError
+from kvmshell.common.errors import RuntimeFailure, UsageError
 
 
 def relay(sock: socket.socket) -> None:
@@ -45,10 +45,13 @@ def relay(sock: socket.socket) -> None:
 
 
 def main(ctx: object, args: list[str]) -> int:
-    from kvmshell import cli, launcher, monitor, vmtree
-    from kvmshell.console import unix_connect
+    from kvmshell.shell.context import Context
+    from kvmshell.shell import launcher
+    from kvmshell.shell import monitor
+    from kvmshell.common import vmtree
+    from kvmshell.shell.console import unix_connect
 
-    assert isinstance(ctx, cli.Context)
+    assert isinstance(ctx, Context)
     name = args[0] if args and not args[0].startswith("-") else None
     rest = args[1:] if name is not None else args
     if rest:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell.config import Config
-from kvmshell.errors import RuntimeFailure
-from kvmshell.vmtree import VM
+from kvmshell.common.config import Config
+from kvmshell.common.errors import RuntimeFailure
+from kvmshell.common.vmtree import VM
 
 # QEMU's own memory beside guest RAM: code, libraries, thread stacks,
 # malloc arenas, device state.  Measured ~290 MiB for an idle TCG guest
@@ -78,7 +78,8 @@ def check(cfg: Config, vm: VM) -> int:
     the VM runs (or -1 when there is no running-VM limit)."""
     if not cfg.max_running and not cfg.max_image_bytes:
         return -1
-    from kvmshell import monitor, vmtree
+    from kvmshell.shell import monitor
+    from kvmshell.common import vmtree
 
     mine = vmtree.owned(cfg, vm.uid)
     if not any(m.dirname == vm.dirname for m in mine):

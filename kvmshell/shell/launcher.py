@@ -12,10 +12,13 @@ import os
 import sys
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 
-from kvmshell import limits, options
-from kvmshell.config import Config
-from kvmshell.errors import AlreadyRunning, RefusedOption, RuntimeFailure, TreeError, UsageError
-from kvmshell.vmtree import VM
+from kvmshell.shell import limits
+from kvmshell.common import adminopts
+from kvmshell.common import optable
+from kvmshell.shell import useropts
+from kvmshell.common.config import Config
+from kvmshell.common.errors import AlreadyRunning, RefusedOption, RuntimeFailure, TreeError, UsageError
+from kvmshell.common.vmtree import VM
 
 if TYPE_CHECKING:
     import subprocess
@@ -39,9 +42,9 @@ READY_TIMEOUT = 60.0
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
-def admin_plan(vm: VM) -> options.AdminPlan:
+def admin_plan(vm: VM) -> adminopts.AdminPlan:
     try:
-        return options.parse_admin(vm.admin_words)
+        return adminopts.parse_admin(vm.admin_words)
     except UsageError as exc:
         raise TreeError(f"VM {vm.name}: its identifier holds options kvmshell refuses: "
                         f"{exc.message} (admin: kvmadm set)") from exc
@@ -68,10 +71,10 @@ def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
     return argv
 
 
-def build_argv(cfg: Config, vm: VM, plan: options.AdminPlan, req: options.UserRequest,
-               opened: dict[str, options.Opened], tap_fds: list[int]) -> list[str]:
-    return (wrapper_argv(cfg, vm) + options.admin_argv(plan, vm.name, tap_fds)
-            + options.user_argv(req, opened, VNC_SOCKET))
+def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
+               opened: dict[str, useropts.Opened], tap_fds: list[int]) -> list[str]:
+    return (wrapper_argv(cfg, vm) + adminopts.admin_argv(plan, vm.name, tap_fds)
+            + useropts.user_argv(req, opened, VNC_SOCKET))
 
 
 def take_lock(vm: VM) -> int:
@@ -86,16 +89,16 @@ def take_lock(vm: VM) -> int:
     return fd
 
 
-def open_files(cfg: Config, vm: VM, req: options.UserRequest) -> dict[str, options.Opened]:
-    from kvmshell import files
+def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, useropts.Opened]:
+    from kvmshell.shell import files
 
-    opened: dict[str, options.Opened] = {}
+    opened: dict[str, useropts.Opened] = {}
     try:
         for opt, value in req.files():
-            write = opt.kind == options.DISK and not req.has("-snapshot")
+            write = opt.kind == optable.DISK and not req.has("-snapshot")
             opened[opt.name] = files.open_file(
                 opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
-                uid=os.getuid(), write=write, image=opt.kind in (options.DISK, options.CDROM))
+                uid=os.getuid(), write=write, image=opt.kind in (optable.DISK, optable.CDROM))
     except BaseException:
         for of in opened.values():
             for fd in of.fds:
@@ -111,7 +114,7 @@ def clean_env(vm: VM) -> dict[str, str]:
             "MALLOC_ARENA_MAX": "2"}
 
 
-def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
+def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
     """Start *vm*; return QEMU's pid once QMP answers.  Nothing is left
     running or locked when this raises."""
     plan = admin_plan(vm)
@@ -135,7 +138,7 @@ def start(cfg: Config, vm: VM, req: options.UserRequest) -> int:
         passed.insert(0, lock)
         tap_fds: list[int] = []
         if plan.taps:
-            from kvmshell import netclient
+            from kvmshell.shell import netclient
             tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
         argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
@@ -225,7 +228,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, 
             os.close(fd)
     deadline = time.monotonic() + READY_TIMEOUT
     try:
-        from kvmshell import conmux
+        from kvmshell.shell import conmux
         console = conmux.listen()   # before 'ok': 'start; console' must find it
         _wait_qmp(vm, proc, deadline, incoming="-incoming" in argv)
         try:
@@ -262,8 +265,8 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float,
     resume the guest: 'save' paused it, and the state carries that."""
     import time
 
-    from kvmshell.errors import MonitorError
-    from kvmshell.monitor import qmp_command
+    from kvmshell.common.errors import MonitorError
+    from kvmshell.shell.monitor import qmp_command
 
     while True:
         if proc.poll() is not None:
@@ -295,7 +298,7 @@ def _teardown(cfg: Config, vm: VM, taps: int) -> None:
         except FileNotFoundError:
             pass
     if taps:
-        from kvmshell import netclient
+        from kvmshell.shell import netclient
         try:
             # The taps are not persistent: QEMU's exit closed the last
             # descriptor and the kernel deleted them.  A root process runs

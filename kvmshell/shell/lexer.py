@@ -9,7 +9,7 @@ outright, so look-alikes and terminal escapes never reach a message.
 
 from __future__ import annotations
 
-from kvmshell.errors import UsageError
+from kvmshell.common.errors import UsageError
 
 MAX_COMMAND_BYTES = 4096
 MAX_WORDS = 64

@@ -1,0 +1,55 @@
+"""Install the network helper's entry stub, as root runs it (used by
+``make install``, the tests and the benchmark, so all three run the same
+layout).
+
+    LIBEXEC/kvmshell-nethelper    a root-owned stub: what sudo runs
+
+The helper's code is :mod:`kvmshell.privileged.nethelper` in the installed
+(root-owned) package; the stub fixes the two things a root program must
+not take from its caller: the config path, and where the package is
+(``python3 -I``: no PYTHON* variables, no user site).  Tests and the
+benchmark pass their own config and their checkout's copy of the package.
+"""
+
+from __future__ import annotations
+
+import os
+
+_STUB = """#!/usr/bin/python3 -I
+# kvmshell's privileged network helper (sudo runs this; see
+# kvmshell/privileged/nethelper.py).  Root-owned, written at install time.
+import sys
+{path_line}from kvmshell.privileged.nethelper import main
+sys.exit(main({config!r}))
+"""
+
+DEFAULT_CONFIG = "/etc/kvmshell/kvmshell.conf"
+
+
+def install_nethelper(libexec: str, config: str | None = None, lib: str | None = None) -> str:
+    """Write the helper's stub into *libexec*; return its path.
+
+    *config*: the config file the helper reads (default
+    ``/etc/kvmshell/kvmshell.conf``).  *lib*: a root-owned directory to put
+    first on the helper's ``sys.path`` (tests); default: the installed package.
+    """
+    os.makedirs(libexec, mode=0o755, exist_ok=True)
+    stub = os.path.join(libexec, "kvmshell-nethelper")
+    path_line = f"sys.path.insert(0, {lib!r})\n" if lib else ""
+    tmp = stub + ".new"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(_STUB.format(path_line=path_line, config=config or DEFAULT_CONFIG))
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, stub)
+    # A file from an older layout (the helper as one module beside its stub).
+    for old in ("kvmshell_nethelper.py",):
+        try:
+            os.unlink(os.path.join(libexec, old))
+        except FileNotFoundError:
+            pass
+    return stub
+
+
+if __name__ == "__main__":
+    import sys
+    print(install_nethelper(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))

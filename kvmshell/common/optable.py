@@ -1,0 +1,233 @@
+"""The option table: the seed's three classes of QEMU option, as data.
+
+Shared by every runner: kvmshell (the user's parser and argv builder in
+:mod:`kvmshell.shell.useropts`), kvmadm and the network helper (the admin's
+parser and argv builder in :mod:`kvmshell.common.adminopts`).
+
+Every option of the seed (QEMU 0.17 names) appears here exactly once with
+its arity, the kind of value it takes, its class and what it becomes in
+today's QEMU (7.2).  Code and tests both read :data:`TABLE`.
+
+Classes (the seed's):
+  user    options users are allowed to set on ``start``;
+  admin   options only the admin sets; they live in the VM identifier;
+  unused  options kvmshell does not use at all.
+
+``qemu`` is the argv template.  Placeholders in braces are filled only
+with values the wrapper made itself (descriptor-set numbers, formats it
+chose, numbers it re-rendered, words from closed lists): user text never
+lands inside a QEMU option string.  ``gone`` is set where the option no
+longer exists in QEMU 7.2; such an option is refused with that message.
+"""
+
+from __future__ import annotations
+
+from kvmshell.common.errors import RefusedOption
+
+USER = "user"
+ADMIN = "admin"
+UNUSED = "unused"
+
+# Kinds of value.
+FLAG = "flag"            # no value
+DISK = "disk"            # a file the user names, opened read-write
+CDROM = "cdrom"          # a file the user names, opened read-only
+BLOB = "blob"            # a file read whole by QEMU at start (kernel, initrd, ROM)
+STATE = "state"          # a saved-state file (migration stream), read-only
+BOOT = "boot"            # a boot order from [acdn]
+CMDLINE = "cmdline"      # a kernel command line (one whole argv element)
+GEOMETRY = "geometry"    # c,h,s[,t]
+VNC = "vnc"              # a VNC display: the wrapper chooses where it goes
+MEGS = "megs"            # a memory size in MiB
+NET = "net"              # an admin network spec
+USBDEV = "usbdevice"     # an emulated USB device name
+DIR = "dir"              # an admin directory (tftp, smb)
+REDIR = "redir"          # a port redirection
+BALLOON = "balloon"      # a balloon device
+WRAPPER = "wrapper"      # owned by kvmshell itself; never given by anyone
+ANY = "any"              # unused options: value never looked at
+
+FILE_KINDS = (DISK, CDROM, BLOB, STATE)
+
+
+class Option:
+    """One row of the table."""
+
+    __slots__ = ("name", "arity", "kind", "cls", "qemu", "gone", "help", "example")
+
+    def __init__(self, name: str, arity: int, kind: str, cls: str,
+                 qemu: tuple[str, ...] = (), *, gone: str = "", help: str = "",
+                 example: str | None = None) -> None:
+        self.name = name
+        self.arity = arity
+        self.kind = kind
+        self.cls = cls
+        self.qemu = qemu
+        self.gone = gone
+        self.help = help
+        self.example = example
+
+    def __repr__(self) -> str:
+        return f"Option({self.name!r}, {self.cls})"
+
+
+DRIVE_TEMPLATE = "format={format},file=/dev/fdset/{fdset}"
+
+TABLE: tuple[Option, ...] = (
+    # ---- Options that users are allowed to set ---------------------------
+    Option("-fda", 1, DISK, USER, ("-drive", "if=floppy,index=0," + DRIVE_TEMPLATE),
+           help="use FILE as floppy disk 0 image", example="floppy.img"),
+    Option("-fdb", 1, DISK, USER, ("-drive", "if=floppy,index=1," + DRIVE_TEMPLATE),
+           help="use FILE as floppy disk 1 image", example="floppy.img"),
+    Option("-hda", 1, DISK, USER, ("-drive", "if=ide,index=0,media=disk," + DRIVE_TEMPLATE),
+           help="use FILE as IDE hard disk 0 image", example="disk.qcow2"),
+    Option("-hdb", 1, DISK, USER, ("-drive", "if=ide,index=1,media=disk," + DRIVE_TEMPLATE),
+           help="use FILE as IDE hard disk 1 image", example="disk.img"),
+    Option("-cdrom", 1, CDROM, USER,
+           ("-drive", "if=ide,index=2,media=cdrom,readonly=on," + DRIVE_TEMPLATE),
+           help="use FILE as IDE cdrom image (ide1 master)", example="x.iso"),
+    Option("-boot", 1, BOOT, USER, ("-boot", "order={order}"),
+           help="boot on floppy (a), hard disk (c), CD-ROM (d), or network (n)",
+           example="d"),
+    Option("-snapshot", 0, FLAG, USER, ("-snapshot",),
+           help="write to temporary files instead of disk image files"),
+    Option("-localtime", 0, FLAG, USER, ("-rtc", "base=localtime"),
+           help="set the real time clock to local time (default: utc)"),
+    Option("-kernel", 1, BLOB, USER, ("-kernel", "/proc/self/fd/{fd}"),
+           help="use FILE as kernel image", example="vmlinuz"),
+    Option("-append", 1, CMDLINE, USER, ("-append", "{cmdline}"),
+           help="use CMDLINE as kernel command line", example="console=ttyS0"),
+    Option("-initrd", 1, BLOB, USER, ("-initrd", "/proc/self/fd/{fd}"),
+           help="use FILE as initial ramdisk", example="initrd.img"),
+    Option("-hdachs", 1, GEOMETRY, USER,
+           ("-device", "ide-hd,drive=hda,bus=ide.0,unit=0,"
+            "cyls={c},heads={h},secs={s},bios-chs-trans={t}"),
+           help="force hard disk 0 geometry c,h,s[,t] (t=none, lba or auto); needs -hda",
+           example="1024,16,63,lba"),
+    Option("-no-acpi", 0, FLAG, USER, ("-machine", "acpi=off"),
+           help="disable ACPI"),
+    Option("-no-reboot", 0, FLAG, USER, ("-no-reboot",),
+           help="exit instead of rebooting"),
+    Option("-loadvm", 1, STATE, USER, ("-incoming", "fd:{fd}"),
+           help="start right away with a saved state read from FILE (written by 'save')",
+           example="saved.state"),
+    Option("-vnc", 1, VNC, USER, ("-vnc", "unix:{vnc_socket}"),
+           help="turn on the VNC display (reach it with the 'vnc' verb)", example=":0"),
+    Option("-option-rom", 1, BLOB, USER, ("-option-rom", "/proc/self/fd/{fd}"),
+           help="load FILE into the option ROM space", example="rom.bin"),
+    # ---- Options that users are not allowed to set (admin) ---------------
+    Option("-m", 1, MEGS, ADMIN, ("-m", "{megs}"),
+           help="guest RAM size in MiB", example="256"),
+    Option("-nographic", 0, FLAG, ADMIN, (),
+           help="no graphical output: the user may not turn on -vnc"),
+    Option("-win2k-hack", 0, FLAG, ADMIN, ("-win2k-hack",),
+           help="Windows 2000 install workaround"),
+    Option("-usb", 0, FLAG, ADMIN, ("-usb",), help="enable the USB controller"),
+    Option("-usbdevice", 1, USBDEV, ADMIN, ("-usb", "-device", "{usbdevice}"),
+           help="emulated USB device: tablet, mouse or keyboard", example="tablet"),
+    Option("-net", 1, NET, ADMIN, ("-netdev", "{netdev}", "-device", "{nic}"),
+           help="nic[,macaddr=M][,model=T] | user[,hostname=H] | tap,br=BRIDGE | tap,ip=A/N"
+                " | socket,listen=H:P|connect=H:P|mcast=A:P | none",
+           example="nic,model=virtio"),
+    Option("-tftp", 1, DIR, ADMIN, ("tftp={dir}",),
+           help="TFTP root for the user-mode network", example="/srv/tftp"),
+    Option("-smb", 1, DIR, ADMIN, ("smb={dir}",),
+           help="SMB share for the user-mode network", example="/srv/smb"),
+    Option("-redir", 1, REDIR, ADMIN, ("hostfwd={proto}:{haddr}:{hport}-:{gport}",),
+           help="[tcp|udp]:host-port::guest-port redirect (user-mode network)",
+           example="tcp:2222::22"),
+    Option("-monitor", 1, WRAPPER, ADMIN, (),
+           gone="the monitor is kvmshell's own (QMP socket in the VM directory)"),
+    Option("-vmchannel", 1, ANY, ADMIN, (),
+           gone="-vmchannel no longer exists in QEMU 7.2 (use virtio-serial)"),
+    Option("-balloon", 1, BALLOON, ADMIN, ("-device", "virtio-balloon-pci"),
+           help="memory balloon: only 'virtio' exists today", example="virtio"),
+    Option("-serial", 1, WRAPPER, ADMIN, (),
+           gone="the serial port is kvmshell's own (the 'console' verb)"),
+    Option("-parallel", 1, WRAPPER, ADMIN, (),
+           gone="kvmshell gives VMs no parallel port"),
+    Option("-pidfile", 1, WRAPPER, ADMIN, (),
+           gone="the pid file is kvmshell's own (qemu.pid in the VM directory)"),
+    Option("-no-rtc", 0, FLAG, ADMIN, (),
+           gone="-no-rtc no longer exists in QEMU 7.2 (host timers are always used)"),
+    # ---- Options that are not used ---------------------------------------
+    Option("-M", 1, ANY, UNUSED),
+    Option("-hdc", 1, ANY, UNUSED),
+    Option("-hdd", 1, ANY, UNUSED),
+    Option("-no-quit", 0, ANY, UNUSED),
+    Option("-no-fd-bootchk", 0, ANY, UNUSED),
+    Option("-smp", 1, ANY, UNUSED),
+    Option("-k", 1, ANY, UNUSED),
+    Option("-audio-help", 0, ANY, UNUSED),
+    Option("-soundhw", 1, ANY, UNUSED),
+    Option("-full-screen", 0, ANY, UNUSED),
+    Option("-S", 0, ANY, UNUSED),
+    Option("-s", 0, ANY, UNUSED),
+    Option("-p", 1, ANY, UNUSED),
+    Option("-d", 1, ANY, UNUSED),
+    Option("-L", 1, ANY, UNUSED),
+    Option("-no-kvm", 0, ANY, UNUSED),
+    Option("-std-vga", 0, ANY, UNUSED),
+    Option("-daemonize", 0, ANY, UNUSED),
+)
+
+BY_NAME: dict[str, Option] = {o.name: o for o in TABLE}
+
+
+def lookup(token: str) -> Option:
+    """Classify an option token.  QEMU also accepts ``--opt``: so do we,
+    so that spelling tricks get the same answer as the plain spelling."""
+    name = token[1:] if token.startswith("--") else token
+    opt = BY_NAME.get(name)
+    if opt is None:
+        raise RefusedOption(f"{token}: unknown option (see 'help')")
+    return opt
+
+
+def refuse_class(token: str, opt: Option, want: str) -> None:
+    if opt.cls == want:
+        return
+    if opt.cls == UNUSED:
+        raise RefusedOption(f"{token}: not used by kvmshell")
+    if opt.cls == ADMIN:
+        raise RefusedOption(f"{token}: only the administrator may set this option")
+    raise RefusedOption(f"{token}: a user option, not an admin option")
+
+
+def take_value(words: list[str], i: int, token: str, opt: Option) -> tuple[str | None, int]:
+    if opt.arity == 0:
+        return None, i + 1
+    if i + 1 >= len(words):
+        raise RefusedOption(f"{token}: missing value")
+    value = words[i + 1]
+    if value.startswith("-"):
+        raise RefusedOption(f"{token}: missing value (got {value})")
+    return value, i + 2
+
+
+# ---- value checkers (parse, never filter) ---------------------------------
+
+FILE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
+
+
+def check_file_name(token: str, value: str) -> str:
+    """A relative path of plain components, or an absolute one (confined later).
+    Commas, colons, protocol prefixes, '..' and hidden names are refused."""
+    if not value or len(value) > 1024:
+        raise RefusedOption(f"{token}: invalid file name")
+    comps = value[1:].split("/") if value.startswith("/") else value.split("/")
+    for comp in comps:
+        if not comp or comp[0] == "." or comp[0] == "-" or any(c not in FILE_CHARS for c in comp):
+            raise RefusedOption(
+                f"{token}: invalid file name {value!r} (plain names only: letters, digits, '._+-')")
+    return value
+
+
+def user_help() -> str:
+    """The user options, one line each: name, value kind, help text."""
+    lines = []
+    for o in TABLE:
+        if o.cls == USER:
+            arg = {0: ""}.get(o.arity, " " + o.kind.upper())
+            lines.append(f"  {o.name}{arg:<10} {o.help}")
+    return "\n".join(lines)

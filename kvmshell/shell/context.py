@@ -1,0 +1,50 @@
+"""What every verb of kvmshell gets: the verb table (data) and the context.
+
+The verb table is read by ``help``, the interactive prompt's completion
+and the tests; :mod:`kvmshell.shell.cli` maps each verb to its handler.
+A :class:`Context` carries the caller (always the real uid: kvmshell runs
+as the VM user) and the host config, loaded on first use.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
+if TYPE_CHECKING:
+    from kvmshell.common.config import Config
+
+# The command set, as data: verb -> (synopsis, summary).
+VERBS: dict[str, tuple[str, str]] = {
+    "help": ("[VERB]", "show this help"),
+    "list": ("", "list your VMs and their state"),
+    "status": ("[VM] [--json]", "show whether a VM runs, and its pid"),
+    "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
+    "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),
+    "kill": ("[VM]", "stop a VM at once"),
+    "reset": ("[VM]", "hard-reset a running VM (as the reset button)"),
+    "save": ("[VM] NAME", "save a running VM's state to NAME and stop it ('start -loadvm NAME')"),
+    "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
+    "images": ("[VM]", "list the images in the VM's directory"),
+    "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
+    "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
+    "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
+}
+
+
+class Context:
+    """What every verb needs: the config path and the caller."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.uid = os.getuid()
+        self._cfg: object = None
+
+    @property
+    def cfg(self) -> "Config":
+        """The host config (raises ConfigError if it cannot be loaded)."""
+        from kvmshell.common import config
+        if self._cfg is None:
+            self._cfg = config.load(self.config_path)
+        assert isinstance(self._cfg, config.Config)
+        return self._cfg

@@ -1,0 +1,170 @@
+"""The user's ``start`` options: parsing against the table, and QEMU argv.
+
+Runs as the VM user, inside kvmshell.  Everything a user types after
+``start`` goes through :func:`parse_user`; :func:`user_argv` maps the
+validated request to QEMU 7.2 argv using only descriptors the launcher
+opened (never a path) and strings the wrapper spelled itself.
+"""
+
+from __future__ import annotations
+
+from kvmshell.common.errors import RefusedOption
+from kvmshell.common.optable import (
+    DRIVE_TEMPLATE, BLOB, BOOT, BY_NAME, CDROM, CMDLINE, DISK, FILE_KINDS, GEOMETRY, STATE, USER, VNC,
+    Option, check_file_name, lookup, refuse_class, take_value)
+
+
+def _check_boot(token: str, value: str) -> str:
+    letters = {"a": "a", "c": "c", "d": "d", "n": "n"}
+    if not 1 <= len(value) <= 4 or len(set(value)) != len(value) or any(c not in letters for c in value):
+        raise RefusedOption(f"{token}: invalid boot order {value!r} (letters from a, c, d, n)")
+    # Re-spelled from our own constants: the string QEMU sees is ours.
+    return "".join(letters[c] for c in value)
+
+
+def _check_cmdline(token: str, value: str) -> str:
+    if len(value) > 2047:
+        raise RefusedOption(f"{token}: kernel command line too long (at most 2047 bytes)")
+    return value
+
+
+_TRANS = {"none": "none", "lba": "lba", "auto": "auto"}
+
+
+def _check_geometry(token: str, value: str) -> tuple[str, str, str, str]:
+    parts = value.split(",")
+    limits = ((1, 65535), (1, 16), (1, 63))
+    if len(parts) not in (3, 4):
+        raise RefusedOption(f"{token}: expected c,h,s[,t], got {value!r}")
+    nums: list[str] = []
+    for part, (lo, hi) in zip(parts[:3], limits):
+        if not part.isdigit() or not lo <= int(part) <= hi:
+            raise RefusedOption(f"{token}: invalid geometry {value!r}")
+        nums.append(str(int(part)))
+    trans = _TRANS.get(parts[3]) if len(parts) == 4 else "auto"
+    if trans is None:
+        raise RefusedOption(f"{token}: invalid translation {parts[3]!r} (none, lba or auto)")
+    return nums[0], nums[1], nums[2], trans
+
+
+def _check_vnc(token: str, value: str) -> str:
+    if "," in value:
+        raise RefusedOption(f"{token}: sub-options are set by kvmshell ({value!r})")
+    if value == "on" or (value.startswith(":") and value[1:].isdigit() and len(value) <= 4):
+        return value
+    raise RefusedOption(f"{token}: invalid display {value!r} (use :0; kvmshell chooses where it goes)")
+
+
+# ---- user options ----------------------------------------------------------
+
+class UserRequest:
+    """A validated ``start`` request: option name -> value (None for flags)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str | None] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.values
+
+    def files(self) -> list[tuple[Option, str]]:
+        out = []
+        for name, value in self.values.items():
+            opt = BY_NAME[name]
+            if opt.kind in FILE_KINDS and value is not None:
+                out.append((opt, value))
+        return out
+
+
+def parse_user(words: list[str]) -> UserRequest:
+    """Parse the option words of ``start``; raise RefusedOption on anything
+    outside the user class."""
+    req = UserRequest()
+    i = 0
+    while i < len(words):
+        token = words[i]
+        if not token.startswith("-") or token in ("-", "--"):
+            raise RefusedOption(f"{token}: unexpected word (options start with '-')")
+        opt = lookup(token)
+        refuse_class(token, opt, USER)
+        value, i = take_value(words, i, token, opt)
+        if opt.name in req.values:
+            raise RefusedOption(f"{token}: given twice")
+        if value is not None:
+            if opt.kind in FILE_KINDS:
+                check_file_name(token, value)
+            elif opt.kind == BOOT:
+                value = _check_boot(token, value)
+            elif opt.kind == CMDLINE:
+                value = _check_cmdline(token, value)
+            elif opt.kind == GEOMETRY:
+                _check_geometry(token, value)
+            elif opt.kind == VNC:
+                value = _check_vnc(token, value)
+        req.values[opt.name] = value
+    if req.has("-hdachs") and not req.has("-hda"):
+        raise RefusedOption("-hdachs: needs -hda")
+    if (req.has("-append") or req.has("-initrd")) and not req.has("-kernel"):
+        raise RefusedOption(("-append" if req.has("-append") else "-initrd") + ": needs -kernel")
+    return req
+
+
+class Opened:
+    """A file kvmshell opened for QEMU: its descriptor and the format it chose."""
+
+    def __init__(self, fd: int, fmt: str, readonly: bool, ro_fd: int = -1) -> None:
+        self.fd = fd
+        self.fmt = fmt
+        self.readonly = readonly
+        # QEMU opens a writable image read-only first: it needs both modes
+        # in the descriptor set.
+        self.ro_fd = ro_fd
+
+    @property
+    def fds(self) -> list[int]:
+        return [self.fd] + ([self.ro_fd] if self.ro_fd >= 0 else [])
+
+
+def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str) -> list[str]:
+    """Map a validated request to QEMU 7.2 argv, using only descriptors for files."""
+    argv: list[str] = []
+    fdset = 0
+    machine: list[str] = []
+    geometry = None
+    if req.has("-hdachs"):
+        geometry = _check_geometry("-hdachs", req.values["-hdachs"] or "")
+    for name, value in req.values.items():
+        opt = BY_NAME[name]
+        if opt.kind in (DISK, CDROM):
+            of = opened[name]
+            fdset += 1
+            for fd in of.fds:
+                argv += ["-add-fd", f"fd={fd},set={fdset}"]
+            tmpl = opt.qemu[1]
+            if name == "-hda" and geometry is not None:
+                tmpl = "if=none,id=hda," + DRIVE_TEMPLATE
+            spec = tmpl.format(format=of.fmt, fdset=fdset)
+            # No readonly=on for disks: under -snapshot kvmshell opens them
+            # read-only and QEMU writes to a temporary overlay in the VM
+            # directory (TMPDIR), so the device stays writable (IDE refuses a
+            # read-only node); otherwise they are opened read-write.
+            argv += [opt.qemu[0], spec]
+        elif opt.kind in (BLOB, STATE):
+            argv += [opt.qemu[0], opt.qemu[1].format(fd=opened[name].fd)]
+        elif opt.kind == BOOT:
+            argv += [opt.qemu[0], opt.qemu[1].format(order=value)]
+        elif opt.kind == CMDLINE:
+            argv += [opt.qemu[0], value or ""]
+        elif opt.kind == GEOMETRY and geometry is not None:
+            c, h, s, t = geometry
+            argv += [opt.qemu[0], opt.qemu[1].format(c=c, h=h, s=s, t=t)]
+        elif opt.kind == VNC:
+            argv += [opt.qemu[0], opt.qemu[1].format(vnc_socket=vnc_socket),
+                     "-device", "VGA"]
+        elif opt.qemu and opt.qemu[0] == "-machine":
+            machine.append(opt.qemu[1])
+        else:
+            argv += list(opt.qemu)
+    return argv + (["-machine", ",".join(machine)] if machine else [])
+
+
+# ---- admin options -----------------------------------------------------------

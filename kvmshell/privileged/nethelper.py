@@ -255,7 +255,10 @@ def up(ipr: "IPRoute", taps: list[guestnet.Tap], who: str, out: socket.socket) -
             index = socket.if_nametoindex(tap.ifname)
             if tap.addr is not None:
                 add_addr(ipr, index, tap.addr)
-            ipr.link("set", index=index, state="up", **({} if master is None else {"master": master}))
+            if master is None:
+                ipr.link("set", index=index, state="up")
+            else:
+                ipr.link("set", index=index, state="up", master=master)
             if master is not None:
                 # Why: the guest must not send as another guest on the bridge.
                 # Set before QEMU holds the tap, so no frame goes out unchecked.
@@ -281,6 +284,10 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
     who = f"uid={uid} {verb} {name}"
     vmdir = vmdir_of(_read_root_file(config), config)
     taps = taps_of(vmdir, name, resolve(vmdir, name, uid))
+    if verb == "down" and not any(_exists(tap.ifname) for tap in taps):
+        # Nothing to delete: skip pyroute2's import (~0.2 s) altogether.
+        log(f"{who}: done, 0 tap(s) removed")
+        return 0
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -289,6 +296,14 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
             log(f"{who}: done, {n} tap(s) removed")
             return 0
         return _up_to_stdout(ipr, taps, who)
+
+
+def _exists(ifname: str) -> bool:
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
 
 
 def _up_to_stdout(ipr: "IPRoute", taps: list[guestnet.Tap], who: str) -> int:

@@ -5,8 +5,9 @@
     kvmadm [--config PATH] show NAME
     kvmadm [--config PATH] set NAME [-- ADMIN-OPTIONS...]
     kvmadm [--config PATH] remove NAME [--purge]
-    kvmadm [--config PATH] adduser USER [--key FILE|-]
+    kvmadm [--config PATH] adduser USER [--key FILE|-] [--no-kvm]
     kvmadm [--config PATH] setkey USER FILE|-
+    kvmadm [--config PATH] check [--json] [--sysconfdir DIR]
 
 The admin's options are validated against the admin class of the option
 table before they become a directory name, exactly as kvmshell will read
@@ -189,13 +190,25 @@ def cmd_show(cfg: Config, args: list[str]) -> int:
 
 def cmd_adduser(cfg: Config, args: list[str]) -> int:
     from kvmshell.admin import users
-    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--key"):
-        raise UsageError("usage: adduser USER [--key FILE|-]")
-    users.adduser(cfg, args[0])
-    _out(f"created VM user {args[0]} (group {cfg.group}, shell {cfg.shell})")
-    if len(args) == 3:
-        path = users.setkey(cfg, args[0], args[2])
-        _out(f"installed the key(s) of {args[0]} in {path}")
+    rest = [a for a in args if a != "--no-kvm"]
+    kvm = len(rest) == len(args)
+    if (len(rest) not in (1, 3) or (len(rest) == 3 and rest[1] != "--key")
+            or len(args) - len(rest) > 1):
+        raise UsageError("usage: adduser USER [--key FILE|-] [--no-kvm]")
+    name = rest[0]
+    kvm_grp, why = users.adduser(cfg, name, kvm)
+    _out(f"created VM user {name} (group {cfg.group}, shell {cfg.shell})")
+    if kvm_grp:
+        _out(f"{name} may open /dev/kvm: member of {kvm_grp}, the device's group")
+    elif not why:
+        switch = "--no-kvm" if not kvm else f"adduser_kvm = no in {cfg.path}"
+        _out(f"{name}: not put in /dev/kvm's group ({switch}); its VMs run under TCG")
+    else:
+        sys.stderr.write(f"kvmadm: warning: {why}: {name} cannot use KVM, its VMs run "
+                         f"under TCG; fix: {users.kvm_group_fix(name)}\n")
+    if len(rest) == 3:
+        path = users.setkey(cfg, name, rest[2])
+        _out(f"installed the key(s) of {name} in {path}")
     return 0
 
 
@@ -208,9 +221,14 @@ def cmd_setkey(cfg: Config, args: list[str]) -> int:
     return 0
 
 
+def cmd_check(cfg: Config, args: list[str]) -> int:
+    from kvmshell.admin import check
+    return check.main(cfg, args)
+
+
 COMMANDS = {"create": cmd_create, "set": cmd_set, "remove": cmd_remove,
             "list": cmd_list, "show": cmd_show, "adduser": cmd_adduser,
-            "setkey": cmd_setkey}
+            "setkey": cmd_setkey, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

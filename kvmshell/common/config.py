@@ -19,6 +19,7 @@ _DEFAULTS: dict[str, str] = {
     "vmdir": "/var/lib/kvmshell/vms",
     "qemu": "/usr/bin/qemu-system-x86_64",
     "accel": "kvm tcg",
+    "accel_fallback": "yes",
     "image_dirs": "",
     "helper": "/usr/local/libexec/kvmshell/kvmshell-nethelper",
     "stop_timeout": "30",
@@ -29,6 +30,7 @@ _DEFAULTS: dict[str, str] = {
     "group": "kvmusers",
     "authorized_keys": "/etc/kvmshell/authorized_keys",
     "shell": "/usr/local/bin/kvmshell",
+    "adduser_kvm": "yes",
 }
 
 _ACCELS = ("kvm", "tcg")
@@ -48,6 +50,11 @@ class Config:
         self.accel = values["accel"].split()
         if not self.accel or any(a not in _ACCELS for a in self.accel):
             raise ConfigError(f"{path}: accel must be a list of {'/'.join(_ACCELS)}")
+        # May start fall back from the first accelerator to a later one
+        # (and say so), or must it refuse?  See kvmshell.shell.accel.
+        self.accel_fallback = _bool(values, "accel_fallback", path)
+        # Does kvmadm adduser add the user to /dev/kvm's group?
+        self.adduser_kvm = _bool(values, "adduser_kvm", path)
         self.image_dirs = [_checkdir(path, d) for d in values["image_dirs"].split()]
         self.stop_timeout = _int(values, "stop_timeout", path)
         self.console_log_bytes = _int(values, "console_log_bytes", path)
@@ -67,6 +74,13 @@ def _checkdir(path: str, d: str) -> str:
     if not d.startswith("/") or "," in d or ":" in d or "/." in d:
         raise ConfigError(f"{path}: image_dirs: {d!r} is not a plain absolute path")
     return d.rstrip("/")
+
+
+def _bool(values: dict[str, str], key: str, path: str) -> bool:
+    v = values[key]
+    if v not in ("yes", "no"):
+        raise ConfigError(f"{path}: {key}: must be yes or no, got {v!r}")
+    return v == "yes"
 
 
 def _int(values: dict[str, str], key: str, path: str) -> int:

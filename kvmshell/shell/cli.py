@@ -69,12 +69,22 @@ def _state(vm: "VM") -> tuple[str, int | None]:
     return ("running" if pid else "stopped"), pid
 
 
+def _running_text(pid: int | None, got: str | None) -> str:
+    if not pid:
+        return ""
+    return f" (pid {pid}, {got})" if got else f" (pid {pid})"
+
+
 def cmd_list(ctx: Context, args: list[str]) -> int:
     from kvmshell.common import vmtree
     _no_more("list", args)
     for vm in vmtree.owned(ctx.cfg, ctx.uid):
         state, pid = _state(vm)
-        _out(f"{vm.name:<20} {state}" + (f" (pid {pid})" if pid else ""))
+        got = None
+        if pid:
+            from kvmshell.shell import accel
+            got = accel.running(vm)
+        _out(f"{vm.name:<20} {state}" + _running_text(pid, got))
     return 0
 
 
@@ -87,15 +97,20 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
     _no_more("status", rest)
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
     state, pid = _state(vm)
+    got = None
+    if pid:
+        # QEMU's word (QMP query-kvm), not the config's: see shell/accel.py.
+        from kvmshell.shell import accel
+        got = accel.running(vm)
     if as_json:
         import json
-        doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid}
+        doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid, "accel": got}
         if pid:
             from kvmshell.shell import monitor
             doc["started"] = monitor.started_at(pid)
         _out(json.dumps(doc))
     else:
-        _out(f"{vm.name}: {state}" + (f" (pid {pid})" if pid else ""))
+        _out(f"{vm.name}: {state}" + _running_text(pid, got))
     return 0
 
 
@@ -107,8 +122,13 @@ def cmd_start(ctx: Context, args: list[str]) -> int:
     name, rest = _split_vm(args)
     req = useropts.parse_user(rest)          # refuse before touching anything
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
-    pid = launcher.start(ctx.cfg, vm, req)
+    from kvmshell.shell import accel
+    choice = accel.choose(ctx.cfg, vm)      # accel_fallback = no refuses here
+    pid, got = launcher.start(ctx.cfg, vm, req, choice.accels)
     _out(f"{vm.name}: started (pid {pid}); 'console' attaches to its serial console")
+    note = choice.notice(got)
+    if note:
+        sys.stderr.write(f"kvmshell: {vm.name}: {note}\n")
     return 0
 
 

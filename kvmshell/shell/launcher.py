@@ -50,13 +50,15 @@ def admin_plan(vm: VM) -> adminopts.AdminPlan:
                         f"{exc.message} (admin: kvmadm set)") from exc
 
 
-def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
-    """The wrapper's own options: sandbox, machine, monitor, console."""
+def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None) -> list[str]:
+    """The wrapper's own options: sandbox, machine, accelerators (*accels*,
+    as :func:`kvmshell.shell.accel.choose` picked them; default: the
+    config's), monitor, console."""
     argv = [cfg.qemu, "-name", f"guest={vm.name}",
             "-nodefaults", "-no-user-config",
             "-sandbox", SANDBOX,
             "-machine", "pc"]
-    for accel in cfg.accel:
+    for accel in cfg.accel if accels is None else accels:
         # An explicit translation buffer: QEMU's default reserves 1 GiB of
         # address space, more than the cap limits.py puts on QEMU.
         argv += ["-accel", f"tcg,tb-size={limits.TB_SIZE_MIB}" if accel == "tcg" else accel]
@@ -72,8 +74,9 @@ def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
 
 
 def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
-               opened: dict[str, useropts.Opened], tap_fds: list[int]) -> list[str]:
-    return (wrapper_argv(cfg, vm) + adminopts.admin_argv(plan, vm.name, tap_fds)
+               opened: dict[str, useropts.Opened], tap_fds: list[int],
+               accels: list[str] | None = None) -> list[str]:
+    return (wrapper_argv(cfg, vm, accels) + adminopts.admin_argv(plan, vm.name, tap_fds)
             + useropts.user_argv(req, opened, VNC_SOCKET))
 
 
@@ -114,9 +117,12 @@ def clean_env(vm: VM) -> dict[str, str]:
             "MALLOC_ARENA_MAX": "2"}
 
 
-def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
-    """Start *vm*; return QEMU's pid once QMP answers.  Nothing is left
-    running or locked when this raises."""
+def start(cfg: Config, vm: VM, req: useropts.UserRequest,
+          accels: list[str] | None = None) -> tuple[int, str | None]:
+    """Start *vm* with the accelerators *accels* (default: the config's);
+    return QEMU's pid once QMP answers, and the accelerator QEMU reports
+    (QMP query-kvm: 'kvm' or 'tcg'; None if it did not say).  Nothing is
+    left running or locked when this raises."""
     plan = admin_plan(vm)
     if req.has("-vnc") and plan.nographic:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
@@ -141,7 +147,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
             from kvmshell.shell import netclient
             tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
-        argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
+        argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels)
         return _spawn(cfg, vm, argv, passed, len(plan.taps),
                       limits.qemu_rlimits(cfg, plan.megs), [ulock] if ulock >= 0 else [])
     finally:
@@ -152,7 +158,8 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
 
 
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
-           rlimits: list[tuple[int, int]] | None = None, close: list[int] | None = None) -> int:
+           rlimits: list[tuple[int, int]] | None = None, close: list[int] | None = None
+           ) -> tuple[int, str | None]:
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -183,7 +190,10 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
     msg = b"".join(chunks).decode("utf-8", "replace")
     if msg.startswith("ok "):
         # The supervisor stays behind; it is re-parented when we exit.
-        return int(msg.split()[1])
+        # "ok PID ACCEL": ACCEL is QMP's answer, "-" if it gave none.
+        words = msg.split()
+        accel = words[2] if len(words) > 2 and words[2] != "-" else None
+        return int(words[1]), accel
     os.waitpid(pid, 0)
     raise RuntimeFailure(f"VM {vm.name} did not start: {msg[5:] if msg.startswith('fail ') else msg or 'supervisor died'}")
 
@@ -231,8 +241,10 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, 
         from kvmshell.shell import conmux
         console = conmux.listen()   # before 'ok': 'start; console' must find it
         _wait_qmp(vm, proc, deadline, incoming="-incoming" in argv)
+        from kvmshell.shell import accel
+        got = accel.running(vm)   # for start's fallback notice
         try:
-            os.write(ready_fd, f"ok {proc.pid}".encode())
+            os.write(ready_fd, f"ok {proc.pid} {got or '-'}".encode())
         except OSError:
             pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
         os.close(ready_fd)

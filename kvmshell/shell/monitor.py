@@ -44,6 +44,38 @@ def qmp_command(vm: VM, command: str, timeout: float = 5.0) -> object:
             pass
 
 
+def query(vm: VM, command: str, timeout: float = 2.0) -> object:
+    """Run one argument-less QMP query within *timeout* seconds in all.
+
+    Unlike :func:`qmp_command`, the connection and QEMU's greeting are inside
+    the deadline too: QMP serves one client at a time, so a long 'save'
+    would otherwise hold a 'status' up.  Returns the command's "return"
+    value (a dict for query-* commands); raises :class:`MonitorError`.
+    Runs on a private event loop (qemu.qmp's async client), so it leaves
+    no loop behind for :func:`qmp_command`'s legacy client to trip on.
+    """
+    import asyncio
+
+    from qemu.qmp import QMPClient, QMPError
+
+    async def ask() -> object:
+        qmp = QMPClient(vm.name)
+        try:
+            await qmp.connect(QMP_SOCKET)
+            return await qmp.execute(command)
+        finally:
+            await qmp.disconnect()
+
+    os.chdir(vm.path)  # relative socket name, as in qmp_command
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(ask(), timeout))
+    except (QMPError, OSError, asyncio.TimeoutError) as exc:
+        raise MonitorError(f"{vm.name}: QMP {command} failed: {exc or 'timed out'}") from exc
+    finally:
+        loop.close()
+
+
 SAVE_TIMEOUT = 300.0
 
 

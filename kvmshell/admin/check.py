@@ -501,10 +501,10 @@ def check_sudoers(h: Host) -> Result:
     if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         return Result(FAIL, f"{path} is {_mode_text(st)}: sudo ignores it, and users must not "
                       "write it", f"chown root:root {path}; chmod 0440 {path}")
-    code, out = _run([visudo, "-c", "-q", "-f", path])
+    code, out = _run([visudo, "-c", "-f", path])
     if code != 0:
         return Result(FAIL, f"visudo -c -f {path}: {_first_line(out)}",
-                      f"fix the line it names, or reinstall it (make install); a broken "
+                      "fix the line it names, or reinstall it (make install); a broken "
                       "drop-in may stop all of sudo")
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read(1 << 20)
@@ -516,7 +516,7 @@ def check_sudoers(h: Host) -> Result:
         return Result(FAIL, f"{path} grants nothing to group {h.cfg.group}",
                       f"name %{h.cfg.group} in it, as the shipped sudoers.d/kvmshell does")
     if h.etc == "/etc":
-        code, out = _run([visudo, "-c", "-q"])
+        code, out = _run([visudo, "-c"])
         if code != 0:
             return Result(FAIL, f"visudo -c (all of sudo's files): {_first_line(out)}",
                           "fix the file it names")

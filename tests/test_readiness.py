@@ -131,6 +131,31 @@ def test_accel_fallback_no_refuses_and_leaves_nothing(host: Host, carol: User,
         host.write_conf()
 
 
+def test_status_does_not_wait_for_a_busy_monitor(host: Host, carol: User,
+                                                 acc_vm: Path) -> None:
+    """QMP serves one client at a time: while another holds it (a long
+    'save', say), status still answers within its 2 s, without the accel."""
+    import socket
+    import time
+    r = carol.ssh_command(START)
+    try:
+        assert r.returncode == 0, r.stderr
+        holder = socket.socket(socket.AF_UNIX)
+        holder.connect(str(acc_vm / "qmp.sock"))
+        try:
+            assert b"QMP" in holder.recv(4096)      # QEMU is serving this client
+            t = time.monotonic()
+            doc = carol.status("acc")
+            assert time.monotonic() - t < 10
+            assert doc["state"] == "running" and doc["accel"] is None
+        finally:
+            holder.close()
+        assert carol.status("acc")["accel"] == "tcg"
+    finally:
+        carol.ssh_command("kill acc")
+        kill_all(carol)
+
+
 def test_switches_are_yes_or_no(tmp_path: Path) -> None:
     conf = tmp_path / "k.conf"
     for key in ("accel_fallback", "adduser_kvm"):

@@ -17,7 +17,7 @@ PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes
 # pip's cryptography (Debian's python3-openssl, if present, does not).
 PIP_TEST_UPGRADE := pyopenssl service_identity
 
-.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean
+.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean debian-guest
 
 all:
 	@echo "targets: install demo test typecheck bench fuzz"
@@ -103,3 +103,8 @@ bench: install guest
 
 clean:
 	rm -rf build *.egg-info
+
+# A real Debian 12 guest (qcow2 root disk, cloud kernel, initramfs), cached in
+# build/debian; see tests/guest/build-debian.sh and tests/debianrig.py.
+debian-guest:
+	tests/guest/build-debian.sh build/debian

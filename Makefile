@@ -11,13 +11,17 @@ APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 open
                openssh-client libpam-modules socat
 APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
                xz-utils zstd
-PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp
-PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes
+PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
+# The web front door's browser test: Debian's Chromium and its chromedriver
+# (never a browser downloaded at install time), nginx for the proxy example.
+APT_TEST    += chromium chromium-driver nginx-light openssl
+PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes selenium httpx
 # vncdotool's twisted needs service_identity, and a pyOpenSSL that matches
 # pip's cryptography (Debian's python3-openssl, if present, does not).
 PIP_TEST_UPGRADE := pyopenssl service_identity
 
-.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean
+.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean \
+        web-assets
 
 all:
 	@echo "targets: install demo test typecheck bench fuzz"
@@ -76,11 +80,29 @@ install-files: deps
 guest:
 	tests/guest/build-guest.sh build/guest
 
+# The web pages' libraries (xterm.js, its fit addon, noVNC) from the npm
+# registry, exactly as frontend/package-lock.json pins them (npm ci checks
+# each package's integrity hash), copied into kvmshell/web/static/vendor/.
+web-assets:
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; }
+	cd frontend && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	frontend/copy-assets.sh
+
 demo: install-files guest
 	sh demo/demo.sh
 	@$(CHECK)
 
-test: install test-deps guest
+# fail2ban-regex for the web suite's test of the shipped filter, unpacked
+# from Debian's package into build/ (not installed: no daemon is started).
+FAIL2BAN_REGEX := build/fail2ban/usr/bin/fail2ban-regex
+$(FAIL2BAN_REGEX):
+	rm -rf build/fail2ban build/fail2ban-deb && mkdir -p build/fail2ban-deb
+	cd build/fail2ban-deb && apt-get download -qq fail2ban 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq fail2ban; }
+	dpkg -x build/fail2ban-deb/fail2ban_*.deb build/fail2ban && rm -rf build/fail2ban-deb
+
+test: install test-deps guest web-assets $(FAIL2BAN_REGEX)
 	$(PYTHON) -m pytest -v tests
 
 # Coverage-guided fuzzing of the parser for a fixed time; any exception

@@ -29,6 +29,7 @@ Routes (all JSON answers are objects; errors are ``{"error": LINE}``):
     POST /api/vms/NAME/VERB     start (with {"options": [[OPT, VALUE|true], ...]}),
                                 stop, kill, reset -> {"ok", "message"}
     POST /api/tickets           {"vm", "kind": console|force|spy|vnc} -> {"ticket"}
+                                (kvmshell status VM first: its refusal, or a ticket)
     GET  /vms/NAME/console      xterm.js page (takeover: --force; spy: read-only;
                                 display: noVNC)
     WS   /ws                    first message {"ticket"}; then the stream
@@ -302,6 +303,11 @@ class Web:
         bad = _bad_name(body["vm"])
         if bad:
             return _error(bad, 400)
+        # kvmshell says whether the VM is the user's and running, in its own
+        # words: no ticket otherwise.  (kvmshell console/vnc check again.)
+        r = await runner.run(self.cfg, g.user, ["status", body["vm"], "--json"])
+        if r.status != 0:
+            return _error(r.message, _http_status(r.status))
         try:
             token = self.store.issue(g, body["vm"], body["kind"])
         except OverflowError:

@@ -13,8 +13,8 @@ APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login pass
                xz-utils zstd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
 # The web front door's browser test: Debian's Chromium and its chromedriver
-# (never a browser downloaded at install time), nginx for the proxy example.
-APT_TEST    += chromium chromium-driver nginx-light openssl
+# (never a browser downloaded at install time); openssl for the proxy test.
+APT_TEST    += chromium chromium-driver openssl
 PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes selenium httpx
 # vncdotool's twisted needs service_identity, and a pyOpenSSL that matches
 # pip's cryptography (Debian's python3-openssl, if present, does not).
@@ -102,7 +102,16 @@ $(FAIL2BAN_REGEX):
 	  { apt-get update -qq && apt-get download -qq fail2ban; }
 	dpkg -x build/fail2ban-deb/fail2ban_*.deb build/fail2ban && rm -rf build/fail2ban-deb
 
-test: install test-deps guest web-assets $(FAIL2BAN_REGEX)
+# nginx for the web suite's test of the shipped proxy example, unpacked the
+# same way (installing Debian's package would start a daemon on port 80).
+NGINX := build/nginx/usr/sbin/nginx
+$(NGINX):
+	rm -rf build/nginx build/nginx-deb && mkdir -p build/nginx-deb
+	cd build/nginx-deb && apt-get download -qq nginx 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq nginx; }
+	dpkg -x build/nginx-deb/nginx_*.deb build/nginx && rm -rf build/nginx-deb
+
+test: install test-deps guest web-assets $(FAIL2BAN_REGEX) $(NGINX)
 	$(PYTHON) -m pytest -v tests
 
 # Coverage-guided fuzzing of the parser for a fixed time; any exception

@@ -943,3 +943,113 @@ def test_no_console_target_from_the_client(web: WebRig, alice: User, running: Pa
             m = ws.recv(timeout=60)
             seen += m if isinstance(m, bytes) else b""
     assert b"target-49" in console_log(running)           # it was the VM's console
+
+
+# ---- behind the shipped nginx example ------------------------------------------------------
+
+NGINX_MAIN = """\
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    include {d}/site.conf;
+}}
+"""
+
+
+def test_behind_the_shipped_nginx_example(host: Host, alice: User, running: Path,
+                                          tmp_path: Path) -> None:
+    """nginx/kvmshell-web.conf, with only names, ports and paths replaced:
+    TLS to the browser, login, the page, the client's own X-Forwarded-For
+    replaced by nginx's view, HSTS, and the console WebSocket through it."""
+    import ssl
+    from websockets.sync.client import connect
+
+    nginx = REPO / "build" / "nginx" / "usr" / "sbin" / "nginx"
+    if not nginx.exists():
+        subprocess.run(["make", "-C", str(REPO), "build/nginx/usr/sbin/nginx"], check=True,
+                       capture_output=True)
+    from webrig import free_port
+    tls, plain = free_port(), free_port()
+    d = tmp_path / "nginx"
+    (d / "tmp").mkdir(parents=True)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(d, 0o755)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
+                 web_origins=f"https://localhost:{tls}", web_proxies="127.0.0.1")
+    site = (REPO / "nginx" / "kvmshell-web.conf").read_text()
+    for old, new in (("listen 443 ssl http2;", f"listen 127.0.0.1:{tls} ssl http2;"),
+                     ("listen [::]:443 ssl http2;", ""),
+                     ("listen 80;", f"listen 127.0.0.1:{plain};"), ("listen [::]:80;", ""),
+                     ("server_name vm.example.org;", "server_name localhost;"),
+                     ("/etc/ssl/certs/vm.example.org.pem", str(d / "cert.pem")),
+                     ("/etc/ssl/private/vm.example.org.key", str(d / "key.pem")),
+                     ("http://127.0.0.1:8480", f"http://127.0.0.1:{rig.port}")):
+        assert old in site, old
+        site = site.replace(old, new)
+    (d / "site.conf").write_text(site)
+    (d / "nginx.conf").write_text(NGINX_MAIN.format(d=d))
+    proc = None
+    try:
+        rig.add_user(alice.name, PASSWORD)
+        rig.start()
+        t = subprocess.run([str(nginx), "-t", "-p", str(d), "-c", str(d / "nginx.conf")],
+                           capture_output=True, text=True)
+        assert t.returncode == 0, t.stderr
+        proc = subprocess.Popen([str(nginx), "-p", str(d), "-c", str(d / "nginx.conf")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        origin = f"https://localhost:{tls}"
+        ctx = ssl.create_default_context(cafile=str(d / "cert.pem"))
+        http = httpx.Client(base_url=origin, verify=ctx, trust_env=False, timeout=60)
+        wait_for(lambda: _up(http), 20, "nginx")
+        r = httpx.get(f"http://localhost:{plain}/login", trust_env=False)
+        assert r.status_code == 301 and r.headers["location"] == "https://localhost/login"
+        r = http.post("/login", json={"user": alice.name, "password": PASSWORD},
+                      headers={"Origin": origin, "X-Forwarded-For": "203.0.113.66"})
+        assert r.status_code == 200, (r.text, rig.log_text())
+        assert r.headers["strict-transport-security"].startswith("max-age=")
+        cookie = session_cookie(r)
+        assert f"login {alice.name} from 127.0.0.1" in rig.log_text()
+        assert "203.0.113.66" not in rig.log_text()
+        page = http.get("/", headers={"Cookie": f"{COOKIE}={cookie}"})
+        assert page.status_code == 200 and f'data-vm="{VM}"' in page.text
+        csrf = re.search(r'name="kvmshell-csrf" content="([^"]+)"', page.text)
+        assert csrf
+        no_console_clients(alice)
+        r = http.post("/api/tickets", json={"vm": VM, "kind": "console"},
+                      headers={"Origin": origin, "Cookie": f"{COOKIE}={cookie}",
+                               "X-CSRF-Token": csrf.group(1)})
+        assert r.status_code == 200, r.text
+        with connect(f"wss://localhost:{tls}/ws", ssl=ctx, proxy=None, origin=origin,  # type: ignore[arg-type]
+                     additional_headers={"Cookie": f"{COOKIE}={cookie}"}) as ws:
+            assert ws_answer(ws, {"ticket": r.json()["ticket"]})[0] == {"ok": "console"}
+            ws.send(b"echo nginx-$((5*5))\r")
+            seen = b""
+            while b"nginx-25\r\n" not in seen:
+                m = ws.recv(timeout=60)
+                seen += m if isinstance(m, bytes) else b""
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+        subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
+        rig.close()
+
+
+def _up(http: httpx.Client) -> bool:
+    try:
+        return http.get("/login").status_code == 200
+    except httpx.HTTPError:
+        return False

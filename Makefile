@@ -4,7 +4,9 @@ PREFIX  ?= /usr/local
 SBIN    := $(PREFIX)/sbin
 BIN     := $(PREFIX)/bin
 LIBEXEC := $(PREFIX)/libexec/kvmshell
+SHARE   := $(PREFIX)/share/kvmshell
 CONF    := /etc/kvmshell
+UNITDIR := /etc/systemd/system
 PIP     := $(PYTHON) -m pip install --break-system-packages --disable-pip-version-check -q
 
 APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 openssh-server \
@@ -48,7 +50,7 @@ CHECK = $(SBIN)/kvmadm check || { echo "make: kvmshell is installed, but kvmadm 
 install: install-files
 	@$(CHECK)
 
-install-files: deps
+install-files: deps web-assets
 	# setuptools reuses build/lib: a module moved or removed since the last
 	# build would otherwise be installed again.
 	rm -rf build/lib build/bdist.*
@@ -76,6 +78,26 @@ install-files: deps
 	  rm -f /etc/ssh/sshd_config.d/kvmshell.conf; \
 	  echo "sshd -t failed with the kvmshell drop-in: not installed"; exit 1; }; fi
 	@if [ -d /run/systemd/system ] && systemctl is-active -q ssh 2>/dev/null; then systemctl reload ssh; fi
+	# The web front door: installed and configured, but off (README: "The
+	# web front door" says how to turn it on behind nginx).
+	install -m 755 bin/kvmshell-web $(SBIN)/kvmshell-web
+	getent passwd kvmweb >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin --comment "kvmshell web front door" kvmweb
+	sed -e 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' -e 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' \
+	  sudoers.d/kvmshell-web > build/sudoers.kvmshell-web
+	visudo -cf build/sudoers.kvmshell-web
+	install -m 440 build/sudoers.kvmshell-web /etc/sudoers.d/kvmshell-web
+	install -d -m 755 $(SHARE) $(UNITDIR)
+	install -m 644 nginx/kvmshell-web.conf $(SHARE)/nginx-kvmshell-web.conf
+	install -m 644 fail2ban/filter.d/kvmshell-web.conf $(SHARE)/fail2ban-filter-kvmshell-web.conf
+	install -m 644 fail2ban/jail.d/kvmshell-web.conf.example $(SHARE)/fail2ban-jail-kvmshell-web.conf.example
+	install -m 644 README.md SECURITY.md $(SHARE)/
+	@if [ -d /etc/fail2ban/filter.d ]; then \
+	  install -m 644 fail2ban/filter.d/kvmshell-web.conf /etc/fail2ban/filter.d/kvmshell-web.conf; fi
+	sed -e 's|/usr/local/sbin/kvmshell-web|$(SBIN)/kvmshell-web|' -e 's|/usr/local/share/kvmshell|$(SHARE)|' \
+	  systemd/kvmshell-web.service > $(UNITDIR)/kvmshell-web.service
+	chmod 644 $(UNITDIR)/kvmshell-web.service
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 guest:
 	tests/guest/build-guest.sh build/guest

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import time
 from html.parser import HTMLParser
@@ -1053,3 +1054,62 @@ def _up(http: httpx.Client) -> bool:
         return http.get("/login").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# ---- what make install ships -------------------------------------------------------------
+
+def test_shipped_files_agree() -> None:
+    """kvmshell.conf's web settings name what the sudoers drop-in, the
+    systemd unit and the nginx example name; and the Makefile's rewrite of
+    the drop-in for another PREFIX still passes visudo."""
+    from kvmshell.common import config
+    cfg = config.load(str(REPO / "kvmshell.conf"), require_root=False)
+    w = cfg.web
+    sudoers = (REPO / "sudoers.d" / "kvmshell-web").read_text()
+    assert f"= {w.pamhelper} ^auth " in sudoers
+    assert f"= {w.kvmshell} ^(" in sudoers
+    assert f"\n{w.user} ALL=(root) NOPASSWD: KVMSHELL_PAMHELPER\n" in sudoers
+    assert f"\n{w.user} ALL=(%{cfg.group}) NOPASSWD: KVMSHELL_WEB_VERBS\n" in sudoers
+    unit = (REPO / "systemd" / "kvmshell-web.service").read_text()
+    assert f"\nUser={w.user}\n" in unit and "\nKillMode=process\n" in unit
+    assert "NoNewPrivileges" not in unit.replace("# No NoNewPrivileges", "")
+    assert w.listen == ("tcp", "127.0.0.1", 8480) and w.origins == []
+    assert "proxy_pass http://127.0.0.1:8480;" in (REPO / "nginx" / "kvmshell-web.conf").read_text()
+    make = (REPO / "Makefile").read_text()
+    m = re.search(r"sed -e '(s\|/usr/local/libexec/kvmshell\|\$\(LIBEXEC\)\|)' -e "
+                  r"'(s\|/usr/local/bin/kvmshell\|\$\(BIN\)/kvmshell\|)' \\\n\s+sudoers.d/kvmshell-web",
+                  make)
+    assert m, "the Makefile's sed for sudoers.d/kvmshell-web"
+    prefix = "/opt/kvm"
+    expr = [m.group(1).replace("$(LIBEXEC)", f"{prefix}/libexec/kvmshell"),
+            m.group(2).replace("$(BIN)", f"{prefix}/bin")]
+    out = subprocess.run(["sed", "-e", expr[0], "-e", expr[1],
+                          str(REPO / "sudoers.d" / "kvmshell-web")],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{prefix}/libexec/kvmshell/kvmshell-pamhelper ^auth" in out
+    assert f"{prefix}/bin/kvmshell ^(" in out and "/usr/local" not in out
+    r = subprocess.run(["visudo", "-cf", "-"], input=out, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_package_ships_templates_and_assets(tmp_path: Path) -> None:
+    """The installed package (a wheel built from the checkout) carries the
+    templates, our scripts and every npm asset the pages load."""
+    import zipfile
+    from webrig import ensure_assets
+    ensure_assets(None)
+    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    work = tmp_path / "src"
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(
+        "build", "node_modules", "__pycache__", ".git", "*.egg-info", ".mypy_cache"))
+    subprocess.run(["/usr/bin/python3", "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path / "whl"), str(work)],
+                   check=True, capture_output=True, env=env)
+    (wheel,) = (tmp_path / "whl").glob("kvmshell-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    web = REPO / "kvmshell" / "web"
+    want = {str(p.relative_to(REPO)) for p in web.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+    assert want - names == set()
+    assert "kvmshell/web/static/vendor/novnc/core/rfb.js" in names
+    assert "kvmshell/web/static/vendor/xterm/xterm.mjs" in names

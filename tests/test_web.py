@@ -761,6 +761,21 @@ def test_spy_is_read_only(web: WebRig, alice: User, running: Path) -> None:
     assert b"spy-15" not in console_log(running)
 
 
+def test_consoles_per_login_are_bounded(web: WebRig, alice: User, running: Path) -> None:
+    from contextlib import ExitStack
+    b = Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    with ExitStack() as stack:
+        for _ in range(8):
+            ws = stack.enter_context(b.ws())
+            assert ws_answer(ws, {"ticket": b.ticket(VM, "spy")})[0] == {"ok": "spy"}
+        with b.ws() as ws:
+            doc, closed = ws_answer(ws, {"ticket": b.ticket(VM, "spy")})
+            assert doc == {"error": "kvmshell-web: at most 8 consoles and displays at once "
+                                    "per login"} and closed.code == 4429
+    no_console_clients(alice)               # all eight clients leave with their sockets
+
+
 def test_resize_notice(web: WebRig, alice: User, running: Path) -> None:
     no_console_clients(alice)
     b = Browser(web)

@@ -41,7 +41,7 @@ import asyncio
 import json
 import os
 import secrets
-from typing import Any, Callable
+from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -68,6 +68,8 @@ VERBS = ("start", "stop", "kill", "reset")
 # Page -> ticket kind.
 PAGE_KINDS = {"console": "console", "takeover": "force", "spy": "spy", "display": "vnc"}
 FIRST_MESSAGE_SECONDS = 10.0
+END_SECONDS = 10.0
+STREAMS_PER_SESSION = 8
 WS_FRAME_MAX = 1 << 20
 LOGIN_FAILED = "login incorrect"
 LOGIN_LIMITED = "too many failed logins; try again later"
@@ -343,8 +345,16 @@ class Web:
                  "force": ["console", t.vm, "--force", "--linger", "0"],
                  "spy": ["console", t.vm, "--spy", "--linger", "0"],
                  "vnc": ["vnc", t.vm]}[t.kind]
+        if s.streams >= STREAMS_PER_SESSION:
+            await _ws_refuse(websocket, f"kvmshell-web: at most {STREAMS_PER_SESSION} consoles "
+                             "and displays at once per login", 4429)
+            return
         events.log(f"{s.user} from {client(websocket)}: {t.kind} {t.vm}")
-        await Relay(self, s, websocket, t.kind, words).run()
+        s.streams += 1
+        try:
+            await Relay(self, s, websocket, t.kind, words).run()
+        finally:
+            s.streams -= 1
 
     def app(self) -> Starlette:
         hosts = sorted({_host_of(o) for o in self.origins}) or ["localhost"]
@@ -397,7 +407,10 @@ class Relay:
                 # noVNC takes the socket over after "ok": anything but RFB
                 # bytes after that would break it, so wait for the server's
                 # first bytes (or kvmshell's refusal) before saying ok.
-                first = await proc.stdout.read(65536)
+                try:
+                    first = await asyncio.wait_for(proc.stdout.read(65536), 30.0)
+                except asyncio.TimeoutError:
+                    first = b""
                 if not first:
                     return
             await self.ws.send_text(json.dumps({"ok": self.kind}))
@@ -417,8 +430,10 @@ class Relay:
             await self._close(proc.returncode)
 
     async def _close(self, status: int | None) -> None:
+        """Close the WebSocket: with kvmshell's line if it failed (exit > 0),
+        4401 if the session ended, else normally."""
         try:
-            if status not in (0, None, -15, -9) or (status and self.stderr):
+            if status is not None and status > 0:
                 line = runner.last_line(self.stderr) or "kvmshell-web: the console ended"
                 if not line.startswith("kvmshell"):
                     line = "kvmshell-web: not allowed to act as this user"
@@ -476,30 +491,39 @@ class Relay:
 
 
 async def _end(proc: asyncio.subprocess.Process) -> None:
-    """Stop a console/display client: its input ends first (it leaves by
-    itself), then SIGTERM, then SIGKILL."""
+    """Stop a console/display client.  Its input ends, and its output is
+    read and dropped meanwhile (so it is never stuck writing): kvmshell
+    console (``--linger 0``) and vnc leave by themselves on that.  Signals
+    are a last try only: the client runs under sudo, as the user, so the
+    web user may not signal it."""
     if proc.stdin is not None:
         try:
             proc.stdin.close()
         except (ConnectionError, RuntimeError):
             pass
-    for sig in (None, "terminate", "kill"):
-        if sig == "terminate":
-            _signal(proc, proc.terminate)
-        elif sig == "kill":
-            _signal(proc, proc.kill)
+
+    async def drain() -> None:
+        if proc.stdout is not None:
+            while await proc.stdout.read(65536):
+                pass
+        await proc.wait()
+
+    try:
+        await asyncio.wait_for(drain(), END_SECONDS)
+        return
+    except asyncio.TimeoutError:
+        pass
+    for how in (proc.terminate, proc.kill):
+        try:
+            how()
+        except (ProcessLookupError, PermissionError):
+            pass
         try:
             await asyncio.wait_for(proc.wait(), 2.0)
             return
         except asyncio.TimeoutError:
             continue
-
-
-def _signal(proc: asyncio.subprocess.Process, how: Callable[[], None]) -> None:
-    try:
-        how()
-    except (ProcessLookupError, PermissionError):
-        pass
+    events.log(f"a console client (pid {proc.pid}) did not leave")
 
 
 async def _ws_refuse(ws: WebSocket, line: str, code: int) -> None:

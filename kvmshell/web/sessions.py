@@ -39,10 +39,11 @@ MAX_LIMITER_KEYS = 100000
 
 class Session:
     """One logged-in browser: ``id`` (the cookie), ``user``, ``csrf``,
-    ``address`` (the client's at login), times, and ``ended`` (set when the
-    session ends, so open consoles close with it)."""
+    ``address`` (the client's at login), times, ``ended`` (set when the
+    session ends, so open consoles close with it) and ``streams`` (its open
+    consoles and displays)."""
 
-    __slots__ = ("id", "user", "csrf", "address", "created", "last_seen", "ended")
+    __slots__ = ("id", "user", "csrf", "address", "created", "last_seen", "ended", "streams")
 
     def __init__(self, user: str, address: str, now: float) -> None:
         self.id = secrets.token_urlsafe(32)
@@ -52,6 +53,7 @@ class Session:
         self.created = now
         self.last_seen = now
         self.ended = asyncio.Event()
+        self.streams = 0            # open consoles and displays
 
     def csrf_ok(self, token: str | None) -> bool:
         return token is not None and hmac.compare_digest(token.encode(), self.csrf.encode())

@@ -201,8 +201,9 @@ class Web:
         bad = _bad_name(name)
         if bad:
             return self.error_page(s, bad, 400)
-        # kvmshell says whether this VM is the user's (and running): its
-        # answer, word for word, is the page's refusal.
+        # kvmshell says whether this VM is the user's: its answer, word for
+        # word, is the page's refusal.  (Whether it runs, kvmshell console
+        # or vnc says, through the WebSocket.)
         r = await runner.run(self.cfg, s.user, ["status", name, "--json"])
         if r.status != 0:
             return self.error_page(s, r.message, _http_status(r.status))
@@ -234,7 +235,7 @@ class Web:
                 and "\0" not in password and "\n" not in password and "\r" not in password:
             ok = await runner.check_login(self.cfg, user, password, _helper_address(addr))
         if not ok:
-            # The line fail2ban's filter matches (doc/fail2ban: kvmshell-web.conf).
+            # The line fail2ban's filter matches (fail2ban/filter.d/kvmshell-web.conf).
             events.log(f"authentication failure for {_log_name(user)} from {addr}")
             return _error(LOGIN_FAILED, 401)
         self.by_address.forgive(akey)
@@ -305,8 +306,8 @@ class Web:
         bad = _bad_name(body["vm"])
         if bad:
             return _error(bad, 400)
-        # kvmshell says whether the VM is the user's and running, in its own
-        # words: no ticket otherwise.  (kvmshell console/vnc check again.)
+        # kvmshell says whether the VM is the user's, in its own words: no
+        # ticket otherwise.  (kvmshell console/vnc check again, as the user.)
         r = await runner.run(self.cfg, g.user, ["status", body["vm"], "--json"])
         if r.status != 0:
             return _error(r.message, _http_status(r.status))

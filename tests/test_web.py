@@ -1128,3 +1128,49 @@ def test_package_ships_templates_and_assets(tmp_path: Path) -> None:
     assert want - names == set()
     assert "kvmshell/web/static/vendor/novnc/core/rfb.js" in names
     assert "kvmshell/web/static/vendor/xterm/xterm.mjs" in names
+
+
+def test_kvmadm_check_reports_the_web_front_door(web: WebRig, alice: User,
+                                                 tmp_path: Path) -> None:
+    """kvmadm check's "web" line: PASS when not installed, PASS for the rig's
+    installed layout, and FAIL with a fix for each breakage."""
+    from kvmshell.admin import check
+    from kvmshell.common import config
+    etc = tmp_path / "etc"
+    (etc / "sudoers.d").mkdir(parents=True)
+    cfg = config.load(str(web.conf))
+    res = check.check_web(check.Host(cfg, str(etc)))
+    assert res.status == "PASS" and "not installed" in res.detail
+    dropin = etc / "sudoers.d" / "kvmshell-web"
+    dropin.write_text(web.sudoers_text())
+    os.chmod(dropin, 0o440)
+    res = check.check_web(check.Host(cfg, str(etc)))
+    assert res.status == "PASS", res.detail
+    assert res.detail.startswith(f"installed, on for {web.origin}; {web.web_user} may run")
+
+    def fails(why: str) -> None:
+        res = check.check_web(check.Host(config.load(str(web.conf)), str(etc)))
+        assert res.status == "FAIL" and why in res.detail and res.fix, (why, res.detail)
+
+    os.chmod(dropin, 0o666)
+    fails("users must not write it")
+    os.chmod(dropin, 0o440)
+    dropin.write_text(web.sudoers_text() + "kvmweb ALL=(\n")
+    fails("visudo -c -f")
+    dropin.write_text(web.sudoers_text())
+    web.write_conf(web_pamhelper="/usr/local/libexec/kvmshell/elsewhere")
+    try:
+        fails("does not name /usr/local/libexec/kvmshell/elsewhere")
+    finally:
+        web.write_conf(web_pamhelper=web.pamhelper)
+    subprocess.run(["usermod", "-aG", web.group, web.web_user], check=True)
+    try:
+        fails("is root or a VM user")
+    finally:
+        subprocess.run(["gpasswd", "-d", web.web_user, web.group], check=True,
+                       capture_output=True)
+    os.chmod(web.pamhelper, 0o777)
+    try:
+        fails("a user could change it")
+    finally:
+        os.chmod(web.pamhelper, 0o755)

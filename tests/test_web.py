@@ -1177,3 +1177,62 @@ def test_kvmadm_check_reports_the_web_front_door(web: WebRig, alice: User,
         fails("a user could change it")
     finally:
         os.chmod(web.pamhelper, 0o755)
+
+
+def test_serves_tls_itself_and_listens_on_a_unix_socket(host: Host, alice: User,
+                                                        vms: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """web_tls_cert/web_tls_key: HTTPS without a proxy (HSTS sent); and
+    web_listen = unix:PATH, where the proxy's X-Forwarded-For is believed."""
+    import ssl
+    tls = host.root / f"tls-{secrets.token_hex(3)}"
+    tls.mkdir(mode=0o755)
+    cert, key = tls / "cert.pem", tls / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    os.chmod(cert, 0o644)
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
+                 web_tls_cert=str(cert), web_tls_key=str(key))
+    port = rig.port
+    rig.write_conf(web_origins=f"https://localhost:{port}")
+    try:
+        os.chmod(key, 0o400)                 # root's: one line, no traceback
+        r = subprocess.run(rig.as_web_user("/usr/bin/python3", "-I", str(rig.server), "--config",
+                                           str(rig.conf)), capture_output=True, text=True,
+                           timeout=60, env={"PATH": "/usr/bin:/bin"})
+        assert (r.returncode, r.stderr) == (2, f"kvmshell-web: web_tls_key: cannot read {key}: "
+                                               f"Permission denied (it must be readable by "
+                                               f"{rig.web_user})\n")
+        os.chown(key, rig.web_uid, rig.web_gid)
+        rig.add_user(alice.name, PASSWORD)
+        rig.start()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        r = httpx.post(f"https://localhost:{port}/login", verify=ctx, trust_env=False,
+                       json={"user": alice.name, "password": PASSWORD},
+                       headers={"Origin": f"https://localhost:{port}"})
+        assert r.status_code == 200, rig.log_text()
+        assert r.headers["strict-transport-security"].startswith("max-age=")
+        session_cookie(r)
+    finally:
+        subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
+        rig.close()
+    sock_dir = tls / "run"
+    sock_dir.mkdir()
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
+                 web_origins="https://vm.example.org", web_listen=f"unix:{sock_dir}/web.sock")
+    try:
+        os.chown(sock_dir, rig.web_uid, rig.web_gid)
+        os.chmod(sock_dir, 0o750)           # the proxy's group, in real life
+        rig.add_user(alice.name, PASSWORD)
+        rig.start()
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=f"{sock_dir}/web.sock"),
+                            base_url="http://vm.example.org", trust_env=False, timeout=60)
+        r = http.post("/login", json={"user": alice.name, "password": PASSWORD},
+                      headers={"Origin": "https://vm.example.org",
+                               "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+        assert r.status_code == 200, rig.log_text()
+        assert f"login {alice.name} from 203.0.113.9" in rig.log_text()
+    finally:
+        subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
+        rig.close()

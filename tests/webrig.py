@@ -159,9 +159,14 @@ class WebRig:
                                      stderr=open(self.log, "wb"), cwd="/",
                                      env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
         deadline = time.monotonic() + 30
+        listen = self.settings["web_listen"]
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if listen.startswith("unix:"):
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(listen[5:])
+                else:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:

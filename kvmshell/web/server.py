@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         if not w.origins:
             raise ConfigError(f"{cfg.path}: web_origins is empty: name the address users "
                               "open, e.g. web_origins = https://vm.example.org")
+        for key, path in (("web_tls_cert", w.tls_cert), ("web_tls_key", w.tls_key)):
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ConfigError(f"{key}: cannot read {path}: {exc.strerror} (it must be "
+                                      f"readable by {w.user})") from exc
     except KvmshellError as exc:
         sys.stderr.write(f"kvmshell-web: {exc.message}\n")
         return 2

@@ -1236,3 +1236,26 @@ def test_serves_tls_itself_and_listens_on_a_unix_socket(host: Host, alice: User,
     finally:
         subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
         rig.close()
+
+
+def test_server_refuses_root_and_a_config_without_origins(web: WebRig) -> None:
+    def serve(as_web_user: bool) -> subprocess.CompletedProcess[str]:
+        argv = ["/usr/bin/python3", "-I", str(web.server), "--config", str(web.conf)]
+        return subprocess.run(web.as_web_user(*argv) if as_web_user else argv,
+                              capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin"})
+    r = serve(False)
+    assert (r.returncode, r.stderr) == (2, "kvmshell-web: refusing to run as root (run it as "
+                                           "web_user, e.g. kvmweb)\n")
+    origins = web.settings["web_origins"]
+    web.write_conf(web_origins="")
+    try:
+        r = serve(True)
+        assert r.returncode == 2 and r.stderr.startswith("kvmshell-web: ") \
+            and "web_origins is empty" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        web.write_conf(web_origins="https://vm.example.org/path")
+        r = serve(True)
+        assert r.returncode == 2 and "web_origins: 'https://vm.example.org/path' is not " \
+            "scheme://host[:port]" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    finally:
+        web.write_conf(web_origins=origins)

@@ -4,20 +4,26 @@ PREFIX  ?= /usr/local
 SBIN    := $(PREFIX)/sbin
 BIN     := $(PREFIX)/bin
 LIBEXEC := $(PREFIX)/libexec/kvmshell
+SHARE   := $(PREFIX)/share/kvmshell
 CONF    := /etc/kvmshell
+UNITDIR := /etc/systemd/system
 PIP     := $(PYTHON) -m pip install --break-system-packages --disable-pip-version-check -q
 
 APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 openssh-server \
                openssh-client libpam-modules socat
 APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
                xz-utils zstd
-PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp
-PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes
+PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
+# The web front door's browser test: Debian's Chromium and its chromedriver
+# (never a browser downloaded at install time); openssl for the proxy test.
+APT_TEST    += chromium chromium-driver openssl
+PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes selenium httpx
 # vncdotool's twisted needs service_identity, and a pyOpenSSL that matches
 # pip's cryptography (Debian's python3-openssl, if present, does not).
 PIP_TEST_UPGRADE := pyopenssl service_identity
 
-.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean debian-guest
+.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean \
+        web-assets debian-guest
 
 all:
 	@echo "targets: install demo test typecheck bench fuzz"
@@ -44,7 +50,7 @@ CHECK = $(SBIN)/kvmadm check || { echo "make: kvmshell is installed, but kvmadm 
 install: install-files
 	@$(CHECK)
 
-install-files: deps
+install-files: deps web-assets
 	# setuptools reuses build/lib: a module moved or removed since the last
 	# build would otherwise be installed again.
 	rm -rf build/lib build/bdist.*
@@ -72,15 +78,62 @@ install-files: deps
 	  rm -f /etc/ssh/sshd_config.d/kvmshell.conf; \
 	  echo "sshd -t failed with the kvmshell drop-in: not installed"; exit 1; }; fi
 	@if [ -d /run/systemd/system ] && systemctl is-active -q ssh 2>/dev/null; then systemctl reload ssh; fi
+	# The web front door: installed and configured, but off (README: "The
+	# web front door" says how to turn it on behind nginx).
+	install -m 755 bin/kvmshell-web $(SBIN)/kvmshell-web
+	getent passwd kvmweb >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin --comment "kvmshell web front door" kvmweb
+	sed -e 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' -e 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' \
+	  sudoers.d/kvmshell-web > build/sudoers.kvmshell-web
+	visudo -cf build/sudoers.kvmshell-web
+	install -m 440 build/sudoers.kvmshell-web /etc/sudoers.d/kvmshell-web
+	install -d -m 755 $(SHARE) $(UNITDIR)
+	install -m 644 nginx/kvmshell-web.conf $(SHARE)/nginx-kvmshell-web.conf
+	install -m 644 fail2ban/filter.d/kvmshell-web.conf $(SHARE)/fail2ban-filter-kvmshell-web.conf
+	install -m 644 fail2ban/jail.d/kvmshell-web.conf.example $(SHARE)/fail2ban-jail-kvmshell-web.conf.example
+	install -m 644 README.md SECURITY.md $(SHARE)/
+	@if [ -d /etc/fail2ban/filter.d ]; then \
+	  install -m 644 fail2ban/filter.d/kvmshell-web.conf /etc/fail2ban/filter.d/kvmshell-web.conf; fi
+	sed -e 's|/usr/local/sbin/kvmshell-web|$(SBIN)/kvmshell-web|' -e 's|/usr/local/share/kvmshell|$(SHARE)|' \
+	  systemd/kvmshell-web.service > $(UNITDIR)/kvmshell-web.service
+	chmod 644 $(UNITDIR)/kvmshell-web.service
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 guest:
 	tests/guest/build-guest.sh build/guest
+
+# The web pages' libraries (xterm.js, its fit addon, noVNC) from the npm
+# registry, exactly as frontend/package-lock.json pins them (npm ci checks
+# each package's integrity hash), copied into kvmshell/web/static/vendor/.
+web-assets:
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; }
+	cd frontend && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	frontend/copy-assets.sh
 
 demo: install-files guest
 	sh demo/demo.sh
 	@$(CHECK)
 
-test: install test-deps guest
+# fail2ban-regex for the web suite's test of the shipped filter, unpacked
+# from Debian's package into build/ (not installed: no daemon is started).
+FAIL2BAN_REGEX := build/fail2ban/usr/bin/fail2ban-regex
+$(FAIL2BAN_REGEX):
+	rm -rf build/fail2ban build/fail2ban-deb && mkdir -p build/fail2ban-deb
+	cd build/fail2ban-deb && apt-get download -qq fail2ban 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq fail2ban; }
+	dpkg -x build/fail2ban-deb/fail2ban_*.deb build/fail2ban && rm -rf build/fail2ban-deb
+
+# nginx for the web suite's test of the shipped proxy example, unpacked the
+# same way (installing Debian's package would start a daemon on port 80).
+NGINX := build/nginx/usr/sbin/nginx
+$(NGINX):
+	rm -rf build/nginx build/nginx-deb && mkdir -p build/nginx-deb
+	cd build/nginx-deb && apt-get download -qq nginx 2>/dev/null || \
+	  { apt-get update -qq && apt-get download -qq nginx; }
+	dpkg -x build/nginx-deb/nginx_*.deb build/nginx && rm -rf build/nginx-deb
+
+test: install test-deps guest web-assets $(FAIL2BAN_REGEX) $(NGINX)
 	$(PYTHON) -m pytest -v tests
 
 # Coverage-guided fuzzing of the parser for a fixed time; any exception

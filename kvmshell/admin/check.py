@@ -30,7 +30,8 @@ root's) are run to read their verdicts.
 
 ``--sysconfdir DIR`` (default ``/etc``) takes sshd's, sudo's and PAM's
 files from DIR instead: ``DIR/ssh/sshd_config`` (and the drop-in
-``DIR/ssh/sshd_config.d/kvmshell.conf``), ``DIR/sudoers.d/kvmshell``,
+``DIR/ssh/sshd_config.d/kvmshell.conf``), ``DIR/sudoers.d/kvmshell`` (and
+the web front door's ``DIR/sudoers.d/kvmshell-web``),
 ``DIR/pam.d/kvmshell`` and ``DIR/shells``, to check a staged copy.
 
 ``--json`` prints one object::
@@ -92,6 +93,7 @@ class Host:
         self.sshd_config = os.path.join(self.etc, "ssh", "sshd_config")
         self.sshd_dropin = os.path.join(self.etc, "ssh", "sshd_config.d", "kvmshell.conf")
         self.sudoers = os.path.join(self.etc, "sudoers.d", "kvmshell")
+        self.sudoers_web = os.path.join(self.etc, "sudoers.d", "kvmshell-web")
         self.pam = os.path.join(self.etc, "pam.d", "kvmshell")
         self.shells = os.path.join(self.etc, "shells")
         self._vms: list[tuple[str, str, int, list[str] | None]] | None = None
@@ -530,6 +532,57 @@ def check_sudoers(h: Host) -> Result:
     return Result(PASS, f"visudo -c passes; %{h.cfg.group} may run {h.cfg.helper}")
 
 
+def check_web(h: Host) -> Result:
+    """The web front door, if installed (it is optional): its sudoers
+    drop-in parses and names the config's login helper, kvmshell and web
+    user; the web user exists and is no VM user; the helper is root's."""
+    from kvmshell.common.errors import ConfigError
+    path = h.sudoers_web
+    if not os.path.lexists(path):
+        return Result(PASS, f"not installed ({path} is absent)")
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        return Result(FAIL, f"{path} is {_mode_text(st)}: sudo ignores it, and users must not "
+                      "write it", f"chown root:root {path}; chmod 0440 {path}")
+    try:
+        w = h.cfg.web
+    except ConfigError as exc:
+        return Result(FAIL, exc.message, "fix the web_* setting it names in the config")
+    visudo = _which("visudo")
+    if visudo is not None:
+        code, out = _run([visudo, "-c", "-f", path])
+        if code != 0:
+            return Result(FAIL, f"visudo -c -f {path}: {_first_line(out)}",
+                          "fix the line it names, or reinstall it (make install)")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        words = f.read(1 << 20).split()
+    missing = [p for p in (w.pamhelper, w.kvmshell, w.user) if p not in words]
+    if missing or f"ALL=(%{h.cfg.group})" not in words:
+        return Result(FAIL, f"{path} does not name {', '.join(missing) or '%' + h.cfg.group} "
+                      "as the config does (web_pamhelper, web_kvmshell, web_user, group)",
+                      "make install (writes the paths it installs to), or fix the config")
+    try:
+        pw = pwd.getpwnam(w.user)
+    except KeyError:
+        return Result(FAIL, f"web_user {w.user} does not exist", "make install (creates it)")
+    if pw.pw_uid == 0 or any(m.pw_uid == pw.pw_uid for m in h.members()):
+        return Result(FAIL, f"web_user {w.user} is root or a VM user: the web server must be "
+                      "a user of its own", f"web_user = kvmweb, or remove {w.user} from "
+                      f"{h.cfg.group}")
+    if not os.path.lexists(w.pamhelper):
+        return Result(FAIL, f"{w.pamhelper} is missing: nobody can log in on the web",
+                      "make install (installs it)")
+    unsafe = _root_path_problems(w.pamhelper)
+    if unsafe:
+        return Result(FAIL, f"root runs {w.pamhelper} for the web server, and a user could "
+                      f"change it: {'; '.join(unsafe)}",
+                      "chown root:root and chmod go-w each of them", unsafe)
+    state = ("on for " + " ".join(w.origins)) if w.origins else \
+        "off until web_origins is set (README: the web front door)"
+    return Result(PASS, f"installed, {state}; {w.user} may run {w.pamhelper} as root and "
+                  f"{w.kvmshell} as %{h.cfg.group}")
+
+
 def _sshd_includes(h: Host) -> bool:
     """Does the main sshd_config's Include reach the drop-in?  Relative
     patterns are relative to /etc/ssh (sshd_config(5))."""
@@ -851,6 +904,7 @@ CHECKS: list[tuple[str, str, Callable[[Host], Result]]] = [
     ("shell", "login shell", check_shell),
     ("helper", "network helper", check_helper),
     ("sudoers", "sudoers drop-in", check_sudoers),
+    ("web", "web front door", check_web),
     ("sshd", "sshd drop-in", check_sshd),
     ("sshd-match", "sshd Match for the group", check_sshd_match),
     ("pam", "PAM service", check_pam),

@@ -77,15 +77,36 @@ def _running_text(pid: int | None, got: str | None) -> str:
 
 def cmd_list(ctx: Context, args: list[str]) -> int:
     from kvmshell.common import vmtree
+    as_json = False
+    if args[:1] == ["--json"]:
+        as_json, args = True, args[1:]
     _no_more("list", args)
+    docs: list[dict[str, object]] = []
     for vm in vmtree.owned(ctx.cfg, ctx.uid):
         state, pid = _state(vm)
         got = None
         if pid:
             from kvmshell.shell import accel
             got = accel.running(vm)
-        _out(f"{vm.name:<20} {state}" + _running_text(pid, got))
+        if as_json:
+            docs.append(_status_doc(vm, state, pid, got))
+        else:
+            _out(f"{vm.name:<20} {state}" + _running_text(pid, got))
+    if as_json:
+        import json
+        _out(json.dumps(docs))
     return 0
+
+
+def _status_doc(vm: "VM", state: str, pid: int | None, got: str | None) -> dict[str, object]:
+    """``{"name", "state", "pid", "accel", "started"?}``: status --json's
+    object, one per VM in list --json's array (started: seconds since the
+    epoch; accel: QEMU's answer, kvm or tcg, or null)."""
+    doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid, "accel": got}
+    if pid:
+        from kvmshell.shell import monitor
+        doc["started"] = monitor.started_at(pid)
+    return doc
 
 
 def cmd_status(ctx: Context, args: list[str]) -> int:
@@ -104,11 +125,7 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
         got = accel.running(vm)
     if as_json:
         import json
-        doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid, "accel": got}
-        if pid:
-            from kvmshell.shell import monitor
-            doc["started"] = monitor.started_at(pid)
-        _out(json.dumps(doc))
+        _out(json.dumps(_status_doc(vm, state, pid, got)))
     else:
         _out(f"{vm.name}: {state}" + _running_text(pid, got))
     return 0

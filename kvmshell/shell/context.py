@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 # The command set, as data: verb -> (synopsis, summary).
 VERBS: dict[str, tuple[str, str]] = {
     "help": ("[VERB]", "show this help"),
-    "list": ("", "list your VMs and their state"),
+    "list": ("[--json]", "list your VMs and their state"),
     "status": ("[VM] [--json]", "show whether a VM runs, its pid and accelerator (kvm/tcg)"),
     "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
     "stop": ("[VM]", "power a VM off through ACPI, killing it after a timeout"),

@@ -10,9 +10,9 @@ UNITDIR := /etc/systemd/system
 PIP     := $(PYTHON) -m pip install --break-system-packages --disable-pip-version-check -q
 
 APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 openssh-server \
-               openssh-client libpam-modules socat
+               openssh-client libpam-modules socat ovmf
 APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
-               xz-utils zstd
+               xz-utils zstd systemd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
 # The web front door's browser test: Debian's Chromium and its chromedriver
 # (never a browser downloaded at install time); openssl for the proxy test.
@@ -70,7 +70,8 @@ install-files: deps web-assets
 	  kvmshell.conf > $(CONF)/kvmshell.conf && chmod 644 $(CONF)/kvmshell.conf; }
 	grep -qx $(BIN)/kvmshell /etc/shells || echo $(BIN)/kvmshell >> /etc/shells
 	getent group kvmusers >/dev/null || groupadd --system kvmusers
-	install -d -m 755 $(CONF)/authorized_keys /etc/ssh/sshd_config.d
+	install -d -m 755 $(CONF)/authorized_keys $(CONF)/budgets $(CONF)/budgets/users \
+	  $(CONF)/budgets/groups /etc/ssh/sshd_config.d
 	sed 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' sshd_config.d/kvmshell.conf > /etc/ssh/sshd_config.d/kvmshell.conf
 	chmod 644 /etc/ssh/sshd_config.d/kvmshell.conf
 	install -m 644 pam/kvmshell /etc/pam.d/kvmshell

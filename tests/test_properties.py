@@ -227,7 +227,8 @@ def test_vmid_mutation_refused(name: str, words: list[str], pos: int, ch: str) -
 
 _ADMIN_SPELLINGS = [o.name for o in optable.TABLE] + [
     "nic", "nic,model=virtio", "user", "tap,br=br0", "socket,listen=:1234", "none", "tablet",
-    "virtio", "512", "tcp:2222::22", "/srv/tftp", "nic,vlan=1", "host:1:2"]
+    "virtio", "512", "tcp:2222::22", "/srv/tftp", "nic,vlan=1", "host:1:2",
+    "q35", "pc", "efi", "bios", "max", "host", "Skylake-Client", "2", "0"]
 
 
 @SETTINGS

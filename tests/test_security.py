@@ -171,14 +171,15 @@ PARSING = [
     *[(f"start sec {o}", o.split()[0] + ":") for o in (
         "-usb", "-win2k-hack", "-balloon virtio", "-redir tcp:2222::22", "-tftp /srv",
         "-smb /srv", "-parallel none", "-vmchannel di:1,pty", "-no-rtc", "--net user",
-        "--monitor stdio", "--serial stdio", "--pidfile x", "--m 1")],
+        "--monitor stdio", "--serial stdio", "--pidfile x", "--m 1", "--smp 2", "-cpu max",
+        "-M q35", "-firmware efi")],
     # unused options
     *[(f"start sec {o}", o.split()[0] + ":") for o in (
         "-k en-us", "-soundhw all", "-p 1234", "-no-kvm", "-std-vga", "-full-screen",
-        "-no-quit", "-audio-help", "-no-fd-bootchk", "-hdd x.iso", "--smp 2", "--daemonize")],
+        "-no-quit", "-audio-help", "-no-fd-bootchk", "-hdd x.iso", "--daemonize")],
     # QEMU options in no table
     *[(f"start sec {o} x", o + ":") for o in (
-        "-mon", "-fw_cfg", "-trace", "-D", "-enable-kvm", "-cpu", "-spice", "-numa",
+        "-mon", "-fw_cfg", "-trace", "-D", "-enable-kvm", "-machine", "-spice", "-numa",
         "-mem-path", "-nic", "-watchdog-action", "-semihosting", "-msg", "-overcommit",
         "-nodefaults", "-no-user-config", "-name", "-uuid", "-icount", "-rtc", "-display",
         "-compat", "-action", "-loadvm-snapshot", "-preconfig", "-only-migratable")],

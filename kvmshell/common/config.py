@@ -46,9 +46,19 @@ _DEFAULTS: dict[str, str] = {
     "web_login_failures_per_user": "5",
     "web_tls_cert": "",
     "web_tls_key": "",
+    "max_smp": "0",
+    "max_ram_mib": "0",
+    "max_vcpus": "0",
+    "budgets": "/etc/kvmshell/budgets",
+    "uefi_code": "/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "uefi_vars": "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    "cgroup": "auto",
+    "cgroup_name": "kvmshell",
+    "cgroup_helper": "/usr/local/libexec/kvmshell/kvmshell-cgrouphelper",
 }
 
 _ACCELS = ("kvm", "tcg")
+CGROUP_MODES = ("auto", "cgroupfs", "systemd", "off")
 
 
 class Config:
@@ -76,8 +86,27 @@ class Config:
         self.max_running = _int(values, "max_running", path)
         self.max_image_bytes = _int(values, "max_image_bytes", path)
         self.upload_max_bytes = _int(values, "upload_max_bytes", path)
+        self._hardware(values, path)
         self._values = values
         self._web: WebConfig | None = None
+
+    def _hardware(self, values: dict[str, str], path: str) -> None:
+        """Settings of issue 13: vCPUs per VM, per-user budgets, UEFI, cgroups."""
+        # max_smp 0: as many vCPUs per VM as the host has CPUs.
+        self.max_smp = _int(values, "max_smp", path) or (os.cpu_count() or 1)
+        self.max_ram_mib = _int(values, "max_ram_mib", path)
+        self.max_vcpus = _int(values, "max_vcpus", path)
+        self.budgets = _abs(values, "budgets")
+        self.uefi_code = _abs(values, "uefi_code")
+        self.uefi_vars = _abs(values, "uefi_vars")
+        self.cgroup_helper = _abs(values, "cgroup_helper")
+        self.cgroup = values["cgroup"]
+        if self.cgroup not in CGROUP_MODES:
+            raise ConfigError(f"{path}: cgroup must be one of {', '.join(CGROUP_MODES)}")
+        self.cgroup_name = values["cgroup_name"]
+        ok = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+        if not 1 <= len(self.cgroup_name) <= 64 or any(c not in ok for c in self.cgroup_name):
+            raise ConfigError(f"{path}: cgroup_name must be 1-64 of [A-Za-z0-9_-]")
 
     @property
     def web(self) -> "WebConfig":

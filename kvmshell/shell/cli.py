@@ -212,6 +212,19 @@ def cmd_rm(ctx: Context, args: list[str]) -> int:
     return 0
 
 
+def cmd_quota(ctx: Context, args: list[str]) -> int:
+    from kvmshell.shell import quota
+    as_json = args[:1] == ["--json"]
+    _no_more("quota", args[1:] if as_json else args)
+    doc = quota.report(ctx.cfg, ctx.uid)
+    if as_json:
+        import json
+        _out(json.dumps(doc))
+    else:
+        _out(quota.text(doc))
+    return 0
+
+
 def cmd_console(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import console
     return console.main(ctx, args)
@@ -226,7 +239,7 @@ HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "reset": cmd_reset,
     "save": cmd_save,
-    "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm,
+    "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm, "quota": cmd_quota,
     "console": cmd_console, "vnc": cmd_vnc,
 }
 

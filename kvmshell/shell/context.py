@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
     "images": ("[VM]", "list the images in the VM's directory"),
     "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
+    "quota": ("[--json]", "your budgets: what your running VMs use, and what is left"),
     "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
 }

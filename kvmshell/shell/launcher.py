@@ -50,15 +50,34 @@ def admin_plan(vm: VM) -> adminopts.AdminPlan:
                         f"{exc.message} (admin: kvmadm set)") from exc
 
 
-def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None) -> list[str]:
-    """The wrapper's own options: sandbox, machine, accelerators (*accels*,
-    as :func:`kvmshell.shell.accel.choose` picked them; default: the
-    config's), monitor, console."""
+def host_check(cfg: Config, vm: VM, plan: adminopts.AdminPlan) -> None:
+    """The admin's hardware options against this host, at start: -smp under
+    max_smp (else the admin must act), -cpu host only where this user can
+    use KVM (opened as QEMU would, common/kvmdev.py), the OVMF images present
+    for -firmware efi."""
+    kvm = None
+    if plan.cpu == optable.CPU_HOST:
+        from kvmshell.common import kvmdev
+        kvm = kvmdev.open_error() is None
+    try:
+        adminopts.check_host(plan, cfg, kvm=kvm)
+    except UsageError as exc:
+        raise TreeError(f"VM {vm.name}: {exc.message} (admin: kvmadm set, or max_smp)") from exc
+
+
+def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None,
+                 plan: adminopts.AdminPlan | None = None) -> list[str]:
+    """The wrapper's own options: sandbox, machine (the admin's -M, default
+    pc), accelerators (*accels*, as :func:`kvmshell.shell.accel.choose`
+    picked them; default: the config's), monitor, console."""
     argv = [cfg.qemu, "-name", f"guest={vm.name}",
             "-nodefaults", "-no-user-config",
             "-sandbox", SANDBOX,
-            "-machine", "pc"]
-    for accel in cfg.accel if accels is None else accels:
+            "-machine", plan.machine if plan is not None else "pc"]
+    accels = cfg.accel if accels is None else accels
+    if plan is not None and plan.cpu == optable.CPU_HOST:
+        accels = [a for a in accels if a == "kvm"]  # never a silent fallback to TCG
+    for accel in accels:
         # An explicit translation buffer: QEMU's default reserves 1 GiB of
         # address space, more than the cap limits.py puts on QEMU.
         argv += ["-accel", f"tcg,tb-size={limits.TB_SIZE_MIB}" if accel == "tcg" else accel]
@@ -75,8 +94,10 @@ def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None) -> list[s
 
 def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
                opened: dict[str, useropts.Opened], tap_fds: list[int],
-               accels: list[str] | None = None) -> list[str]:
-    return (wrapper_argv(cfg, vm, accels) + adminopts.admin_argv(plan, vm.name, tap_fds)
+               accels: list[str] | None = None,
+               fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
+    return (wrapper_argv(cfg, vm, accels, plan)
+            + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
             + useropts.user_argv(req, opened, VNC_SOCKET))
 
 
@@ -126,6 +147,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
     plan = admin_plan(vm)
     if req.has("-vnc") and plan.nographic:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
+    host_check(cfg, vm, plan)
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
     # Limits next (limits.py): counted outside QEMU, under a per-user lock
@@ -139,18 +161,33 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
             os.close(ulock)
         raise
     passed = [fd for of in opened.values() for fd in of.fds]
+    from kvmshell.shell import cgclient
+    placing = None
     try:
         lock = take_lock(vm)
         passed.insert(0, lock)
+        # The kernel's budget (cgclient.py): this process joins the user's
+        # cgroup before it forks the supervisor; the request overlaps with
+        # the firmware and network set-up below.
+        placing = cgclient.begin(cfg, vm)
+        fw_fds = None
+        if plan.firmware == "efi":
+            from kvmshell.shell import firmware
+            fw_fds = firmware.open_firmware(cfg, vm)
+            passed += [fw_fds[0], *fw_fds[1]]
         tap_fds: list[int] = []
         if plan.taps:
             from kvmshell.shell import netclient
             tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
-        argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels)
+        placed, placing = placing, None
+        cgclient.finish(placed)
+        argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels, fw_fds)
         return _spawn(cfg, vm, argv, passed, len(plan.taps),
-                      limits.qemu_rlimits(cfg, plan.megs), [ulock] if ulock >= 0 else [])
+                      limits.qemu_rlimits(cfg, plan.megs, limits.image_limit(cfg, vm.uid)),
+                      [ulock] if ulock >= 0 else [])
     finally:
+        cgclient.cancel(placing)
         for fd in passed:
             os.close(fd)
         if ulock >= 0:

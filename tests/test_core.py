@@ -518,12 +518,13 @@ def test_config_only_from_trusted_text(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_shipped_config_matches_the_shipped_files() -> None:
-    """kvmshell.conf loads, and names the helper the sudoers drop-in allows
+    """kvmshell.conf loads, and names the helpers the sudoers drop-in allows
     and the login shell the sshd drop-in forces."""
     from kvmshell.common import config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = config.load(str(repo / "kvmshell.conf"), require_root=False)
-    assert f"= {cfg.helper}\n" in (repo / "sudoers.d" / "kvmshell").read_text()
+    sudoers = (repo / "sudoers.d" / "kvmshell").read_text()
+    assert f"= {cfg.helper}\n" in sudoers and f"= {cfg.cgroup_helper}\n" in sudoers
     assert cfg.vmdir == "/var/lib/kvmshell/vms" and cfg.accel[0] == "kvm"
     assert cfg.shell in (repo / "sshd_config.d" / "kvmshell.conf").read_text()

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import (KVMADM, KVMSHELL, MARKER, Host, User, console_log, kill_all,
+from conftest import (KVMSHELL, MARKER, Host, User, console_log, kill_all,
                       install_cgrouphelper, sudoers_text, wait_for)
 from kvmshell.common import adminopts, budgets, optable
 from kvmshell.common.errors import RefusedOption
@@ -471,7 +471,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_helper_places_the_vm_with_the_budget(rig: Rig, alice: User) -> None:
     rig.conf(cgroup="cgroupfs", max_running="1", max_ram_mib="256", max_vcpus="1")
-    path = rig.create("kp", alice, "-m", "128")
+    rig.create("kp", alice, "-m", "128")
     try:
         pid = _pid(rig.run(alice, "start kp"))
         want = f"/{rig.cgname}/user-{alice.uid}/vm-kp"

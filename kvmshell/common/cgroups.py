@@ -23,11 +23,20 @@ UNIFIED = "/sys/fs/cgroup"
 
 
 def mode(cfg: "Config") -> str:
-    """The enforcement in use: ``cgroupfs``, ``systemd`` or ``off`` (``auto``:
-    systemd where it runs as the init system, else cgroupfs)."""
+    """The enforcement in use: ``cgroupfs``, ``systemd`` or ``off``.
+
+    ``auto`` is systemd where systemd is the init system, else cgroupfs where
+    the v1 memory, cpu and pids hierarchies are mounted, else off (a host
+    with neither, e.g. a container on a cgroup v2 host: kvmshell's own
+    checks only, and ``quota``/``kvmadm usage`` say so).  An explicit
+    ``cgroupfs`` or ``systemd`` is strict: a start fails where it cannot be had.
+    """
     if cfg.cgroup != "auto":
         return cfg.cgroup
-    return "systemd" if os.path.isdir("/run/systemd/system") else "cgroupfs"
+    if os.path.isdir("/run/systemd/system"):
+        return "systemd"
+    mounts = v1_mounts()
+    return "cgroupfs" if all(c in mounts for c in CONTROLLERS) else "off"
 
 
 def v1_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:

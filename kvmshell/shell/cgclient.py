@@ -36,8 +36,10 @@ class Pending:
 
 
 def begin(cfg: Config, vm: VM) -> Pending | None:
-    """Start the helper's ``attach`` for *vm* (None when ``cgroup = off``)."""
-    if cfg.cgroup == "off":
+    """Start the helper's ``attach`` for *vm* (None when the kernel holds no
+    budgets here: ``cgroup = off``, or ``auto`` on a host without a mechanism)."""
+    from kvmshell.common import cgroups
+    if cgroups.mode(cfg) == "off":
         return None
     import subprocess
 

@@ -75,7 +75,7 @@ def text(doc: dict[str, object]) -> str:
     k = doc["kernel"]
     assert isinstance(k, dict)
     if k["mode"] == "off":
-        lines.append("kernel: no cgroup limits on this host (cgroup = off)")
+        lines.append("kernel: no cgroup limits on this host (cgroup = off, or none available)")
     elif k["group"] is None:
         lines.append(f"kernel ({k['mode']}): no group yet (made at your first start)")
     else:

@@ -616,7 +616,10 @@ def test_tampered_files_do_not_lift_kernel_limits(rig: Rig, alice: User) -> None
         p.wait(30)
         stat = dict(l.split() for l in (cpu / "cpu.stat").read_text().splitlines())
         assert used <= 1.15, used
-        assert int(stat["nr_throttled"]) > throttled
+        if used > 0.9:
+            # They reached the quota (the machine's other load allowing): the
+            # kernel throttled them there.
+            assert int(stat["nr_throttled"]) > throttled, stat
         # The VM kvmshell started is untouched by either.
         assert os.path.exists(f"/proc/{pid}")
     finally:

@@ -174,13 +174,18 @@ def check_totals(b: "Budget", vm: VM, mine: list[VM]) -> None:
     megs, smp = budgets.vm_size(vm)
     t = budgets.totals(mine, skip=vm.dirname)
     others = f" ({', '.join(sorted(t.running))} running)" if t.running else ""
-    for key, what, need, used, unit in (("max_ram_mib", "RAM", megs, t.ram_mib, " MiB"),
-                                        ("max_vcpus", "vCPU", smp, t.vcpus, "")):
+    for key, what, need, used in (("max_ram_mib", "RAM", megs, t.ram_mib),
+                                  ("max_vcpus", "vCPU", smp, t.vcpus)):
         limit = b[key]
         if limit and used + need > limit:
+            left = max(limit - used, 0)
+            if key == "max_ram_mib":
+                needs, limit_s, left_s = f"{need} MiB of RAM", f"{limit} MiB", f"{left} MiB"
+            else:
+                needs, limit_s, left_s = f"{need} vCPU(s)", str(limit), f"{left} vCPU(s)"
             raise LimitReached(
-                f"VM {vm.name}: needs {need}{unit} of {what}, your {what} budget ({key} = "
-                f"{limit}{unit}, {b.sources[key]}) has {max(limit - used, 0)}{unit} left{others}")
+                f"VM {vm.name}: needs {needs}, your {what} budget ({key} = {limit_s}, "
+                f"{b.sources[key]}) has {left_s} left{others}")
 
 
 def image_limit(cfg: Config, uid: int) -> int:

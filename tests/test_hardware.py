@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import (KVMSHELL, MARKER, Host, User, console_log, kill_all,
+from conftest import (CGROUPHELPER, KVMSHELL, MARKER, Host, User, console_log, kill_all,
                       install_cgrouphelper, sudoers_text, wait_for)
 from kvmshell.common import adminopts, budgets, optable
 from kvmshell.common.errors import RefusedOption
@@ -181,10 +181,8 @@ def rig(host: Host, alice: User, bob: User) -> Iterator[Rig]:
         for u in (alice, bob):
             subprocess.run(["usermod", "-aG", group, u.name], check=True)
         r = Rig(root, group, cgname)
-        text = sudoers_text(tag, group).replace(
-            str(Path(r.helper).parent.parent.parent / "libexec" / "kvmshell-cgrouphelper"), r.helper)
-        from conftest import CGROUPHELPER
-        text = text.replace(CGROUPHELPER, r.helper)
+        # The shipped drop-in, naming this module's helper stub (which reads this tree's config).
+        text = sudoers_text(tag, group).replace(CGROUPHELPER, r.helper)
         tmp = drop_in.with_name(f".{drop_in.name}.tmp")  # sudo skips names with '.'
         tmp.write_text(text)
         os.chmod(tmp, 0o440)
@@ -519,21 +517,25 @@ def cgroup_mount(ctl: str) -> str:
     return cgroups.v1_mounts()[ctl]
 
 
-def _attach(rig: Rig, user: User, vm: str, *argv: str, stdin: str = "socket",
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the helper as kvmshell does (sudo, a socketpair on stdin) from a
-    small Python process of *user*'s, which then execs *argv* (if any)."""
-    script = (
-        "import os, socket, subprocess, sys\n"
-        "a, b = socket.socketpair()\n"
-        f"stdin = b.fileno() if {stdin!r} == 'socket' else subprocess.DEVNULL\n"
-        f"r = subprocess.run(['/usr/bin/sudo', '-n', '--', {rig.helper!r}, 'attach', {vm!r}],"
-        " stdin=stdin, env={'PATH': '/usr/bin:/bin'})\n"
-        "b.close()\n"
-        "if r.returncode or len(sys.argv) < 2: sys.exit(r.returncode)\n"
-        "os.execvp(sys.argv[1], sys.argv[1:])\n")
-    return subprocess.run(rig.as_user(user, "/usr/bin/python3", "-I", "-c", script, *argv),
-                          env=env or user.env(), capture_output=True, text=True, timeout=120,
+def _attach_script(rig: Rig, vm: str, stdin: str = "socket") -> str:
+    """A small Python program of the user's: it asks the helper to attach it
+    as kvmshell does (sudo, a socketpair it made on stdin), then execs its
+    arguments (if any) inside the group."""
+    return ("import os, socket, subprocess, sys\n"
+            "a, b = socket.socketpair()\n"
+            f"stdin = b.fileno() if {stdin!r} == 'socket' else subprocess.DEVNULL\n"
+            f"r = subprocess.run(['/usr/bin/sudo', '-n', '--', {rig.helper!r}, 'attach', {vm!r}],"
+            " stdin=stdin, env={'PATH': '/usr/bin:/bin'})\n"
+            "b.close()\n"
+            "if r.returncode or len(sys.argv) < 2: sys.exit(r.returncode)\n"
+            "os.execvp(sys.argv[1], sys.argv[1:])\n")
+
+
+def _attach(rig: Rig, user: User, vm: str, *argv: str,
+            stdin: str = "socket") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(rig.as_user(user, "/usr/bin/python3", "-I", "-c",
+                                      _attach_script(rig, vm, stdin), *argv),
+                          env=user.env(), capture_output=True, text=True, timeout=120,
                           stdin=subprocess.DEVNULL)
 
 
@@ -625,16 +627,6 @@ def test_tampered_files_do_not_lift_kernel_limits(rig: Rig, alice: User) -> None
     finally:
         _stop_all(alice)
         rig.conf()
-
-
-def _attach_script(rig: Rig, vm: str) -> str:
-    return ("import os, socket, subprocess, sys\n"
-            "a, b = socket.socketpair()\n"
-            f"r = subprocess.run(['/usr/bin/sudo', '-n', '--', {rig.helper!r}, 'attach', {vm!r}],"
-            " stdin=b.fileno(), env={'PATH': '/usr/bin:/bin'})\n"
-            "b.close()\n"
-            "if r.returncode: sys.exit(r.returncode)\n"
-            "os.execvp(sys.argv[1], sys.argv[1:])\n")
 
 
 def _procs_in(group: Path, exclude: set[int]) -> list[int]:

@@ -332,6 +332,29 @@ def test_uefi_reaches_ovmf_and_boots_linux(rig: Rig, alice: User, guest: Path) -
         _stop_all(alice)
 
 
+def test_kvmadm_check_knows_uefi_and_cgroups(rig: Rig, alice: User) -> None:
+    """kvmadm check (issue 19's readiness report) reads -firmware efi and the
+    configured OVMF images, and says whether the kernel holds the budgets."""
+    def checks() -> dict[str, dict[str, object]]:
+        r = rig.host.kvmadm("check", "--json", check=False)
+        return {c["id"]: c for c in json.loads(r.stdout)["checks"]}
+    rig.create("hwchk", alice, "-M", "q35", "-firmware", "efi")
+    try:
+        c = checks()
+        assert c["ovmf"]["status"] == "PASS" and "use UEFI" in str(c["ovmf"]["detail"]), c["ovmf"]
+        rig.conf(uefi_code="/nonexistent/OVMF_CODE.fd")
+        c = checks()
+        assert c["ovmf"]["status"] == "FAIL" and "hwchk" in c["ovmf"]["items"], c["ovmf"]
+        assert "none needed: cgroup = off" in str(c["cgroups"]["detail"])
+        if _v1():
+            rig.conf(cgroup="cgroupfs")
+            c = checks()
+            assert c["cgroups"]["status"] == "PASS"
+            assert "held by the kernel (cgroupfs" in str(c["cgroups"]["detail"])
+    finally:
+        rig.conf()
+
+
 # ---- budgets: kvmshell's early check, quota, kvmadm usage ---------------------------
 
 def test_ram_budget_refuses_the_second_start(rig: Rig, alice: User) -> None:

@@ -63,8 +63,6 @@ KVM_GET_API_VERSION = 0xAE00   # _IO(KVMIO, 0x00), linux/kvm.h
 KVM_API_VERSION = 12
 QEMU_TESTED = (7, 2)
 # Debian's ovmf package: the 4 MiB code image and its variables template.
-OVMF_CODE = ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd")
-OVMF_VARS = ("/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd")
 PAM_MODULE_DIRS = ("/lib/x86_64-linux-gnu/security", "/usr/lib/x86_64-linux-gnu/security",
                    "/lib/aarch64-linux-gnu/security", "/usr/lib/aarch64-linux-gnu/security",
                    "/lib/security", "/usr/lib/security")
@@ -815,16 +813,21 @@ def check_image_dirs(h: Host) -> Result:
 
 
 def _uses_uefi(words: list[str]) -> bool:
-    # kvmshell's option table has no firmware option yet (issue 13 adds
-    # UEFI): until then, any admin word naming UEFI, OVMF or pflash counts.
-    return any(k in w.lower() for w in words for k in ("uefi", "ovmf", "pflash"))
+    """The admin's words say ``-firmware efi`` (as kvmshell parses them)."""
+    from kvmshell.common import adminopts
+    from kvmshell.common.errors import KvmshellError
+    try:
+        return adminopts.parse_admin(words).firmware == "efi"
+    except KvmshellError:
+        return False
 
 
 def check_ovmf(h: Host) -> Result:
-    """OVMF (Debian's ovmf package) is installed where a VM uses UEFI."""
+    """OVMF (Debian's ovmf package) is installed where a VM uses UEFI: the
+    images kvmshell.conf names (uefi_code, uefi_vars)."""
     uefi = [name for name, _, _, words in h.vms() if words and _uses_uefi(words)]
-    code = next((p for p in OVMF_CODE if os.path.exists(p)), None)
-    varsfile = next((p for p in OVMF_VARS if os.path.exists(p)), None)
+    code = h.cfg.uefi_code if os.path.isfile(h.cfg.uefi_code) else None
+    varsfile = h.cfg.uefi_vars if os.path.isfile(h.cfg.uefi_vars) else None
     if not uefi:
         return Result(PASS, "no VM uses UEFI" + (f" (OVMF is installed: {code})" if code
                                                   else ""))
@@ -835,10 +838,9 @@ def check_ovmf(h: Host) -> Result:
 
 
 def _cgroup_needs(cfg: Config) -> set[str]:
-    # Today's budgets (max_running, max_image_bytes) are counted by kvmshell
-    # and capped with rlimits: none needs a cgroup controller.  Budgets
-    # enforced by the kernel (issue 13) add theirs here.
-    return set()
+    # The kernel holds the budgets through memory, cpu and pids groups
+    # (common/cgroups.py) unless the admin turned that off.
+    return set() if cfg.cgroup == "off" else {"memory", "cpu", "pids"}
 
 
 def _cgroup_controllers() -> tuple[str, set[str]]:
@@ -869,7 +871,15 @@ def check_cgroups(h: Host) -> Result:
         return Result(FAIL, f"the budgets need the {missing} controllers; cgroup {version} "
                       f"offers {shown or 'none'}", "enable them (kernel command line, e.g. "
                       "cgroup_enable=memory; or systemd's unified hierarchy)")
-    return Result(PASS, f"no budget needs one (cgroup {version}: {shown or 'none'})")
+    if not need:
+        return Result(PASS, f"none needed: cgroup = off (cgroup {version}: {shown or 'none'})")
+    from kvmshell.common import cgroups
+    how = cgroups.mode(h.cfg)
+    if how == "off":
+        return Result(WARN, "cgroup = auto found neither systemd nor the cgroup v1 memory, cpu "
+                      "and pids hierarchies: budgets are kvmshell's checks only",
+                      "mount the v1 hierarchies, run systemd, or set cgroup = off to say so")
+    return Result(PASS, f"budgets held by the kernel ({how}; cgroup {version}: {shown})")
 
 
 def check_syslog(h: Host) -> Result:

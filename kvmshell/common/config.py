@@ -91,7 +91,7 @@ class Config:
         self._web: WebConfig | None = None
 
     def _hardware(self, values: dict[str, str], path: str) -> None:
-        """Settings of issue 13: vCPUs per VM, per-user budgets, UEFI, cgroups."""
+        """Hardware and budget settings: vCPUs per VM, per-user budgets, UEFI, cgroups."""
         # max_smp 0: as many vCPUs per VM as the host has CPUs.
         self.max_smp = _int(values, "max_smp", path) or (os.cpu_count() or 1)
         self.max_ram_mib = _int(values, "max_ram_mib", path)

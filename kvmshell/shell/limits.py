@@ -137,7 +137,7 @@ def apply(rlimits: list[tuple[int, int]]) -> None:
         resource.setrlimit(res, (value, value))
 
 
-# ---- budgets of RAM and vCPUs (issue 13), kept apart from the counting above ----
+# ---- budgets of RAM and vCPUs, kept apart from the counting above ----
 
 _BUDGETS: dict[tuple[int, int], "Budget"] = {}
 

@@ -23,6 +23,9 @@ FILENAME_MAX = 255
 _NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _NAME_REST = _NAME_FIRST + "_-"
 _B64 = _NAME_FIRST + "-_"
+# Sets, for subset tests: the tree is scanned name by name (vmtree.scan_all).
+_NAME_REST_SET = frozenset(_NAME_REST)
+_B64_SET = frozenset(_B64)
 
 
 def check_name(name: str) -> str:
@@ -32,7 +35,7 @@ def check_name(name: str) -> str:
     if len(name) > NAME_MAX:
         raise UsageError(f"VM name too long: {printable(name[:NAME_MAX])}... "
                          f"(at most {NAME_MAX} characters)")
-    if name[0] not in _NAME_FIRST or any(c not in _NAME_REST for c in name):
+    if name[0] not in _NAME_FIRST or not _NAME_REST_SET.issuperset(name):
         raise UsageError(
             f"invalid VM name '{printable(name)}': use letters, digits, '_' and '-', not first")
     return name
@@ -57,7 +60,7 @@ def encode(name: str, words: list[str]) -> str:
 def decode(dirname: str) -> tuple[str, list[str]]:
     """Return (name, admin words) of a VM directory name, or raise TreeError."""
     name, dot, b64 = dirname.partition(".")
-    if not dot or not b64 or any(c not in _B64 for c in b64):
+    if not dot or not b64 or not _B64_SET.issuperset(b64):
         raise TreeError(f"VM directory '{printable(dirname)}': not <name>.<base64>")
     try:
         check_name(name)

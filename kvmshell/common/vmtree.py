@@ -105,11 +105,17 @@ def _lstat(dfd: int, leaf: str) -> os.stat_result | None:
         return None
 
 
-def _check_dir(cfg: Config, dfd: int, dirname: str, st: os.stat_result,
+def _check_dir(cfg: Config, dirname: str, st: os.stat_result,
                link_target: str | None) -> VM:
     """Check a VM directory whose owner may see its details (its own user,
     or root): mode, identifier, and the symlink that names it.
     *link_target* is what TOP/<name> points to (None: missing)."""
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid and mode == 0o700:
+        dname, words = vmid.decode(dirname)
+        if link_target == dirname:
+            return VM(cfg.vmdir, dname, dirname, st.st_uid, words)
+    # Something is wrong: say what, naming the entry.
     name = dirname.partition(".")[0]
     path = printable(os.path.join(cfg.vmdir, dirname))
     shown = printable(name)
@@ -118,15 +124,11 @@ def _check_dir(cfg: Config, dfd: int, dirname: str, st: os.stat_result,
     if st.st_uid == 0:
         raise TreeError(f"VM '{shown}': {path} is owned by root, not by the VM user "
                         f"(admin: chown USER {path})")
-    mode = stat.S_IMODE(st.st_mode)
     if mode != 0o700:
         raise TreeError(f"VM '{shown}': {path} has mode {mode:04o}; it must be mode 0700 and "
                         f"owned by the VM user (admin: chmod 700 {path})")
-    dname, words = vmid.decode(dirname)
-    if link_target != dirname:
-        raise TreeError(f"VM '{shown}': no symlink {printable(os.path.join(cfg.vmdir, dname))} "
-                        f"points to {path} (admin: kvmadm remove {shown}, or restore the link)")
-    return VM(cfg.vmdir, dname, dirname, st.st_uid, words)
+    raise TreeError(f"VM '{shown}': no symlink {printable(os.path.join(cfg.vmdir, name))} "
+                    f"points to {path} (admin: kvmadm remove {shown}, or restore the link)")
 
 
 def _link_target(dfd: int, name: str) -> str | None:
@@ -162,7 +164,7 @@ def scan(cfg: Config, uid: int) -> Scan:
                 if st is None or st.st_uid != uid:
                     continue
                 try:
-                    vms.append(_check_dir(cfg, dfd, leaf, st,
+                    vms.append(_check_dir(cfg, leaf, st,
                                           _link_target(dfd, leaf.partition(".")[0])))
                 except TreeError as exc:
                     broken.append(Broken(cfg.vmdir, leaf, uid, exc.message,
@@ -183,26 +185,33 @@ def scan_all(cfg: Config) -> Scan:
         with os.scandir(dfd) as it:
             leaves = [e.name for e in it if not e.name.startswith(".")]
         stats = {leaf: _lstat(dfd, leaf) for leaf in leaves}
+        targets: dict[str, str] = {}           # root's symlinks: name -> target
+        for leaf, st in stats.items():
+            if st is not None and "." not in leaf and stat.S_ISLNK(st.st_mode) and not st.st_uid:
+                try:
+                    targets[leaf] = os.readlink(leaf, dir_fd=dfd)
+                except OSError:
+                    pass
         for leaf, st in stats.items():
             if st is None:
                 continue
-            shown = printable(leaf)
-            path = printable(os.path.join(cfg.vmdir, leaf))
             if "." in leaf:
                 try:
-                    vms.append(_check_dir(cfg, dfd, leaf, st,
-                                          _link_target(dfd, leaf.partition(".")[0])))
+                    vms.append(_check_dir(cfg, leaf, st,
+                                          targets.get(leaf.partition(".")[0])))
                 except TreeError as exc:
                     broken.append(Broken(cfg.vmdir, leaf, st.st_uid, exc.message,
                                          stat.S_ISDIR(st.st_mode)))
                 continue
             why = ""
+            shown = printable(leaf)
+            path = printable(os.path.join(cfg.vmdir, leaf))
             if not stat.S_ISLNK(st.st_mode):
                 why = f"{path} must be a symlink to the VM directory (admin: remove it)"
             elif st.st_uid != 0:
                 why = f"{path} is not owned by root (admin: chown -h root {path})"
             else:
-                target = _link_target(dfd, leaf) or ""
+                target = targets.get(leaf, "")
                 tst = stats.get(target) if "/" not in target else None
                 if tst is None:
                     why = (f"VM '{shown}': {path} -> {printable(target)}: its directory is "
@@ -250,7 +259,7 @@ def resolve(cfg: Config, name: str, uid: int | None = None) -> VM:
                             f"(admin: kvmadm show {name}; chown USER)")
         if uid is not None and tst.st_uid != uid:
             raise NotYours(f"VM {name!r} is not yours")
-        vm = _check_dir(cfg, dfd, target, tst, target)
+        vm = _check_dir(cfg, target, tst, target)
     finally:
         os.close(dfd)
     if vm.name != name:

@@ -25,8 +25,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "reset": ("[VM]", "hard-reset a running VM (as the reset button)"),
     "save": ("[VM] NAME", "save a running VM's state to NAME and stop it ('start -loadvm NAME')"),
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
-    "images": ("[VM]", "list the images in the VM's directory"),
-    "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
+    "images": ("[VM]", "list the VM's files: bytes on disk, virtual size, name"),
+    "rm": ("[VM] NAME", "remove file NAME (as 'images' shows it) from the VM's directory"),
     "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
 }

@@ -35,6 +35,10 @@ ESC = "\x1b"
 HELLO = multiboot(bytes.fromhex("66baf803") + b"".join(b"\xb0" + bytes([c]) + b"\xee"
                                                       for c in b"HELLO\r\n")
                   + bytes.fromhex("f4ebfd"))
+# Fill 4 MiB at 2 MiB with 0x5a (mov edi; mov ecx; mov eax; rep stosd), then HELLO:
+# a guest whose saved state is megabytes (zero pages are not saved).
+DIRTY = multiboot(bytes.fromhex("bf00002000" "b900001000" "b85a5a5a5a" "f3ab")
+                  + HELLO[32:])   # HELLO past its 32-byte multiboot header
 
 
 def as_user(user: User, *argv: str) -> None:
@@ -201,6 +205,31 @@ def test_snapshot_overlay_counts(host: Host, alice: User) -> None:
         one_line(r, 2, "exceeds the limit", "max_image_bytes")
         room = int(re.search(r"limit of (\d+) bytes", r.stderr).group(1))  # type: ignore[union-attr]
         assert room < quota - 32 * mib, (room, r.stderr)
+    finally:
+        kill_and_wait(u, path)
+
+
+def test_save_writes_past_the_cap_while_paused(host: Host, alice: User) -> None:
+    """The state 'save' writes is a file QEMU writes: the cap (here the raw
+    disk's size, 1 MiB) is lifted to max_image_bytes while the guest is
+    paused, after save counted the room; the state is whole."""
+    mib = 1 << 20
+    h = own_host(host, "r2-save", max_image_bytes=str(256 * mib))
+    u = User(alice.name, h)
+    path = h.create_vm("v", u, "-m", "32")
+    put(path / "disk.img", u, os.urandom(mib))
+    put(path / "dirty.bin", u, DIRTY)
+    pid = started_pid(u.ssh_command("start v -hda disk.img -kernel dirty.bin"))
+    try:
+        m = re.search(r"Max file size\s+(\d+)", Path(f"/proc/{pid}/limits").read_text())
+        assert m and int(m.group(1)) == mib, m
+        wait_for(lambda: b"HELLO" in (path / "console.log").read_bytes(), 30, "the guest")
+        r = u.ssh_command("save v st")
+        assert r.returncode == 0, r.stderr
+        assert (path / "st").stat().st_size > 2 * mib
+        wait_for(lambda: lock_free(path), 30, "the lock")
+        r = u.ssh_command("start v -hda disk.img -kernel dirty.bin -loadvm st")
+        assert r.returncode == 0, r.stderr
     finally:
         kill_and_wait(u, path)
 

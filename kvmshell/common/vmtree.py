@@ -120,15 +120,17 @@ def _check_dir(cfg: Config, dirname: str, st: os.stat_result,
     path = printable(os.path.join(cfg.vmdir, dirname))
     shown = printable(name)
     if not stat.S_ISDIR(st.st_mode):
-        raise TreeError(f"VM '{shown}': {path} is not a directory (admin: kvmadm remove {shown})")
+        raise TreeError(f"VM '{shown}': {path} is not a directory (admin: move it out of "
+                        f"{printable(cfg.vmdir)})")
     if st.st_uid == 0:
         raise TreeError(f"VM '{shown}': {path} is owned by root, not by the VM user "
                         f"(admin: chown USER {path})")
     if mode != 0o700:
         raise TreeError(f"VM '{shown}': {path} has mode {mode:04o}; it must be mode 0700 and "
                         f"owned by the VM user (admin: chmod 700 {path})")
-    raise TreeError(f"VM '{shown}': no symlink {printable(os.path.join(cfg.vmdir, name))} "
-                    f"points to {path} (admin: kvmadm remove {shown}, or restore the link)")
+    link = printable(os.path.join(cfg.vmdir, name))
+    raise TreeError(f"VM '{shown}': no symlink {link} points to {path} (admin: restore it, "
+                    f"ln -sfn {printable(dirname)} {link}, or move the directory out)")
 
 
 def _link_target(dfd: int, name: str) -> str | None:
@@ -215,7 +217,7 @@ def scan_all(cfg: Config) -> Scan:
                 tst = stats.get(target) if "/" not in target else None
                 if tst is None:
                     why = (f"VM '{shown}': {path} -> {printable(target)}: its directory is "
-                           f"missing (admin: kvmadm remove {shown})")
+                           f"missing (admin: rm {path}, or restore the directory)")
                 elif target.partition(".")[0] != leaf:
                     why = (f"{path} -> {printable(target)}: the directory of another VM "
                            f"(admin: fix or remove {path})")
@@ -251,7 +253,7 @@ def resolve(cfg: Config, name: str, uid: int | None = None) -> VM:
         tst = _lstat(dfd, target)
         if tst is None:
             raise TreeError(f"VM {name!r}: its directory is missing "
-                            f"(admin: kvmadm remove {name}, or restore it)")
+                            f"(admin: rm {link}, or restore the directory)")
         if not stat.S_ISDIR(tst.st_mode):
             raise TreeError(f"VM {name!r}: {link} does not point to a directory (not a directory)")
         if tst.st_uid == 0:

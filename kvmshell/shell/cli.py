@@ -52,6 +52,9 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         from kvmshell.common import optable
         from kvmshell.shell import useropts
         _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + optable.user_help())
+        _out(f"FILE: a name in your VM directory, or an absolute path in an image directory;\n"
+             f"  letters, digits and '._+-' between slashes, at most {optable.COMPONENT_MAX}"
+             f" characters there and {optable.PATH_MAX} in all")
         return 0
     if args and args[0] == "console":
         from kvmshell.shell import console
@@ -74,8 +77,10 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
 
 
 def _names_help() -> str:
+    from kvmshell.common.vmid import NAME_MAX as VM_MAX
     from kvmshell.shell.images import NAME_MAX
-    return (f"NAME (upload, save): letters, digits and '._+-', not first '.' or '-', at most\n"
+    return (f"VM: at most {VM_MAX} letters, digits, '_' and '-' (not first '_' or '-').\n"
+            f"NAME (upload, save): letters, digits and '._+-', not first '.' or '-', at most\n"
             f"  {NAME_MAX} characters (255, less room for kvmshell's temporary name).  'images'\n"
             "  shows other bytes of a name as \\xNN; 'rm' takes that form: rm 'bad\\xff.img'")
 

@@ -943,6 +943,7 @@ def main(cfg: Config, args: list[str]) -> int:
     """``kvmadm check [--json] [--sysconfdir DIR]``: print the report; 1 if any FAIL."""
     import json
     import sys
+    from kvmshell.common.text import printable
     as_json, etc = False, "/etc"
     rest = list(args)
     while rest:
@@ -964,7 +965,8 @@ def main(cfg: Config, args: list[str]) -> int:
             line = f"{r.status}  {title}: {r.detail}"
             if r.fix:
                 line += f"; fix: {r.fix}"
-            sys.stdout.write(line + "\n")
+            # Names from the tree and the tools' output: escaped (text.printable).
+            sys.stdout.write(printable(line, backslash=False) + "\n")
         sys.stdout.write(f"kvmadm check: {counts[PASS]} PASS, {counts[WARN]} WARN, "
                          f"{counts[FAIL]} FAIL\n")
     return 1 if counts[FAIL] else 0

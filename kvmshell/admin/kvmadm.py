@@ -36,12 +36,19 @@ from kvmshell.common import vmid
 from kvmshell.common import vmtree
 from kvmshell.common.config import DEFAULT_PATH, Config, load
 from kvmshell.common.errors import KvmshellError, RuntimeFailure, TreeError, UsageError
+from kvmshell.common.text import printable
 
 USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
 
 
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    # The last safety net: nothing from the tree reaches the terminal raw.
+    sys.stdout.write("\n".join(printable(line, backslash=False)
+                               for line in text.split("\n")) + "\n")
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(f"kvmadm: {printable(line, backslash=False)}\n")
 
 
 def _split_dashdash(args: list[str]) -> tuple[list[str], list[str]]:
@@ -177,14 +184,22 @@ def _user(uid: int) -> str:
 
 
 def cmd_list(cfg: Config, args: list[str]) -> int:
+    """Every healthy VM, then each broken entry of the tree with its reason
+    and fix; exit status 1 if anything is broken."""
     from kvmshell.common import runstate
     if args:
         raise UsageError(f"{args[0]}: unexpected argument")
-    for name in vmtree.names(cfg):
-        vm = vmtree.resolve(cfg, name)
+    tree = vmtree.scan_all(cfg)
+    for vm in tree.vms:
         pid = runstate.qemu_pid(vm)
         state = f"running (pid {pid})" if pid else "stopped"
         _out(f"{vm.name:<20} {_user(vm.uid):<12} {state:<22} {' '.join(vm.admin_words)}")
+    for bad in tree.broken:
+        _out(f"{printable(bad.name):<20} {_user(bad.uid):<12} {'BROKEN':<22} {bad.reason}")
+    if tree.broken:
+        _err(f"{len(tree.broken)} broken entr{'y' if len(tree.broken) == 1 else 'ies'} "
+             f"in {cfg.vmdir} (BROKEN above)")
+        return 1
     return 0
 
 
@@ -240,9 +255,9 @@ def cmd_check(cfg: Config, args: list[str]) -> int:
 
 
 def _owners(cfg: Config) -> dict[int, list[vmtree.VM]]:
+    """Every healthy VM, by owner (broken entries are 'list''s to report)."""
     out: dict[int, list[vmtree.VM]] = {}
-    for name in vmtree.names(cfg):
-        vm = vmtree.resolve(cfg, name)
+    for vm in vmtree.scan_all(cfg).vms:
         out.setdefault(vm.uid, []).append(vm)
     return out
 
@@ -352,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("must be run as root")
         return cmd(load(path), args[1:])
     except KvmshellError as exc:
-        sys.stderr.write(f"kvmadm: {exc.message}\n")
+        _err(exc.message)
         return exc.status
     except OSError as exc:
-        sys.stderr.write(f"kvmadm: {exc.filename or ''}: {exc.strerror}\n")
+        _err(f"{printable(str(exc.filename or ''))}: {exc.strerror}")
         return 1
 
 

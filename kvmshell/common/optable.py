@@ -270,16 +270,26 @@ def take_value(words: list[str], i: int, token: str, opt: Option) -> tuple[str |
 
 # ---- value checkers (parse, never filter) ---------------------------------
 
+# A path a user names: at most PATH_MAX characters, each component at most
+# COMPONENT_MAX (Linux's NAME_MAX): longer names no filesystem can hold.
+PATH_MAX = 1024
+COMPONENT_MAX = 255
 FILE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
 
 
 def check_file_name(token: str, value: str) -> str:
     """A relative path of plain components, or an absolute one (confined later).
     Commas, colons, protocol prefixes, '..' and hidden names are refused."""
-    if not value or len(value) > 1024:
+    if not value:
         raise RefusedOption(f"{token}: invalid file name")
+    if len(value) > PATH_MAX:
+        raise RefusedOption(f"{token}: file name too long: {value[:24]}... ({len(value)} "
+                            f"characters, at most {PATH_MAX})")
     comps = value[1:].split("/") if value.startswith("/") else value.split("/")
     for comp in comps:
+        if len(comp) > COMPONENT_MAX:
+            raise RefusedOption(f"{token}: file name too long: {comp[:24]}... ({len(comp)} "
+                                f"characters, at most {COMPONENT_MAX} between slashes)")
         if not comp or comp[0] == "." or comp[0] == "-" or any(c not in FILE_CHARS for c in comp):
             raise RefusedOption(
                 f"{token}: invalid file name {value!r} (plain names only: letters, digits, '._+-')")

@@ -59,9 +59,13 @@ def _format(token: str, value: str, fd: int, st: os.stat_result) -> str:
 
 
 def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
-              uid: int, write: bool, image: bool) -> Opened:
+              uid: int, write: bool, image: bool,
+              seen: dict[tuple[int, int], tuple[str, bool]] | None = None) -> Opened:
     """Open *value* for option *token*; relative names are inside *vmdir*,
-    absolute names must be inside one of *image_dirs* (read-only there)."""
+    absolute names must be inside one of *image_dirs* (read-only there).
+    *seen* holds the images already opened for this start ((st_dev, st_ino)
+    -> (option, opened for writing)); this one is added.  Raises
+    RefusedFile."""
     if value.startswith("/"):
         for d in image_dirs:
             if value.startswith(d + "/"):
@@ -98,6 +102,12 @@ def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
         fmt = _format(token, value, fd, st) if image else "raw"
         if image:
             import fcntl
+            if seen is not None:
+                other = seen.get((st.st_dev, st.st_ino))
+                if other is not None and (write or other[1]):
+                    raise RefusedFile(f"{token}: {value} is given twice (also to {other[0]}): "
+                                      "one image, one drive")
+                seen[(st.st_dev, st.st_ino)] = (token, write)
             # Why: one writer per image across VMs; the lock lives on the open
             # file description, which QEMU inherits, so it lasts the VM's life.
             try:

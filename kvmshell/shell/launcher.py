@@ -117,12 +117,14 @@ def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, user
     from kvmshell.shell import files
 
     opened: dict[str, useropts.Opened] = {}
+    seen: dict[tuple[int, int], tuple[str, bool]] = {}   # this start's images (files.open_file)
     try:
         for opt, value in req.files():
             write = opt.kind == optable.DISK and not req.has("-snapshot")
             opened[opt.name] = files.open_file(
                 opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
-                uid=os.getuid(), write=write, image=opt.kind in (optable.DISK, optable.CDROM))
+                uid=os.getuid(), write=write, image=opt.kind in (optable.DISK, optable.CDROM),
+                seen=seen)
     except BaseException:
         for of in opened.values():
             for fd in of.fds:
@@ -184,7 +186,8 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
         cgclient.finish(placed)
         argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels, fw_fds)
         return _spawn(cfg, vm, argv, passed, len(plan.taps),
-                      limits.qemu_rlimits(cfg, plan.megs, limits.image_limit(cfg, vm.uid)),
+                      limits.qemu_rlimits(cfg, plan.megs, _file_size_cap(cfg, vm, req, opened),
+                                         limits.image_limit(cfg, vm.uid)),
                       [ulock] if ulock >= 0 else [])
     finally:
         cgclient.cancel(placing)
@@ -194,8 +197,22 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
             os.close(ulock)
 
 
+def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
+                   opened: dict[str, useropts.Opened]) -> int | None:
+    """The file-size cap for this start's QEMU (limits.file_size_cap), from
+    the descriptors it gets: every image opened for writing, and under
+    -snapshot one overlay per disk (QEMU's temporary file in the VM directory)."""
+    if not limits.image_limit(cfg, vm.uid):
+        return None
+    writable = [(of.fmt, os.fstat(of.fd)) for of in opened.values() if not of.readonly]
+    overlays = 0
+    if req.has("-snapshot"):
+        overlays = sum(1 for opt, _ in req.files() if opt.kind == optable.DISK)
+    return limits.file_size_cap(cfg, vm, writable, overlays)
+
+
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
-           rlimits: list[tuple[int, int]] | None = None, close: list[int] | None = None
+           rlimits: list[tuple[int, int, int]] | None = None, close: list[int] | None = None
            ) -> tuple[int, str | None]:
     rfd, wfd = os.pipe()
     sys.stdout.flush()
@@ -235,18 +252,24 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
     raise RuntimeFailure(f"VM {vm.name} did not start: {msg[5:] if msg.startswith('fail ') else msg or 'supervisor died'}")
 
 
-def _qemu_error(log: str) -> str:
-    try:
-        with open(log, "rb") as f:
-            lines = [l.strip() for l in f.read(65536).decode("utf-8", "replace").splitlines() if l.strip()]
-    except OSError:
-        lines = []
-    errs = [l for l in lines if "qemu-system" in l or "error" in l.lower()] or lines
-    return errs[-1] if errs else "QEMU exited"
+def _qemu_error(log: str, returncode: int | None = None) -> str:
+    """QEMU's reason for exiting, from its log (qemulog.reason), escaped."""
+    from kvmshell.common.text import printable
+    from kvmshell.shell import qemulog
+    how = "QEMU exited"
+    if returncode is not None and returncode < 0:
+        import signal
+        try:
+            how = f"QEMU was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"QEMU was killed by signal {-returncode}"
+    elif returncode:
+        how = f"QEMU exited with status {returncode}"
+    return printable(qemulog.reason(qemulog.read_lines(log), how), backslash=False)
 
 
 def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, ready_fd: int,
-               rlimits: list[tuple[int, int]] | None = None) -> int:
+               rlimits: list[tuple[int, int, int]] | None = None) -> int:
     import subprocess
     import time
 
@@ -319,7 +342,7 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float,
 
     while True:
         if proc.poll() is not None:
-            raise RuntimeFailure(_qemu_error(QEMU_LOG))
+            raise RuntimeFailure(_qemu_error(QEMU_LOG, proc.returncode))
         if time.monotonic() > deadline:
             raise RuntimeFailure("QEMU did not answer on its monitor"
                                  " (or did not finish loading the saved state)")

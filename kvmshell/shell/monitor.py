@@ -14,6 +14,7 @@ from kvmshell.common.errors import MonitorError
 from kvmshell.common.runstate import PIDFILE as PIDFILE
 from kvmshell.common.runstate import qemu_pid as qemu_pid
 from kvmshell.common.runstate import started_at as started_at
+from kvmshell.common.text import printable
 from kvmshell.common.vmtree import VM
 
 TYPE_CHECKING = False
@@ -36,7 +37,7 @@ def qmp_command(vm: VM, command: str, timeout: float = 5.0) -> object:
         qmp.settimeout(timeout)
         return qmp.cmd(command)
     except (QMPError, OSError, TimeoutError) as exc:
-        raise MonitorError(f"{vm.name}: QMP {command} failed: {exc}") from exc
+        raise MonitorError(f"{vm.name}: QMP {command} failed: {printable(str(exc))}") from exc
     finally:
         try:
             qmp.close()
@@ -105,16 +106,19 @@ def query(vm: VM, command: str, timeout: float = 2.0) -> object:
 SAVE_TIMEOUT = 300.0
 
 
-def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TIMEOUT) -> None:
+def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TIMEOUT,
+         paused: "Callable[[], object] | None" = None,
+         resuming: "Callable[[], object] | None" = None) -> None:
     """Pause the VM and migrate its state into *fd*; then *commit* (which
     names the file) and have QEMU quit.  If anything fails the VM is
-    resumed, so a failed save loses nothing."""
+    resumed, so a failed save loses nothing.  *paused* runs once the guest
+    is stopped, *resuming* before a failed save lets it run again."""
     from qemu.qmp import QMPError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     os.chdir(vm.path)
     qmp = QEMUMonitorProtocol(QMP_SOCKET)
-    paused = False
+    stopped = False
     try:
         qmp.connect(negotiate=True)
         qmp.settimeout(10)
@@ -123,7 +127,9 @@ def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TI
         # A local file: no need for QEMU's network-friendly 128 MiB/s cap.
         qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         qmp.cmd("stop")
-        paused = True
+        stopped = True
+        if paused is not None:
+            paused()
         qmp.cmd("migrate", uri="fd:kvmshell-save")
         deadline = time.monotonic() + timeout
         while True:
@@ -135,15 +141,17 @@ def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TI
                 if status not in ("failed", "cancelled"):
                     qmp.cmd("migrate_cancel")
                 why = r.get("error-desc", status or "no answer") if isinstance(r, dict) else r
-                raise MonitorError(f"{vm.name}: saving the state failed: {why}")
+                raise MonitorError(f"{vm.name}: saving the state failed: {printable(str(why))}")
             time.sleep(0.05)
         commit()
-        paused = False
+        stopped = False
         qmp.cmd("quit")
     except (QMPError, OSError, TimeoutError) as exc:
-        raise MonitorError(f"{vm.name}: saving the state failed: {exc}") from exc
+        raise MonitorError(f"{vm.name}: saving the state failed: {printable(str(exc))}") from exc
     finally:
-        if paused:
+        if stopped:
+            if resuming is not None:
+                resuming()
             try:
                 qmp.cmd("cont")
             except Exception:  # the original error is the one to report

@@ -150,6 +150,10 @@ TABLE: tuple[Option, ...] = (
            gone="the pid file is kvmshell's own (qemu.pid in the VM directory)"),
     Option("-no-rtc", 0, FLAG, ADMIN, (),
            gone="-no-rtc no longer exists in QEMU 7.2 (host timers are always used)"),
+    # Beyond the seed: not a QEMU option but kvmshell's own, kept in the
+    # identifier with the admin's others (so only the admin sets it).
+    Option("-no-autostart", 0, FLAG, ADMIN, (),
+           help="the owner may not mark this VM to start at boot ('autostart')"),
     # ---- Options that are not used ---------------------------------------
     Option("-M", 1, ANY, UNUSED),
     Option("-hdc", 1, ANY, UNUSED),

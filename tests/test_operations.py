@@ -362,10 +362,11 @@ def test_json_every_verb(host: Host, alice: User, sink: Sink) -> None:
     doc = _json(alice.ssh_command("list --json"))
     assert set(doc) == {"vms"}
     mine = [v for v in doc["vms"] if v["name"] == vm]                   # type: ignore[union-attr,index]
-    assert mine == [{"name": vm, "state": "stopped", "pid": None, "autostart": False}]
+    assert mine == [{"name": vm, "state": "stopped", "pid": None, "accel": None,
+                     "autostart": False}]
 
     doc = _json(alice.ssh_command(f"status --json {vm}"))
-    assert doc == {"name": vm, "state": "stopped", "pid": None, "started": None,
+    assert doc == {"name": vm, "state": "stopped", "pid": None, "accel": None, "started": None,
                    "autostart": False}
 
     doc = _json(alice.ssh_command(f"images {vm} --json"))

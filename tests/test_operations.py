@@ -376,7 +376,7 @@ def test_json_every_verb(host: Host, alice: User, sink: Sink) -> None:
     assert set(doc) == {"vms"}
     mine = [v for v in doc["vms"] if v["name"] == vm]                   # type: ignore[union-attr,index]
     assert mine == [{"name": vm, "state": "stopped", "pid": None, "accel": None,
-                     "autostart": False}]
+                     "started": None, "autostart": False}]
 
     doc = _json(alice.ssh_command(f"status --json {vm}"))
     assert doc == {"name": vm, "state": "stopped", "pid": None, "accel": None, "started": None,

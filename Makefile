@@ -7,12 +7,16 @@ LIBEXEC := $(PREFIX)/libexec/kvmshell
 SHARE   := $(PREFIX)/share/kvmshell
 CONF    := /etc/kvmshell
 UNITDIR := /etc/systemd/system
+MAN     := $(PREFIX)/share/man
+BASHCOMP := $(PREFIX)/share/bash-completion/completions
 PIP     := $(PYTHON) -m pip install --break-system-packages --disable-pip-version-check -q
 
 APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 openssh-server \
-               openssh-client libpam-modules socat ovmf
+               openssh-client libpam-modules socat ovmf util-linux man-db
+# Build: the man pages are made from the code's tables by docutils' rst2man.
+APT_BUILD   := python3-docutils
 APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
-               xz-utils zstd systemd
+               xz-utils zstd groff-base systemd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
 # The web front door's browser test: Debian's Chromium and its chromedriver
 # (never a browser downloaded at install time); openssl for the proxy test.
@@ -22,14 +26,14 @@ PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes s
 # pip's cryptography (Debian's python3-openssl, if present, does not).
 PIP_TEST_UPGRADE := pyopenssl service_identity
 
-.PHONY: all deps test-deps install install-files demo guest test typecheck bench fuzz clean \
+.PHONY: all deps test-deps install install-files man demo guest test typecheck bench fuzz clean \
         web-assets debian-guest
 
 all:
 	@echo "targets: install demo test typecheck bench fuzz"
 
 deps:
-	@missing=$$(for p in $(APT_RUNTIME); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(APT_RUNTIME) $(APT_BUILD); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
 	$(PIP) $(PIP_RUNTIME)
@@ -41,6 +45,11 @@ test-deps: deps
 	$(PIP) $(PIP_TEST)
 	$(PIP) --upgrade $(PIP_TEST_UPGRADE)
 
+# kvmshell(1), kvmadm(8), kvmshell.conf(5): from the verb, option and
+# command tables and the shipped kvmshell.conf (man/mkman.py).
+man:
+	$(PYTHON) man/mkman.py build/man >/dev/null
+
 # install and demo end with `kvmadm check` (virt-host-validate's checks for
 # kvmshell): WARNs are shown and do not stop make; a FAIL makes the target
 # fail after everything is installed, since kvmshell would not work, or not
@@ -51,6 +60,7 @@ install: install-files
 	@$(CHECK)
 
 install-files: deps web-assets
+	$(PYTHON) man/mkman.py build/man >/dev/null
 	# setuptools reuses build/lib: a module moved or removed since the last
 	# build would otherwise be installed again.
 	rm -rf build/lib build/bdist.*
@@ -99,6 +109,18 @@ install-files: deps web-assets
 	  systemd/kvmshell-web.service > $(UNITDIR)/kvmshell-web.service
 	chmod 644 $(UNITDIR)/kvmshell-web.service
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	install -d -m 755 $(MAN)/man1 $(MAN)/man5 $(MAN)/man8 $(BASHCOMP) $(UNITDIR)
+	install -m 644 build/man/kvmshell.1 $(MAN)/man1/kvmshell.1
+	install -m 644 build/man/kvmadm.8 $(MAN)/man8/kvmadm.8
+	install -m 644 build/man/kvmshell.conf.5 $(MAN)/man5/kvmshell.conf.5
+	install -m 644 completion/kvmadm.bash $(BASHCOMP)/kvmadm
+	sed 's|/usr/local/sbin/kvmadm|$(SBIN)/kvmadm|' systemd/kvmshell-autostart.service \
+	  > $(UNITDIR)/kvmshell-autostart.service
+	chmod 644 $(UNITDIR)/kvmshell-autostart.service
+	@if command -v systemctl >/dev/null; then \
+	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	  systemctl enable --quiet kvmshell-autostart.service 2>/dev/null || \
+	    echo "note: enable autostart at boot with: systemctl enable kvmshell-autostart.service"; fi
 
 guest:
 	tests/guest/build-guest.sh build/guest

@@ -373,6 +373,7 @@ def test_su_dash_user(carol: User, vm: Path) -> None:
         c.expect_exact("kvmshell> ")
         c.sendline("list")
         c.expect_exact("running")
+        c.expect_exact("kvmshell> ")         # an EOF typed before readline reads is lost
         c.sendeof()
         c.expect(pexpect.EOF)
     finally:

@@ -95,7 +95,7 @@ def test_start_says_it_fell_back_and_status_reports_tcg(host: Host, carol: User,
         assert f"(pid {pid}, tcg)" in r.stdout
         assert carol.ssh_command("kill acc").returncode == 0
         assert carol.status("acc") == {"name": "acc", "state": "stopped", "pid": None,
-                                       "accel": None}
+                                       "accel": None, "started": None, "autostart": False}
     finally:
         kill_all(carol)
         host.write_conf()

@@ -578,7 +578,7 @@ def test_login_sets_a_fresh_host_cookie_and_logout_ends_it(web: WebRig, alice: U
     assert r.status_code == 200 and [v["name"] for v in r.json()["vms"]] == [VM]
     # Exactly what kvmshell's list --json says to the user over ssh.
     mine = alice.ssh_command("list --json")
-    assert mine.returncode == 0 and r.json()["vms"] == json.loads(mine.stdout)
+    assert mine.returncode == 0 and r.json()["vms"] == json.loads(mine.stdout)["vms"]
     assert b.post("/logout").status_code == 200
     assert b.get("/api/vms").status_code == 401
     assert b.get("/").headers["location"] == "/login"

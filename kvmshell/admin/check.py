@@ -883,22 +883,28 @@ def check_cgroups(h: Host) -> Result:
 
 
 def check_syslog(h: Host) -> Result:
-    """Syslog takes messages on /dev/log (the helper records every action there)."""
+    """Syslog takes messages on /dev/log (the helper records every action
+    there) and on log_socket (kvmshell's and kvmadm's audit records)."""
     import socket
-    last: OSError | None = None
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        s = socket.socket(socket.AF_UNIX, kind)
-        try:
-            s.connect(SYSLOG_SOCKET)
-            return Result(PASS, f"{SYSLOG_SOCKET} accepts messages")
-        except OSError as exc:
-            last = exc
-        finally:
-            s.close()
-    why = "does not exist" if isinstance(last, FileNotFoundError) else (
-        last.strerror if last else "refused")
-    return Result(WARN, f"{SYSLOG_SOCKET} {why}: the helper's record of what it does for users "
-                  "(authpriv) is lost", "apt-get install rsyslog (or run systemd-journald)")
+    sockets = {SYSLOG_SOCKET: ["the helper's record of what it does for users"]}
+    sockets.setdefault(h.cfg.log_socket, []).append("kvmshell's and kvmadm's audit records")
+    for path, lost in sockets.items():
+        why: str | None = None
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            s = socket.socket(socket.AF_UNIX, kind)
+            try:
+                s.connect(path)
+                why = None
+                break
+            except OSError as exc:
+                why = "does not exist" if isinstance(exc, FileNotFoundError) else (
+                    exc.strerror or "refused")
+            finally:
+                s.close()
+        if why:
+            return Result(WARN, f"{path} {why}: {' and '.join(lost)} (authpriv) are lost",
+                          "apt-get install rsyslog (or run systemd-journald)")
+    return Result(PASS, f"{' and '.join(sockets)} accept messages")
 
 
 # id, title, function: the order of the report.

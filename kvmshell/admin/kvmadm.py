@@ -1,28 +1,16 @@
 """``kvmadm``: the admin's side of the VM tree (runs as root).
 
-    kvmadm [--config PATH] create NAME --owner USER [-- ADMIN-OPTIONS...]
-    kvmadm [--config PATH] list
-    kvmadm [--config PATH] show NAME
-    kvmadm [--config PATH] set NAME [-- ADMIN-OPTIONS...]
-    kvmadm [--config PATH] remove NAME [--purge]
-    kvmadm [--config PATH] adduser USER [--key FILE|-] [--no-kvm]
-    kvmadm [--config PATH] setkey USER FILE|-
-    kvmadm [--config PATH] check [--json] [--sysconfdir DIR]
-    kvmadm [--config PATH] usage [--json]
-    kvmadm [--config PATH] slices [--dir DIR]
+    kvmadm [--config PATH] COMMAND ARGS...
 
-The admin's options are validated against the admin class of the option
-table before they become a directory name, exactly as kvmshell will read
-them back, and against this host (``max_smp``, KVM for ``-cpu host``, OVMF
-for ``-firmware efi``).
-
-``usage`` shows every VM owner's budgets, use and kernel limits (the
-numbers of the user's ``quota``).  ``slices`` writes, for systemd hosts, one
-drop-in per VM owner, ``DIR/user-UID.slice.d/50-kvmshell.conf`` (DIR:
-``/etc/systemd/system``), with MemoryMax, CPUWeight, CPUQuota and TasksMax
-from the owner's budget, removes the drop-ins it wrote for users who no
-longer own VMs, and reloads systemd if it runs.  Run it after changing
-budgets or creating/removing VMs.
+The commands are the table :data:`COMMAND_HELP` (read by ``kvmadm help``,
+the man page kvmadm(8) and the bash completion).  The admin's options are
+validated against the admin class of the option table before they become
+a directory name, exactly as kvmshell will read them back, and against
+this host (``max_smp``, KVM for ``-cpu host``, OVMF for ``-firmware
+efi``).  ``usage`` shows every VM owner's budgets and use; ``slices``
+writes systemd user-slice drop-ins from them.  Every change
+to the tree (and every attempt) leaves one audit record (program
+``kvmadm``, authpriv; :mod:`kvmshell.common.auditlog`).
 """
 
 from __future__ import annotations
@@ -38,7 +26,35 @@ from kvmshell.common.config import DEFAULT_PATH, Config, load
 from kvmshell.common.errors import KvmshellError, RuntimeFailure, TreeError, UsageError
 from kvmshell.common.text import printable
 
-USAGE = __doc__.split("\n\n")[1] if __doc__ else ""
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# The commands, as data: command -> (synopsis, summary).
+COMMAND_HELP: dict[str, tuple[str, str]] = {
+    "create": ("NAME --owner USER [-- ADMIN-OPTIONS...]",
+               "create VM NAME for USER with the admin's options"),
+    "list": ("[--json]", "list every VM: owner, state, admin options"),
+    "show": ("NAME [--json]", "show one VM: owner, directory, options and the QEMU argv they give"),
+    "set": ("NAME [-- ADMIN-OPTIONS...]", "replace a VM's admin options (refused while it runs)"),
+    "remove": ("NAME [--purge]", "remove a VM; its files are kept in .removed/ unless --purge"),
+    "adduser": ("USER [--key FILE|-] [--no-kvm]",
+                "create a VM user (group, login shell, SSH key, /dev/kvm's group)"),
+    "setkey": ("USER FILE|-", "install a VM user's SSH key(s), root-owned"),
+    "check": ("[--json] [--sysconfdir DIR]",
+              "check the host, like virt-host-validate: one line per check, PASS, WARN or FAIL"),
+    "autostart": ("", "start every VM marked 'autostart on', as its owner (run at boot)"),
+    "usage": ("[--json]", "every VM owner's budgets, use and kernel limits"),
+    "slices": ("[--dir DIR]", "write systemd user-slice drop-ins from the budgets (systemd hosts)"),
+}
+# Commands that change the tree or the users: each run leaves an audit record.
+CHANGES = frozenset({"create", "set", "remove", "adduser", "setkey"})
+
+USAGE = "\n".join(f"    kvmadm [--config PATH] {c} {syn}".rstrip()
+                  for c, (syn, _) in COMMAND_HELP.items())
+
+# Fields the running command adds to its audit record (vm, owner, options...).
+_NOTE: dict[str, str] = {}
 
 
 def _out(text: str) -> None:
@@ -92,6 +108,7 @@ def cmd_create(cfg: Config, args: list[str]) -> int:
     if len(head) != 3 or head[1] != "--owner":
         raise UsageError("usage: create NAME --owner USER [-- ADMIN-OPTIONS...]")
     name, user = head[0], head[2]
+    _NOTE.update(vm=name, owner=user, options=_join(words))
     adminopts.check_host(adminopts.parse_admin(words), cfg)
     dirname = vmid.encode(name, words)
     uid, gid = _owner(user)
@@ -136,7 +153,9 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     head, words = _split_dashdash(args)
     if len(head) != 1:
         raise UsageError("usage: set NAME [-- ADMIN-OPTIONS...]")
+    _NOTE.update(vm=head[0], options=_join(words))
     vm = vmtree.resolve(cfg, head[0])
+    _NOTE["owner"] = _user(vm.uid)
     adminopts.check_host(adminopts.parse_admin(words), cfg)
     dirname = vmid.encode(vm.name, words)
     lock = _running(vm)
@@ -155,7 +174,9 @@ def cmd_remove(cfg: Config, args: list[str]) -> int:
     rest = [a for a in args if a != "--purge"]
     if len(rest) != 1:
         raise UsageError("usage: remove NAME [--purge]")
+    _NOTE["vm"] = rest[0]
     vm = vmtree.resolve(cfg, rest[0])
+    _NOTE["owner"] = _user(vm.uid)
     lock = _running(vm)
     try:
         os.unlink(os.path.join(cfg.vmdir, vm.name))
@@ -183,17 +204,48 @@ def _user(uid: int) -> str:
         return str(uid)
 
 
+def _autostart_state(cfg: Config, vm: vmtree.VM) -> tuple[str, list[str]]:
+    """on, off, forbidden (marked, but the admin forbids it) or invalid
+    (the owner's files are not kvmshell's), and the saved start options."""
+    from kvmshell.common import autostart
+    try:
+        marked, words = autostart.read(vm)
+    except RuntimeFailure:
+        return "invalid", []
+    if not marked:
+        return "off", words
+    if autostart.forbidden(cfg, adminopts.parse_admin(vm.admin_words)):
+        return "forbidden", words
+    return "on", words
+
+
+def _json_flag(args: list[str]) -> tuple[bool, list[str]]:
+    return "--json" in args, [a for a in args if a != "--json"]
+
+
 def cmd_list(cfg: Config, args: list[str]) -> int:
     """Every healthy VM, then each broken entry of the tree with its reason
     and fix; exit status 1 if anything is broken."""
     from kvmshell.common import runstate
+    as_json, args = _json_flag(args)
     if args:
         raise UsageError(f"{args[0]}: unexpected argument")
+    vms = []
     tree = vmtree.scan_all(cfg)
     for vm in tree.vms:
         pid = runstate.qemu_pid(vm)
+        if as_json:
+            vms.append({"name": vm.name, "owner": _user(vm.uid), "uid": vm.uid,
+                        "state": "running" if pid else "stopped", "pid": pid,
+                        "options": vm.admin_words, "autostart": _autostart_state(cfg, vm)[0]})
+            continue
         state = f"running (pid {pid})" if pid else "stopped"
         _out(f"{vm.name:<20} {_user(vm.uid):<12} {state:<22} {' '.join(vm.admin_words)}")
+    if as_json:
+        from kvmshell.common import jsonout
+        jsonout.emit({"vms": vms, "broken": [{"name": printable(bad.name), "uid": bad.uid,
+                                               "reason": bad.reason} for bad in tree.broken]})
+        return 1 if tree.broken else 0
     for bad in tree.broken:
         _out(f"{printable(bad.name):<20} {_user(bad.uid):<12} {'BROKEN':<22} {bad.reason}")
     if tree.broken:
@@ -204,15 +256,25 @@ def cmd_list(cfg: Config, args: list[str]) -> int:
 
 
 def cmd_show(cfg: Config, args: list[str]) -> int:
+    as_json, args = _json_flag(args)
     if len(args) != 1:
-        raise UsageError("usage: show NAME")
+        raise UsageError("usage: show NAME [--json]")
     vm = vmtree.resolve(cfg, args[0])
     plan = adminopts.parse_admin(vm.admin_words)
+    fw = (-1, [-1, -1]) if plan.firmware == "efi" else None
+    qemu = adminopts.admin_argv(plan, vm.name, [-1] * len(plan.taps), fw)
+    auto, words = _autostart_state(cfg, vm)
+    if as_json:
+        from kvmshell.common import jsonout
+        jsonout.emit({"name": vm.name, "owner": _user(vm.uid), "uid": vm.uid,
+                      "directory": vm.path, "options": vm.admin_words, "qemu": qemu,
+                      "autostart": auto, "start_options": words})
+        return 0
     _out(f"name:      {vm.name}\nowner:     {_user(vm.uid)}\ndirectory: {vm.path}")
     _out(f"options:   {' '.join(vm.admin_words) or '(none)'}")
-    fw = (-1, [-1, -1]) if plan.firmware == "efi" else None
     _out(f"machine:   {plan.machine}, {plan.smp} vCPU(s), {plan.megs} MiB, firmware {plan.firmware}")
-    _out(f"qemu:      {' '.join(adminopts.admin_argv(plan, vm.name, [-1] * len(plan.taps), fw))}")
+    _out(f"qemu:      {' '.join(qemu)}")
+    _out(f"autostart: {auto}" + (f" (start {vm.name} {_join(words)})" if words else ""))
     return 0
 
 
@@ -224,6 +286,7 @@ def cmd_adduser(cfg: Config, args: list[str]) -> int:
             or len(args) - len(rest) > 1):
         raise UsageError("usage: adduser USER [--key FILE|-] [--no-kvm]")
     name = rest[0]
+    _NOTE["account"] = name
     kvm_grp, why = users.adduser(cfg, name, kvm)
     _out(f"created VM user {name} (group {cfg.group}, shell {cfg.shell})")
     if kvm_grp:
@@ -244,6 +307,7 @@ def cmd_setkey(cfg: Config, args: list[str]) -> int:
     from kvmshell.admin import users
     if len(args) != 2:
         raise UsageError("usage: setkey USER FILE|-")
+    _NOTE["account"] = args[0]
     path = users.setkey(cfg, args[0], args[1])
     _out(f"installed the key(s) of {args[0]} in {path}")
     return 0
@@ -345,15 +409,214 @@ def cmd_slices(cfg: Config, args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"create": cmd_create, "set": cmd_set, "remove": cmd_remove,
-            "list": cmd_list, "show": cmd_show, "adduser": cmd_adduser,
-            "setkey": cmd_setkey, "check": cmd_check, "usage": cmd_usage,
-            "slices": cmd_slices}
+
+# ---- autostart (at boot, from kvmshell-autostart.service) ----------------
+
+RUNUSER = "/usr/sbin/runuser"
+START_TIMEOUT = 300
+
+
+def _printable(text: str) -> str:
+    """Text from a child for the admin's terminal: control characters and
+    non-ASCII as \\xNN (the child's message may carry QEMU's or a name's bytes)."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in text)
+
+
+def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, str]:
+    """Run ``kvmshell start VM WORDS...`` as the VM's owner: the installed
+    kvmshell (``shell`` in kvmshell.conf) through runuser, so the start takes
+    the same validator, budgets and PAM limits as one over SSH.  Returns
+    (started, kvmshell's one line)."""
+    import pwd
+    import signal
+    import subprocess
+    try:
+        owner = pwd.getpwuid(vm.uid).pw_name
+    except KeyError:
+        return False, f"its owner (uid {vm.uid}) has no account"
+    argv = [RUNUSER, "-u", owner, "--", cfg.shell, "--config", cfg.path, "start", vm.name, *words]
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace",
+                                start_new_session=True, cwd="/")
+    except OSError as exc:
+        return False, f"cannot run {RUNUSER}: {exc.strerror}"
+    try:
+        out, err = proc.communicate(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return False, f"no answer from kvmshell start in {START_TIMEOUT} s"
+    lines = (err.strip() or out.strip()).splitlines() if proc.returncode else out.strip().splitlines()
+    line = lines[-1] if lines else f"exit status {proc.returncode}"
+    if line.startswith("kvmshell: "):
+        line = line[len("kvmshell: "):]
+    return proc.returncode == 0, _printable(line)
+
+
+def cmd_autostart(cfg: Config, args: list[str]) -> int:
+    """Start every marked VM, in name order, each as its owner; one VM's
+    failure is reported and logged and the next is tried.  Exit 1 if any
+    marked VM did not start."""
+    from kvmshell.common import autostart, runstate
+    if args:
+        raise UsageError(f"{args[0]}: unexpected argument (usage: autostart)")
+    failed = 0
+    for name in [vm.name for vm in vmtree.scan_all(cfg).vms]:
+        fields: dict[str, str] = {"vm": name}
+        try:
+            vm = vmtree.resolve(cfg, name)
+            fields["owner"] = _user(vm.uid)
+            marked, words = autostart.read(vm)
+            if not marked:
+                continue
+            fields["options"] = _join(words)
+            why_not = autostart.forbidden(cfg, adminopts.parse_admin(vm.admin_words))
+            if why_not:
+                outcome, line = "skipped", why_not
+            elif runstate.qemu_pid(vm):
+                outcome, line = "skipped", "already running"
+            else:
+                ok, line = start_as_owner(cfg, vm, words)
+                outcome = "ok" if ok else "failed"
+        except KvmshellError as exc:
+            outcome, line = "failed", exc.message
+        failed += outcome == "failed"
+        _out(f"{name}: {outcome}: {line}")
+        _record(cfg, "autostart", {**fields, "outcome": outcome,
+                                   "reason": None if outcome == "ok" else line,
+                                   "result": line if outcome == "ok" else None})
+    return 1 if failed else 0
+
+
+# ---- the audit record of a change ------------------------------------------
+
+def _join(words: list[str]) -> str:
+    from kvmshell.common.auditlog import join_words
+    return join_words(words)
+
+
+def _admin_fields() -> "list[tuple[str, str | int | None]]":
+    """Who runs kvmadm: root's name and uid, the login uid the kernel kept
+    for the session (audit's loginuid: who logged in before becoming root),
+    and sudo's SUDO_USER."""
+    import pwd
+    uid = os.geteuid()
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    loginuid: str | None = None
+    try:
+        with open("/proc/self/loginuid", "rb") as f:
+            raw = f.read(16).strip().decode("ascii")
+        loginuid = raw if raw.isdigit() and raw != "4294967295" else None
+    except (OSError, UnicodeDecodeError):
+        pass
+    return [("user", user), ("uid", uid), ("loginuid", loginuid),
+            ("sudo_user", os.environ.get("SUDO_USER"))]
+
+
+def _record(cfg: Config | None, verb: str, fields: "dict[str, str | int | None]") -> None:
+    """Send one kvmadm record (never raises, never blocks)."""
+    from kvmshell.common import auditlog
+    keys = ("vm", "owner", "account", "options", "outcome", "status", "reason", "result", "args")
+    out = _admin_fields() + [("verb", verb)] + [(k, fields.get(k)) for k in keys]
+    path = cfg.log_socket if cfg is not None else auditlog.DEFAULT_SOCKET
+    auditlog.send(path, "kvmadm", str(fields.get("outcome", "ok")), out)
+
+
+# ---- bash completion ---------------------------------------------------------
+
+FILES = "@files"   # tells the completion script: complete file names
+
+
+def complete(cword: int, words: list[str]) -> list[str]:
+    """Candidates for word *cword* of a kvmadm command line *words* (bash's
+    COMP_CWORD and COMP_WORDS), for completion/kvmadm.bash: commands, VM
+    names, VM users, admin options, or :data:`FILES`.  Reads only what any
+    user may read (the config, the top directory, the group)."""
+    cur = words[cword] if cword < len(words) else ""
+    path, i = DEFAULT_PATH, 1
+    while i < len(words) and words[i] == "--config" and i < cword:
+        if cword == i + 1:
+            return [FILES]
+        path = words[i + 1] if i + 1 < len(words) else path
+        i += 2
+    if cword == i:
+        first = list(COMMAND_HELP) + ["help"] + (["--config"] if i == 1 else [])
+        return [w for w in first if w.startswith(cur)]
+    if i >= len(words):
+        return []
+    cmd, pos, prev = words[i], cword - i, words[cword - 1]
+
+    def vms() -> list[str]:
+        try:
+            return [vm.name for vm in vmtree.scan_all(load(path)).vms]
+        except (KvmshellError, OSError):
+            return []
+
+    def users() -> list[str]:
+        import grp
+        import pwd
+        try:
+            cfg = load(path)
+            out = set(grp.getgrnam(cfg.group).gr_mem)
+            for vm in vmtree.scan_all(cfg).vms:
+                try:
+                    out.add(pwd.getpwuid(vm.uid).pw_name)
+                except KeyError:
+                    pass
+            return sorted(out)
+        except (KvmshellError, OSError, KeyError):
+            return []
+
+    pool: list[str] = []
+    if cmd in ("create", "set") and "--" in words[i + 1:cword]:
+        from kvmshell.common import optable
+        pool = [o.name for o in optable.TABLE if o.cls == optable.ADMIN and not o.gone]
+        if prev in optable.BY_NAME and optable.BY_NAME[prev].arity:
+            pool = []               # the option's value: the admin's to type
+    elif cmd == "create":
+        pool = users() if prev == "--owner" else [] if pos == 1 else ["--owner", "--"]
+    elif cmd == "set":
+        pool = vms() if pos == 1 else ["--"]
+    elif cmd in ("show", "remove"):
+        pool = vms() if pos == 1 else ["--json"] if cmd == "show" else ["--purge"]
+    elif cmd == "list":
+        pool = ["--json"]
+    elif cmd == "adduser":
+        pool = [FILES] if prev == "--key" else [] if pos == 1 else ["--key"]
+    elif cmd == "setkey":
+        pool = users() if pos == 1 else [FILES] if pos == 2 else []
+    elif cmd == "help":
+        pool = []
+    if pool == [FILES]:
+        return pool
+    return [w for w in pool if w.startswith(cur)]
+
+
+COMMANDS: "dict[str, Callable[[Config, list[str]], int]]" = {
+    "create": cmd_create, "set": cmd_set, "remove": cmd_remove,
+    "list": cmd_list, "show": cmd_show, "adduser": cmd_adduser,
+    "setkey": cmd_setkey, "check": cmd_check, "autostart": cmd_autostart,
+    "usage": cmd_usage, "slices": cmd_slices}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv if argv is None else argv)[1:]
+    if args[:1] == ["_complete"]:       # for completion/kvmadm.bash; any user
+        try:
+            cands = complete(int(args[1]), args[2:])
+        except (ValueError, IndexError):
+            return 2
+        sys.stdout.write("".join(c + "\n" for c in cands))
+        return 0
     path = DEFAULT_PATH
+    cfg: Config | None = None
+    cmd_name = ""
+    _NOTE.clear()
     try:
         while args[:1] == ["--config"] and len(args) >= 2:
             path, args = args[1], args[2:]
@@ -362,15 +625,27 @@ def main(argv: list[str] | None = None) -> int:
                 _out("usage:\n" + USAGE)
                 return 0
             raise UsageError(f"{args[0] if args else '(nothing)'}: unknown command\nusage:\n{USAGE}")
-        cmd = COMMANDS[args[0]]
+        cmd_name = args[0]
+        cmd = COMMANDS[cmd_name]
         if os.geteuid() != 0:
             raise UsageError("must be run as root")
-        return cmd(load(path), args[1:])
+        cfg = load(path)
+        status = cmd(cfg, args[1:])
+        if cmd_name in CHANGES:
+            _record(cfg, cmd_name, {**_NOTE, "outcome": "ok", "status": status})
+        return status
     except KvmshellError as exc:
         _err(exc.message)
+        if cmd_name in CHANGES:
+            _record(cfg, cmd_name, {**_NOTE, "outcome": exc.outcome, "status": exc.status,
+                                    "reason": exc.message, "args": _join(args[1:])})
         return exc.status
     except OSError as exc:
         _err(f"{printable(str(exc.filename or ''))}: {exc.strerror}")
+        if cmd_name in CHANGES:
+            _record(cfg, cmd_name, {**_NOTE, "outcome": "failed", "status": 1,
+                                    "reason": f"{exc.filename or ''}: {exc.strerror}",
+                                    "args": _join(args[1:])})
         return 1
 
 

@@ -64,6 +64,7 @@ class AdminPlan:
         self.words: list[str] = []
         self.megs = 128
         self.nographic = False
+        self.autostart = True      # False: -no-autostart
         self.argv: list[str] = []
         self.nets: list[NetSpec] = []
         self.user_net_extra: list[str] = []
@@ -263,6 +264,8 @@ def parse_admin(words: list[str]) -> AdminPlan:
             _parse_hardware(plan, token, opt.kind, value)
         elif opt.name == "-nographic":
             plan.nographic = True
+        elif opt.name == "-no-autostart":
+            plan.autostart = False
         elif opt.kind == FLAG:
             plan.argv += list(opt.qemu)
         elif opt.kind == USBDEV:

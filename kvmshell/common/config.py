@@ -31,6 +31,8 @@ _DEFAULTS: dict[str, str] = {
     "authorized_keys": "/etc/kvmshell/authorized_keys",
     "shell": "/usr/local/bin/kvmshell",
     "adduser_kvm": "yes",
+    "log_socket": "/dev/log",
+    "autostart": "yes",
     # The web front door (kvmshell-web; off until the admin enables it).
     "web_listen": "127.0.0.1:8480",
     "web_origins": "",
@@ -87,6 +89,8 @@ class Config:
         self.max_image_bytes = _int(values, "max_image_bytes", path)
         self.upload_max_bytes = _int(values, "upload_max_bytes", path)
         self._hardware(values, path)
+        self.log_socket = _abs(values, "log_socket")
+        self.autostart = _bool(values, "autostart", path)
         self._values = values
         self._web: WebConfig | None = None
 

@@ -15,6 +15,10 @@ KVMSHELL_DEBUG is set by the admin in the ForceCommand line).
     +-- RuntimeFailure             QEMU or the system failed at run time
         +-- AlreadyRunning         (exit 1) the VM lock is held
         +-- MonitorError           QMP failed
+
+Each class also says how the audit record files it (``outcome``):
+``refused`` for a request turned down (usage errors, budgets), ``failed``
+for everything else.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class KvmshellError(Exception):
     """Base class: carries a one-line message and an exit status."""
 
     status = 1
+    outcome = "failed"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,6 +39,7 @@ class UsageError(KvmshellError):
     """The request is refused before anything runs."""
 
     status = 2
+    outcome = "refused"
 
 
 class RefusedOption(UsageError):

@@ -215,6 +215,10 @@ TABLE: tuple[Option, ...] = (
     Option("-firmware", 1, FIRMWARE, ADMIN, (), origin=EXTENSION,
            help="bios (SeaBIOS, the default) or efi (OVMF; the VM keeps its UEFI variables"
                 " in nvram.fd)", example="efi"),
+    # Beyond the seed: not a QEMU option but kvmshell's own, kept in the
+    # identifier with the admin's others (so only the admin sets it).
+    Option("-no-autostart", 0, FLAG, ADMIN, (),
+           help="the owner may not mark this VM to start at boot ('autostart')"),
     # ---- Options that are not used ---------------------------------------
     Option("-hdc", 1, ANY, UNUSED),
     Option("-hdd", 1, ANY, UNUSED),

@@ -20,7 +20,7 @@ TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 
 from kvmshell.common.errors import KvmshellError, RuntimeFailure, UsageError
 
-from kvmshell.shell.context import VERBS, Context
+from kvmshell.shell.context import JSON_VERBS, VERBS, Context
 
 if TYPE_CHECKING:
     from kvmshell.common.vmtree import VM
@@ -48,9 +48,16 @@ def _no_more(verb: str, rest: list[str]) -> None:
 
 
 def cmd_help(ctx: Context, args: list[str]) -> int:
+    if len(args) > 1:
+        raise UsageError(f"{args[1]}: unexpected argument to 'help'")
+    if args and args[0] not in VERBS:
+        raise UsageError(f"{args[0]}: unknown verb (see 'help')")
+    if ctx.json:
+        from kvmshell.common import jsonout
+        jsonout.emit(help_document(args[0] if args else None))
+        return 0
     if args and args[0] == "start":
         from kvmshell.common import optable
-        from kvmshell.shell import useropts
         _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + optable.user_help())
         _out(f"FILE: a name in your VM directory, or an absolute path in an image directory;\n"
              f"  letters, digits and '._+-' between slashes, at most {optable.COMPONENT_MAX}"
@@ -61,8 +68,6 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         _out(console.HELP)
         return 0
     if args:
-        if args[0] not in VERBS:
-            raise UsageError(f"{args[0]}: unknown verb (see 'help')")
         syn, summary = VERBS[args[0]]
         _out(f"usage: {args[0]} {syn}\n  {summary}")
         if args[0] in ("upload", "save", "rm", "images"):
@@ -85,6 +90,17 @@ def _names_help() -> str:
             "  shows other bytes of a name as \\xNN; 'rm' takes that form: rm 'bad\\xff.img'")
 
 
+def help_document(verb: str | None) -> dict[str, object]:
+    """help --json (docs/json.md): the verbs and the user options, from the tables."""
+    from kvmshell.common import optable
+    verbs = [{"verb": v, "synopsis": syn, "summary": summary, "json": v in JSON_VERBS}
+             for v, (syn, summary) in VERBS.items() if verb in (None, v)]
+    options = [{"option": o.name, "takes_value": o.arity > 0,
+                "value": o.kind if o.arity else None, "help": o.help, "example": o.example}
+               for o in optable.TABLE if o.cls == optable.USER] if verb in (None, "start") else []
+    return {"verbs": verbs, "options": options}
+
+
 def _state(vm: "VM") -> tuple[str, int | None]:
     from kvmshell.shell import monitor
     pid = monitor.qemu_pid(vm)
@@ -97,16 +113,18 @@ def _running_text(pid: int | None, got: str | None) -> str:
     return f" (pid {pid}, {got})" if got else f" (pid {pid})"
 
 
+def _autostart(vm: "VM") -> bool:
+    from kvmshell.shell import autostart
+    return autostart.marked(vm)
+
+
 def cmd_list(ctx: Context, args: list[str]) -> int:
     """Your VMs and their state; a broken VM of yours is listed with the
     reason and the fix (exit status 1).  Other users' VMs are not looked at."""
     from kvmshell.common import vmtree
     from kvmshell.common.text import printable
-    as_json = False
-    if args[:1] == ["--json"]:
-        as_json, args = True, args[1:]
     _no_more("list", args)
-    docs: list[dict[str, object]] = []
+    vms: list[dict[str, object]] = []
     mine = vmtree.scan(ctx.cfg, ctx.uid)
     for vm in mine.vms:
         state, pid = _state(vm)
@@ -114,52 +132,48 @@ def cmd_list(ctx: Context, args: list[str]) -> int:
         if pid:
             from kvmshell.shell import accel
             got = accel.running(vm)
-        if as_json:
-            docs.append(_status_doc(vm, state, pid, got))
+        if ctx.json:
+            vms.append(_status_doc(vm, state, pid, got))
         else:
             _out(f"{vm.name:<20} {state}" + _running_text(pid, got))
     for bad in mine.broken:
-        if as_json:
-            docs.append({"name": printable(bad.name), "state": "broken", "pid": None, "accel": None,
-                         "reason": bad.reason})
+        if ctx.json:
+            vms.append({"name": printable(bad.name), "state": "broken", "pid": None,
+                        "accel": None, "reason": bad.reason})
         else:
             _out(f"{printable(bad.name):<20} broken: {bad.reason}")
-    if as_json:
-        import json
+    if ctx.json:
         # The document says what is broken (state "broken", with the reason).
-        _out(json.dumps(docs))
+        from kvmshell.common import jsonout
+        jsonout.emit({"vms": vms})
         return 0
     return 1 if mine.broken else 0
 
 
 def _status_doc(vm: "VM", state: str, pid: int | None, got: str | None) -> dict[str, object]:
-    """``{"name", "state", "pid", "accel", "started"?}``: status --json's
-    object, one per VM in list --json's array (started: seconds since the
-    epoch; accel: QEMU's answer, kvm or tcg, or null)."""
-    doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid, "accel": got}
+    """status --json's object, one per VM in list --json's ``vms`` (the keys
+    and their meaning: docs/json.md)."""
+    started = None
     if pid:
         from kvmshell.shell import monitor
-        doc["started"] = monitor.started_at(pid)
-    return doc
+        started = monitor.started_at(pid)
+    return {"name": vm.name, "state": state, "pid": pid, "accel": got, "started": started,
+            "autostart": _autostart(vm)}
 
 
 def cmd_status(ctx: Context, args: list[str]) -> int:
-    from kvmshell.common import vmtree
     name, rest = _split_vm(args)
-    as_json = False
-    if rest[:1] == ["--json"]:
-        as_json, rest = True, rest[1:]
     _no_more("status", rest)
-    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    vm = ctx.pick(name)
     state, pid = _state(vm)
     got = None
     if pid:
         # QEMU's word (QMP query-kvm), not the config's: see shell/accel.py.
         from kvmshell.shell import accel
         got = accel.running(vm)
-    if as_json:
-        import json
-        _out(json.dumps(_status_doc(vm, state, pid, got)))
+    if ctx.json:
+        from kvmshell.common import jsonout
+        jsonout.emit(_status_doc(vm, state, pid, got))
     else:
         _out(f"{vm.name}: {state}" + _running_text(pid, got))
     return 0
@@ -167,12 +181,11 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
 
 def cmd_start(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import launcher
-    from kvmshell.common import optable
     from kvmshell.shell import useropts
-    from kvmshell.common import vmtree
     name, rest = _split_vm(args)
     req = useropts.parse_user(rest)          # refuse before touching anything
-    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    ctx.audit["options"] = [w for n, v in req.values.items() for w in (n, v) if w is not None]
+    vm = ctx.pick(name)
     from kvmshell.shell import accel
     choice = accel.choose(ctx.cfg, vm)      # accel_fallback = no refuses here
     pid, got = launcher.start(ctx.cfg, vm, req, choice.accels)
@@ -180,15 +193,19 @@ def cmd_start(ctx: Context, args: list[str]) -> int:
     note = choice.notice(got)
     if note:
         sys.stderr.write(f"kvmshell: {vm.name}: {note}\n")
+    from kvmshell.shell import autostart
+    try:
+        autostart.remember(vm, req.values)   # the options for the next boot
+    except KvmshellError as exc:             # QEMU runs: a warning, not a failure
+        sys.stderr.write(f"kvmshell: {exc.message}\n")
     return 0
 
 
 def _running(ctx: Context, verb: str, args: list[str]) -> tuple["VM", int]:
-    from kvmshell.common import vmtree
     from kvmshell.common.errors import RuntimeFailure
     name, rest = _split_vm(args)
     _no_more(verb, rest)
-    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    vm = ctx.pick(name)
     state, pid = _state(vm)
     if pid is None:
         raise RuntimeFailure(f"VM {vm.name!r} is not running")
@@ -221,6 +238,7 @@ def cmd_reset(ctx: Context, args: list[str]) -> int:
 def cmd_save(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import images
     vm, name, size = images.save(ctx.cfg, ctx.uid, args)
+    ctx.audit["vm"] = vm.name
     _out(f"{vm.name}: saved to {name} ({size} bytes); restore with 'start {vm.name} -loadvm {name}'")
     return 0
 
@@ -228,6 +246,7 @@ def cmd_save(ctx: Context, args: list[str]) -> int:
 def cmd_upload(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import images
     vm, name, size = images.upload(ctx.cfg, ctx.uid, args)
+    ctx.audit["vm"] = vm.name
     _out(f"{vm.name}: stored {name} ({size} bytes)")
     return 0
 
@@ -237,8 +256,14 @@ def cmd_images(ctx: Context, args: list[str]) -> int:
     form 'rm' takes back (text.printable)."""
     from kvmshell.common.text import printable
     from kvmshell.shell import images
+    found = images.listing(ctx.cfg, ctx.uid, args)
+    if ctx.json:
+        from kvmshell.common import jsonout
+        jsonout.emit({"images": [{**jsonout.file_name(name), "bytes": disk, "virtual_size": virtual}
+                                 for name, disk, virtual in found]})
+        return 0
     _out(f"{'ON-DISK':>14} {'VIRTUAL':>16}  NAME")
-    for name, disk, virtual in images.listing(ctx.cfg, ctx.uid, args):
+    for name, disk, virtual in found:
         _out(f"{disk:>14} {'-' if virtual is None else virtual:>16}  {printable(name)}")
     return 0
 
@@ -247,18 +272,18 @@ def cmd_rm(ctx: Context, args: list[str]) -> int:
     from kvmshell.common.text import printable
     from kvmshell.shell import images
     vm, name = images.remove(ctx.cfg, ctx.uid, args)
+    ctx.audit["vm"] = vm.name
     _out(f"{vm.name}: removed {printable(name)}")
     return 0
 
 
 def cmd_quota(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import quota
-    as_json = args[:1] == ["--json"]
-    _no_more("quota", args[1:] if as_json else args)
+    _no_more("quota", args)
     doc = quota.report(ctx.cfg, ctx.uid)
-    if as_json:
-        import json
-        _out(json.dumps(doc))
+    if ctx.json:
+        from kvmshell.common import jsonout
+        jsonout.emit(doc)
     else:
         _out(quota.text(doc))
     return 0
@@ -274,12 +299,18 @@ def cmd_vnc(ctx: Context, args: list[str]) -> int:
     return vnc.main(ctx, args)
 
 
+def cmd_autostart(ctx: Context, args: list[str]) -> int:
+    from kvmshell.shell import autostart
+    return autostart.main(ctx, args)
+
+
 HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "reset": cmd_reset,
     "save": cmd_save,
     "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm, "quota": cmd_quota,
     "console": cmd_console, "vnc": cmd_vnc,
+    "autostart": cmd_autostart,
 }
 
 def run_words(ctx: Context, words: list[str]) -> int:
@@ -292,7 +323,63 @@ def run_words(ctx: Context, words: list[str]) -> int:
     handler = HANDLERS.get(verb)
     if handler is None:
         raise UsageError(f"{verb}: unknown verb (see 'help')")
-    return handler(ctx, words[1:])
+    args = words[1:]
+    if verb in JSON_VERBS and "--json" in args:
+        ctx.json, args = True, [a for a in args if a != "--json"]
+    return handler(ctx, args)
+
+
+def run_command(ctx: Context, command: "str | list[str] | None", *, prompt: bool = False,
+                refused: KvmshellError | None = None) -> int:
+    """Run one command from any way in and return its exit status: *command*
+    is text (SSH_ORIGINAL_COMMAND, -c, a prompt line), argv words, or None
+    (no command).  Errors become one ``kvmshell:`` line on stderr; every
+    command, whatever its outcome, leaves one audit record
+    (:mod:`kvmshell.shell.audit`).  *refused* is an error found before (the
+    invocation itself), reported and recorded the same way."""
+    from kvmshell.shell import lexer
+    ctx.json, ctx.audit = False, {}
+    words: list[str] | None = None
+    status = 0
+    failure: BaseException | None = None
+    try:
+        if refused is not None:
+            raise refused
+        if command is None:
+            raise UsageError("no command given and no terminal (try 'help')")
+        words = lexer.split(command) if isinstance(command, str) else list(command)
+        status = run_words(ctx, words)
+    except KvmshellError as exc:
+        _err(exc.message)
+        status, failure = exc.status, exc
+    except KeyboardInterrupt as exc:
+        _err("interrupted")
+        status, failure = 130, exc
+    except BrokenPipeError as exc:
+        status, failure = 1, exc
+    except Exception as exc:  # a bug: one line for the user, details for the admin
+        status, failure = 1, exc
+        if os.environ.get("KVMSHELL_DEBUG"):
+            _audit(ctx, command, words, status, failure, prompt)
+            raise
+        _err(f"internal error ({type(exc).__name__}: {exc})")
+    _audit(ctx, command, words, status, failure, prompt)
+    return status
+
+
+def _audit(ctx: Context, command: "str | list[str] | None", words: list[str] | None,
+           status: int, failure: BaseException | None, prompt: bool) -> None:
+    # The user's output is complete before the record is sent.
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        from kvmshell.shell import audit
+        audit.record(ctx, command, words, status, failure, prompt)
+    except Exception:  # the record never fails the command
+        if os.environ.get("KVMSHELL_DEBUG"):
+            raise
 
 
 def _own_options(args: list[str]) -> tuple[str, list[str]]:
@@ -310,23 +397,27 @@ def _is_force_command(cmd_words: list[str]) -> bool:
     return bool(cmd_words) and os.path.basename(cmd_words[0]) == "kvmshell"
 
 
-def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
-    """Return (config path, user words); None words means 'no command'."""
+def read_invocation(argv: list[str]) -> tuple[str, "str | list[str] | None"]:
+    """Return (config path, the user's command): text still to be split
+    (SSH_ORIGINAL_COMMAND, -c), argv words, or None for 'no command'."""
     from kvmshell.shell import lexer
     config_path, args = _own_options(argv[1:])
     original = os.environ.get("SSH_ORIGINAL_COMMAND")
     if args[:1] == ["-c"]:
         if len(args) != 2:
             raise UsageError("-c: expects exactly one command string")
+        try:
+            forced = lexer.split(args[1])
+        except UsageError:
+            forced = []          # not a ForceCommand line: the user's text
         if original is not None:
             # sshd ran our login shell with the admin's ForceCommand line:
             # that line is trusted, the user's text is SSH_ORIGINAL_COMMAND.
-            forced = lexer.split(args[1])
             if _is_force_command(forced):
                 config_path, extra = _own_options(forced[1:])
                 if extra:
                     raise UsageError(f"{extra[0]}: unexpected word in ForceCommand")
-                return config_path, lexer.split(original)
+                return config_path, original
         else:
             # sshd with ForceCommand and no command from the client runs
             # exactly the admin's line, with no SSH_ORIGINAL_COMMAND: that is
@@ -335,16 +426,15 @@ def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
             # Why the config stays argv's: without SSH_ORIGINAL_COMMAND this
             # -c text may be the user's own (su -c, ssh without the drop-in),
             # and a config of the user's choosing could drop the admin's limits.
-            forced = lexer.split(args[1])
             if _is_force_command(forced):
                 _, extra = _own_options(forced[1:])
                 if not extra:
                     return config_path, None
-        return config_path, lexer.split(args[1])
+        return config_path, args[1]
     if args:
         return config_path, list(args)
     if original is not None:
-        return config_path, lexer.split(original)
+        return config_path, original
     return config_path, None
 
 
@@ -399,39 +489,33 @@ def _std_fds() -> None:
         sys.stderr = open(2, "w", closefd=False)
 
 
+def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
+    """Return (config path, user words); None words means 'no command'."""
+    from kvmshell.shell import lexer
+    config_path, command = read_invocation(argv)
+    return config_path, lexer.split(command) if isinstance(command, str) else command
+
+
 def main(argv: list[str] | None = None) -> int:
+    from kvmshell.common.config import DEFAULT_PATH
     argv = list(sys.argv if argv is None else argv)
-    status = 1
     _std_fds()
+    config_path, command, refused = DEFAULT_PATH, None, None
     try:
         if os.getuid() == 0:
             raise UsageError("refusing to run as root: QEMU runs as the VM user")
-        config_path, words = parse_invocation(argv)
-        ctx = Context(config_path)
-        if words is None:
-            if os.isatty(0) and os.isatty(1):
-                try:
-                    from kvmshell.shell import interactive
-                except ImportError:
-                    raise UsageError("no command given (try 'help')") from None
-                status = int(interactive.loop(ctx, run_words))
-            else:
-                raise UsageError("no command given and no terminal (try 'help')")
-        else:
-            status = run_words(ctx, words)
+        config_path, command = read_invocation(argv)
     except KvmshellError as exc:
-        _err(exc.message)
-        status = exc.status
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
-    except BrokenPipeError:
-        status = 1
-    except Exception as exc:  # a bug: one line for the user, details for the admin
-        if os.environ.get("KVMSHELL_DEBUG"):
-            raise
-        _err(f"internal error ({type(exc).__name__}: {exc})")
-        status = 1
+        refused = exc
+    ctx = Context(config_path)
+    if refused is None and command is None and os.isatty(0) and os.isatty(1):
+        try:
+            from kvmshell.shell import interactive
+        except ImportError:
+            refused = UsageError("no command given (try 'help')")
+        else:
+            return int(interactive.loop(ctx, lambda line: run_command(ctx, line, prompt=True)))
+    status = run_command(ctx, command, refused=refused)
     return _flush_stdout() or status
 
 

@@ -13,10 +13,13 @@ import os
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 if TYPE_CHECKING:
     from kvmshell.common.config import Config
+    from kvmshell.common.vmtree import VM
 
-# The command set, as data: verb -> (synopsis, summary).
+# The command set, as data: verb -> (synopsis, summary).  Read by 'help'
+# (text and --json), the prompt's completion, the audit record (a synopsis
+# that starts with [VM] names the VM first) and the man page kvmshell(1).
 VERBS: dict[str, tuple[str, str]] = {
-    "help": ("[VERB]", "show this help"),
+    "help": ("[VERB] [--json]", "show this help"),
     "list": ("[--json]", "list your VMs and their state"),
     "status": ("[VM] [--json]", "show whether a VM runs, its pid and accelerator (kvm/tcg)"),
     "start": ("[VM] [OPTIONS...]", "start a VM; OPTIONS from 'help start'"),
@@ -25,21 +28,30 @@ VERBS: dict[str, tuple[str, str]] = {
     "reset": ("[VM]", "hard-reset a running VM (as the reset button)"),
     "save": ("[VM] NAME", "save a running VM's state to NAME and stop it ('start -loadvm NAME')"),
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
-    "images": ("[VM]", "list the VM's files: bytes on disk, virtual size, name"),
+    "images": ("[VM] [--json]", "list the VM's files: bytes on disk, virtual size, name"),
     "rm": ("[VM] NAME", "remove file NAME (as 'images' shows it) from the VM's directory"),
     "quota": ("[--json]", "your budgets: what your running VMs use, and what is left"),
     "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
+    "autostart": ("[VM] [on|off]", "start the VM at boot with its last start's options, or not"),
 }
+
+# Verbs that print one JSON document (docs/json.md) when given --json, in
+# any position; kvmshell.shell.cli takes the word out and sets ctx.json.
+JSON_VERBS = frozenset({"help", "list", "status", "images", "quota"})
 
 
 class Context:
-    """What every verb needs: the config path and the caller."""
+    """What every verb needs: the config path, the caller, the output mode
+    (``json``), and the fields a verb adds to its audit record (``audit``:
+    ``vm``, the resolved VM's name; ``options``, start's options as parsed)."""
 
     def __init__(self, config_path: str) -> None:
         self.config_path = config_path
         self.uid = os.getuid()
         self._cfg: object = None
+        self.json = False
+        self.audit: dict[str, "str | list[str]"] = {}
 
     @property
     def cfg(self) -> "Config":
@@ -49,3 +61,11 @@ class Context:
             self._cfg = config.load(self.config_path)
         assert isinstance(self._cfg, config.Config)
         return self._cfg
+
+    def pick(self, name: str | None) -> "VM":
+        """The caller's VM *name* (or only VM), noted for the audit record;
+        errors as :func:`kvmshell.common.vmtree.pick`."""
+        from kvmshell.common import vmtree
+        vm = vmtree.pick(self.cfg, self.uid, name)
+        self.audit["vm"] = vm.name
+        return vm

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import stat
 
+from kvmshell.common.autostart import FILES as AUTOSTART_FILES
 from kvmshell.common.errors import RefusedFile, RuntimeFailure, UsageError
 from kvmshell.shell.launcher import CONSOLE_LOG, LOCK, QEMU_LOG, RUNTIME_FILES
 
@@ -47,7 +48,8 @@ CHUNK = 1 << 20
 RECHECK = 16 << 20
 # Files kvmshell and the supervisor make in the VM directory: never upload
 # targets, never removable by 'rm', not listed as images.
-RESERVED = frozenset({LOCK, CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES})
+RESERVED = frozenset({LOCK, CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES,
+                      *AUTOSTART_FILES})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -1,8 +1,8 @@
 """The interactive prompt: kvmshell as a login shell on a terminal.
 
-Each line goes through the same lexer and validator as an SSH command
-(lexer.split, then the run_words that cli passes in): the prompt is a convenience, not another
-way in.  readline gives line editing, in-memory history (the user's home
+Each line goes through the same lexer, validator and audit record as an
+SSH command (the ``run_line`` that cli passes in: its ``run_command``):
+the prompt is a convenience, not another way in.  readline gives line editing, in-memory history (the user's home
 may not exist, so nothing is written) and completion of verbs and VM names.
 """
 
@@ -54,9 +54,9 @@ def _completer(ctx: "Context") -> "object":
     return complete
 
 
-def loop(ctx: "Context", run_words: "Callable[[Context, list[str]], int]") -> int:
-    """Prompt, read and run lines until EOF or ``exit``; the last status."""
-    from kvmshell.common.text import printable
+def loop(ctx: "Context", run_line: "Callable[[str], int]") -> int:
+    """Prompt, read and run lines until EOF or ``exit``; the last status.
+    *run_line* runs one line and reports its errors itself."""
     from kvmshell.shell import lexer
     try:
         import readline
@@ -77,17 +77,13 @@ def loop(ctx: "Context", run_words: "Callable[[Context, list[str]], int]") -> in
             sys.stdout.write("\n")
             continue
         try:
-            words = lexer.split(line)
-            if not words:
-                continue
-            if words[0] in LEAVE and len(words) == 1:
-                return status
-            status = run_words(ctx, words)
-        except KvmshellError as exc:
-            sys.stderr.write(f"kvmshell: {printable(exc.message, backslash=False)}\n")
-            status = exc.status
-        except KeyboardInterrupt:
-            sys.stderr.write("kvmshell: interrupted\n")
-            status = 130
+            words: list[str] | None = lexer.split(line)
+        except KvmshellError:
+            words = None           # run_line refuses it, on the record
+        if words == []:
+            continue
+        if words is not None and len(words) == 1 and words[0] in LEAVE:
+            return status
+        status = run_line(line)
         sys.stdout.flush()
         sys.stderr.flush()

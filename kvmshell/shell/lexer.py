@@ -35,6 +35,22 @@ def split(command: str) -> list[str]:
         raise UsageError(
             f"command too long ({len(command)} bytes, at most {MAX_COMMAND_BYTES})")
     _check_chars(command)
+    words = _words(command)
+    check_words(words)
+    return words
+
+
+def split_for_the_record(command: str) -> list[str] | None:
+    """The words of a command the lexer refused, as well as they can be
+    told (control characters and all), for the audit record; None if the
+    quoting itself is broken.  Never used to run anything."""
+    try:
+        return _words(command[:MAX_COMMAND_BYTES])
+    except UsageError:
+        return None
+
+
+def _words(command: str) -> list[str]:
     words: list[str] = []
     cur: list[str] = []
     in_word = False
@@ -78,7 +94,6 @@ def split(command: str) -> list[str]:
         raise UsageError(f"unterminated quote {quote} in command")
     if in_word:
         words.append("".join(cur))
-    check_words(words)
     return words
 
 

@@ -41,6 +41,8 @@ TB_SIZE_MIB = 128
 class LimitReached(RuntimeFailure):
     """An admin limit refuses the start (nothing was started)."""
 
+    outcome = "refused"   # exit 1 as before; the audit record says refused
+
 
 def address_space_bytes(megs: int) -> int:
     """RLIMIT_AS for a QEMU whose guest has *megs* MiB of RAM."""

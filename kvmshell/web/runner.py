@@ -81,7 +81,8 @@ async def list_vms(cfg: Config, user: str) -> tuple[list[dict[str, object]], str
         return [], r.message
     try:
         docs = json.loads(r.stdout)
-    except ValueError:
+        docs = docs["vms"] if isinstance(docs, dict) else None   # docs/json.md
+    except (ValueError, KeyError):
         return [], "kvmshell-web: unexpected answer from kvmshell"
     if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
         return [], "kvmshell-web: unexpected answer from kvmshell"

@@ -530,6 +530,52 @@ def test_pam_faillock_keeps_working(web: WebRig, member: str, tmp_path: Path) ->
         path.unlink()
 
 
+FAILLOCK_AUTH = """\
+auth required pam_faillock.so preauth {opts}
+auth [success=1 default=ignore] pam_unix.so nullok
+auth [default=die] pam_faillock.so authfail {opts}
+auth sufficient pam_faillock.so authsucc {opts}
+auth requisite pam_deny.so
+"""
+
+
+@pytest.mark.security
+def test_pam_faillock_never_counts_users_outside_the_group(web: WebRig, member: str,
+                                                           stranger: str,
+                                                           tmp_path: Path) -> None:
+    """The shipped PAM service on a host whose common-auth has pam_faillock
+    (the usual hardening): anyone on the web may type any account name, so
+    an account outside the VM users' group (the admin's, say) must never
+    reach the password stack, or a few failed web logins would lock it out
+    of ssh, su and sudo host-wide.  Members are still counted."""
+    tally = tmp_path / "faillock"
+    tally.mkdir()
+    opts = f"dir={tally} deny=3 unlock_time=600"
+    text = (REPO / "pam" / "kvmshell").read_text()
+    assert "@include common-auth\n" in text
+    text = text.replace("ingroup kvmusers", f"ingroup {web.group}").replace(
+        "@include common-auth\n", FAILLOCK_AUTH.format(opts=opts))
+    service = f"{web.service}-fl"
+    path = Path("/etc/pam.d") / service
+    path.write_text(text)
+    web.write_conf(web_pam_service=service)
+
+    def records(user: str) -> int:
+        r = subprocess.run(["faillock", "--dir", str(tally), "--user", user],
+                           capture_output=True, text=True, check=True)
+        return len(re.findall(r"^\d{4}-\d\d-\d\d ", r.stdout, re.M))
+    try:
+        for _ in range(3):
+            assert web.helper(stranger, b"wrong").stdout == b"denied\n"
+        assert web.helper(stranger, PASSWORD.encode()).stdout == b"denied\n"
+        assert web.helper(member, b"wrong").stdout == b"denied\n"
+        assert records(stranger) == 0
+        assert records(member) == 1
+    finally:
+        web.write_conf(web_pam_service=web.service)
+        path.unlink()
+
+
 # ---- acting as the user: the sudoers rule ------------------------------------------
 
 def test_shipped_sudoers_drop_in_is_valid() -> None:

@@ -716,6 +716,44 @@ def test_host_header_must_be_the_origins(web: WebRig) -> None:
     assert r.status_code == 400
 
 
+# Bytes a client can put into a logged URL path (percent-encoded): NUL and
+# line feed end a journal record (journald splits a service's stderr at
+# both), so what follows them would be a record of its own -- here one that
+# fail2ban's filter takes for a failed login from 203.0.113.99, a ban the
+# client chose for someone else; ESC and the C1 controls steer the terminal
+# of the admin reading the log.
+FORGED = "authentication failure for 'x' from 203.0.113.99"
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("sep", ["%00", "%0A", "%0D", "%1B[2J", "%7F", "%C2%9B", "%E2%80%A8"])
+def test_no_control_characters_from_the_client_reach_the_log(web: WebRig, sep: str) -> None:
+    """Log injection: an unauthenticated client's cross-site POST and a
+    logged-in user's bad CSRF token are logged with the path; every
+    control character in it arrives escaped, one line, cut short."""
+    from urllib.parse import quote
+    forged = quote(FORGED, safe="")
+    path = f"/api/vms/x/{sep}{forged}{sep}"
+    before = len(web.log.read_bytes())
+    r = httpx.post(f"http://127.0.0.1:{web.port}{path}", trust_env=False, json={},
+                   headers={"Host": f"localhost:{web.port}", "Origin": EVIL})
+    assert r.status_code == 403, r.text
+    r = httpx.post(f"http://127.0.0.1:{web.port}/api/vms/x/{'y%1B' * 3000}", trust_env=False,
+                   json={}, headers={"Host": f"localhost:{web.port}", "Origin": EVIL})
+    assert r.status_code == 403, r.status_code
+    wait_for(lambda: web.log.read_bytes()[before:].count(b"refused cross-site") >= 2, 10,
+             "the log lines")
+    new = web.log.read_bytes()[before:]
+    assert b"\x00" not in new and b"\x1b" not in new and b"\x7f" not in new \
+        and b"\r" not in new, new[:300]
+    text = new.decode()
+    assert not re.search("[\x80-\x9f\u2028\u2029]", text), text[:300]
+    for line in text.splitlines():
+        assert line.startswith("kvmshell-web: refused cross-site POST /api/vms/x/"), line[:300]
+        assert len(line) <= 2100
+    assert not FAILURE_LINE.search(text)
+
+
 # ---- cross-site WebSocket hijacking -----------------------------------------------------
 
 def test_websocket_needs_origin_cookie_and_a_one_time_ticket(

@@ -754,6 +754,36 @@ def test_no_control_characters_from_the_client_reach_the_log(web: WebRig, sep: s
     assert not FAILURE_LINE.search(text)
 
 
+@pytest.mark.security
+def test_malformed_json_is_refused_without_a_traceback(web: WebRig, alice: User,
+                                                       vms: dict[str, Path]) -> None:
+    """JSON that parses into something no form sends -- a lone UTF-16
+    surrogate (which cannot be encoded to UTF-8 for PAM or argv), nesting
+    deep enough to exhaust the parser's recursion -- is a 400 with the
+    page's one-line error, never a 500 with a traceback in the log, from
+    anyone (login) or a logged-in user (start's options)."""
+    before = len(web.log.read_bytes())
+    base = f"http://127.0.0.1:{web.port}"
+    hdr = {"Host": f"localhost:{web.port}", "Origin": web.origin,
+           "Content-Type": "application/json"}
+    for body in (b'{"user": "x", "password": "\\ud800"}',
+                 b'{"user": "\\udc80", "password": "a"}',
+                 b'[' * 50000):
+        r = httpx.post(f"{base}/login", content=body, headers=hdr, trust_env=False)
+        assert r.status_code in (400, 401), (body[:40], r.status_code, r.text)
+        assert r.json()["error"], r.text
+    b = Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    for options in ([["-kernel", "\ud800"]], [["\udfff", True]]):
+        r = b.http.post(f"/api/vms/{VM}/start", headers={**b.headers(),
+                                                          "Content-Type": "application/json"},
+                        content=json.dumps({"options": options}).encode())
+        assert r.status_code == 400, (options, r.status_code, r.text)
+        assert r.json()["error"], r.text
+    log = web.log.read_bytes()[before:]
+    assert b"Traceback" not in log and b"Internal Server Error" not in log, log[-2000:]
+
+
 # ---- cross-site WebSocket hijacking -----------------------------------------------------
 
 def test_websocket_needs_origin_cookie_and_a_one_time_ticket(

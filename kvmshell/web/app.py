@@ -620,7 +620,9 @@ def _option_words(body: dict[str, Any] | None) -> list[str] | None:
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
-    """The request's JSON object (at most BODY_MAX bytes), or None."""
+    """The request's JSON object (at most BODY_MAX bytes, all of its strings
+    encodable as UTF-8, nested less deep than the parser's recursion limit),
+    or None."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return None
     data = b""
@@ -630,7 +632,10 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
             return None
     try:
         doc = json.loads(data)
-    except ValueError:
+        # Parses, but is no text: a lone surrogate ("\\ud800") can never be
+        # encoded for PAM or an argv word.  Refused here, for every route.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):   # UnicodeEncodeError is a ValueError
         return None
     return doc if isinstance(doc, dict) else None
 

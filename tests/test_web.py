@@ -780,6 +780,10 @@ def test_malformed_json_is_refused_without_a_traceback(web: WebRig, alice: User,
                         content=json.dumps({"options": options}).encode())
         assert r.status_code == 400, (options, r.status_code, r.text)
         assert r.json()["error"], r.text
+    with b.ws() as ws:                        # the WebSocket's first message
+        ws.send("[" * 1020)
+        assert json.loads(ws.recv(timeout=20)) == {
+            "error": "kvmshell-web: invalid, used or expired ticket"}
     log = web.log.read_bytes()[before:]
     assert b"Traceback" not in log and b"Internal Server Error" not in log, log[-2000:]
 

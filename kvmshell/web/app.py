@@ -542,7 +542,7 @@ def _ticket_of(message: Message) -> str | None:
         return None
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     token = doc.get("ticket") if isinstance(doc, dict) else None
     return token if isinstance(token, str) else None

@@ -650,6 +650,29 @@ def test_session_fixation(web: WebRig, alice: User, bob: User, vms: dict[str, Pa
     assert attacker.get("/api/vms").status_code == 401
 
 
+@pytest.mark.security
+def test_one_user_cannot_push_out_other_users_sessions_or_tickets() -> None:
+    """The session and ticket stores are bounded (MAX_SESSIONS, MAX_TICKETS)
+    for the whole server.  One logged-in user who logs in again and again,
+    or asks for ticket after ticket, must use up only a share of their own:
+    before, logging in MAX_SESSIONS times (a password the user knows, at the
+    login helper's pace) logged every other user out, and MAX_TICKETS
+    tickets within their 30 s made the server 'busy' for everyone.  The
+    store's own code, with the server's limits (no HTTP: 10000 logins)."""
+    from kvmshell.web.sessions import MAX_SESSIONS, MAX_TICKETS, Store
+    store = Store(900, 28800)
+    bob = store.create("bob", "192.0.2.1")
+    mallory = [store.create("mallory", "192.0.2.66") for _ in range(MAX_SESSIONS)]
+    assert store.get(bob.id) is bob
+    assert store.get(mallory[-1].id) is mallory[-1]
+    assert store.get(mallory[0].id) is None          # the user's own oldest went
+    ticket = store.issue(bob, "vm", "console")
+    for _ in range(MAX_TICKETS):
+        store.issue(mallory[-1], "vm", "console")
+    later = store.issue(bob, "vm", "spy")            # not "busy"
+    assert store.redeem(ticket, bob) is not None and store.redeem(later, bob) is not None
+
+
 def test_idle_timeout(host: Host, alice: User, vms: dict[str, Path]) -> None:
     rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib", web_idle_timeout="3",
                  web_session_lifetime="8")

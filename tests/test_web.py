@@ -8,13 +8,15 @@ through sudo as the users with the test copy of kvmshell; the guest is the
 busybox test guest under TCG.  The rig is tests/webrig.py.  Screenshots of
 each page go to build/web-*.png.
 
-The server believes X-Forwarded-For from 127.0.0.1 here (web_proxies), so
-the rate-limit tests can stand for clients at several addresses; requests
-without the header (the browser's) come from 127.0.0.1 itself.
+The server listens on 127.0.0.1 here and believes no X-Forwarded-For
+(web_proxies may not name an address of this host); the rate-limit test
+stands for clients at several addresses through a server of its own on a
+unix socket, where the test is the proxy, as nginx is in the shipped setup.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -49,7 +51,7 @@ FAILURE_LINE = re.compile(r"^kvmshell-web: authentication failure for '(?P<user>
 def web(host: Host, alice: User, bob: User) -> Iterator[WebRig]:
     rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
                  web_login_failures_per_user="3", web_login_failures_per_address="6",
-                 web_login_window="600", web_proxies="127.0.0.1")
+                 web_login_window="600")
     try:
         rig.add_user(alice.name, PASSWORD)
         rig.add_user(bob.name, PASSWORD)
@@ -57,6 +59,19 @@ def web(host: Host, alice: User, bob: User) -> Iterator[WebRig]:
         yield rig
     finally:
         rig.close()
+
+
+def unix_rig(host: Host, group: str | None = None, **settings: str) -> WebRig:
+    """A rig listening on a unix socket in a directory of the web user's,
+    mode 0750, of group *group* (the proxy's; default root's), as
+    /etc/tmpfiles.d/kvmshell-web.conf makes it."""
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib", **settings)
+    run = rig.root / "run"
+    run.mkdir()
+    os.chown(run, rig.web_uid, 0 if group is None else grp.getgrnam(group).gr_gid)
+    os.chmod(run, 0o750)
+    rig.write_conf(web_listen=f"unix:{run}/web.sock")
+    return rig
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +114,10 @@ class Browser:
 
     def __init__(self, rig: WebRig, forwarded_for: str | None = None) -> None:
         self.rig = rig
+        listen = rig.settings["web_listen"]
+        transport = httpx.HTTPTransport(uds=listen[5:]) if listen.startswith("unix:") else None
         self.http = httpx.Client(base_url=rig.origin, timeout=60, follow_redirects=False,
-                                 trust_env=False)
+                                 trust_env=False, transport=transport)
         self.cookie: str | None = None
         self.csrf = ""
         self.forwarded_for = forwarded_for
@@ -939,11 +956,26 @@ def test_resize_notice(web: WebRig, alice: User, running: Path) -> None:
 
 # ---- brute force --------------------------------------------------------------------------
 
-def test_brute_force_limits_and_log(web: WebRig, member: str, tmp_path: Path) -> None:
+@pytest.fixture()
+def proxied(host: Host, member: str) -> Iterator[WebRig]:
+    """A server on a unix socket, behind the test as its proxy (what the
+    test sends as X-Forwarded-For is the client's address), with *member*."""
+    rig = unix_rig(host, web_login_failures_per_user="3", web_login_failures_per_address="6",
+                   web_login_window="600")
+    try:
+        rig.add_user(member, PASSWORD)
+        rig.start()
+        yield rig
+    finally:
+        rig.close()
+
+
+def test_brute_force_limits_and_log(proxied: WebRig, member: str, tmp_path: Path) -> None:
     """Per account: the 4th try in the window is refused without asking PAM,
     even with the right password, from anywhere.  Per address: the 7th
     failure from one address blocks every account from there.  Each failure
     is one log line fail2ban's shipped filter matches."""
+    web = proxied
     before = len(FAILURE_LINE.findall(web.log_text()))
     attacker = Browser(web, forwarded_for="198.51.100.7")
     for _ in range(3):
@@ -1147,8 +1179,9 @@ def test_behind_the_shipped_nginx_example(host: Host, alice: User, running: Path
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
                     "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
                    check=True, capture_output=True)
-    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
-                 web_origins=f"https://localhost:{tls}", web_proxies="127.0.0.1")
+    # nginx's workers (its master runs as root here) are nobody:nogroup.
+    rig = unix_rig(host, "nogroup", web_origins=f"https://localhost:{tls}")
+    sock = rig.settings["web_listen"][5:]
     site = (REPO / "nginx" / "kvmshell-web.conf").read_text()
     for old, new in (("listen 443 ssl http2;", f"listen 127.0.0.1:{tls} ssl http2;"),
                      ("listen [::]:443 ssl http2;", ""),
@@ -1156,7 +1189,7 @@ def test_behind_the_shipped_nginx_example(host: Host, alice: User, running: Path
                      ("server_name vm.example.org;", "server_name localhost;"),
                      ("/etc/ssl/certs/vm.example.org.pem", str(d / "cert.pem")),
                      ("/etc/ssl/private/vm.example.org.key", str(d / "key.pem")),
-                     ("http://127.0.0.1:8480", f"http://127.0.0.1:{rig.port}")):
+                     ("http://unix:/run/kvmshell-web/web.sock", f"http://unix:{sock}")):
         assert old in site, old
         site = site.replace(old, new)
     (d / "site.conf").write_text(site)
@@ -1232,8 +1265,12 @@ def test_shipped_files_agree() -> None:
     unit = (REPO / "systemd" / "kvmshell-web.service").read_text()
     assert f"\nUser={w.user}\n" in unit and "\nKillMode=process\n" in unit
     assert "NoNewPrivileges" not in unit.replace("# No NoNewPrivileges", "")
-    assert w.listen == ("tcp", "127.0.0.1", 8480) and w.origins == []
-    assert "proxy_pass http://127.0.0.1:8480;" in (REPO / "nginx" / "kvmshell-web.conf").read_text()
+    assert w.listen == ("unix", "/run/kvmshell-web/web.sock", 0) and w.origins == []
+    assert w.proxies == []
+    assert "proxy_pass http://unix:/run/kvmshell-web/web.sock;" in \
+        (REPO / "nginx" / "kvmshell-web.conf").read_text()
+    assert "\nd /run/kvmshell-web 0750 kvmweb www-data -\n" in \
+        (REPO / "tmpfiles.d" / "kvmshell-web.conf").read_text()
     make = (REPO / "Makefile").read_text()
     m = re.search(r"sed -e '(s\|/usr/local/libexec/kvmshell\|\$\(LIBEXEC\)\|)' -e "
                   r"'(s\|/usr/local/bin/kvmshell\|\$\(BIN\)/kvmshell\|)' \\\n\s+sudoers.d/kvmshell-web",
@@ -1363,8 +1400,8 @@ def test_serves_tls_itself_and_listens_on_a_unix_socket(host: Host, alice: User,
     rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
                  web_origins="https://vm.example.org", web_listen=f"unix:{sock_dir}/web.sock")
     try:
-        os.chown(sock_dir, rig.web_uid, rig.web_gid)
-        os.chmod(sock_dir, 0o750)           # the proxy's group, in real life
+        os.chown(sock_dir, rig.web_uid, 0)  # the proxy's group, in real life
+        os.chmod(sock_dir, 0o750)
         rig.add_user(alice.name, PASSWORD)
         rig.start()
         http = httpx.Client(transport=httpx.HTTPTransport(uds=f"{sock_dir}/web.sock"),
@@ -1374,6 +1411,77 @@ def test_serves_tls_itself_and_listens_on_a_unix_socket(host: Host, alice: User,
                                "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
         assert r.status_code == 200, rig.log_text()
         assert f"login {alice.name} from 203.0.113.9" in rig.log_text()
+    finally:
+        subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
+        rig.close()
+
+
+def _local_ipv4() -> str | None:
+    """This host's address toward the outside (no packet is sent), if any."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        addr = str(s.getsockname()[0])
+    return None if addr.startswith("127.") else addr
+
+
+@pytest.mark.security
+def test_only_the_proxy_may_say_who_the_client_is(host: Host, alice: User) -> None:
+    """X-Forwarded-For is the client's address for the rate limits,
+    PAM_RHOST and the line fail2ban bans by.  A VM user (a compromised
+    QEMU, or any guest with user networking: slirp connects from the host)
+    can connect to any address of this host, so a proxy there may not be
+    believed by address: kvmshell-web refuses such web_proxies, and behind
+    a proxy on this host listens on a unix socket whose directory only the
+    web user and the proxy's group may enter (refused otherwise).  With the
+    layout make install makes, a VM user cannot reach the socket at all."""
+    import socket
+    from kvmshell.web.server import _local_address
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib")
+
+    def serve() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(rig.as_web_user("/usr/bin/python3", "-I", str(rig.server),
+                                              "--config", str(rig.conf)),
+                              capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/bin:/bin"})
+
+    def refused(why: str) -> None:
+        r = serve()
+        assert r.returncode == 2 and r.stderr.startswith("kvmshell-web: ") \
+            and r.stderr.count("\n") == 1 and why in r.stderr, (r.returncode, r.stderr)
+
+    assert _local_address("127.0.0.1") and not _local_address("198.51.100.10")
+    try:
+        rig.add_user(alice.name, PASSWORD)
+        for addr in ["127.0.0.1", "127.0.0.2"] + [a for a in [_local_ipv4()] if a]:
+            rig.write_conf(web_proxies=addr)
+            refused(f"web_proxies: {addr} is an address of this host")
+        rig.write_conf(web_proxies="")
+        run = rig.root / "run"
+        run.mkdir()
+        rig.write_conf(web_listen=f"unix:{run}/web.sock")
+        for uid, gid, mode, why in [
+                (rig.web_uid, 0, 0o755, "lets every user reach the socket"),
+                (rig.web_uid, grp.getgrnam(rig.group).gr_gid, 0o750,
+                 f"lets VM user {alice.name} (through the directory's group)"),
+                (alice.uid, 0, 0o700, f"lets its owner (uid {alice.uid}")]:
+            os.chown(run, uid, gid)
+            os.chmod(run, mode)
+            refused(why)
+        os.chown(run, rig.web_uid, 0)
+        os.chmod(run, 0o750)
+        rig.start()
+        probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+                 f"try:\n    s.connect({str(run / 'web.sock')!r})\n"
+                 "except PermissionError:\n    sys.exit(13)\n")
+        r = subprocess.run(alice.argv("/usr/bin/python3", "-I", "-c", probe), env=alice.env(),
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 13, (r.returncode, r.stderr)
+        with socket.socket(socket.AF_UNIX) as s:      # the proxy's side (root, here)
+            s.connect(str(run / "web.sock"))
     finally:
         subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
         rig.close()

@@ -1,13 +1,23 @@
 """``kvmshell-web [--config PATH]``: serve the web front door (uvicorn).
 
 Runs as ``web_user`` (kvmweb; the systemd unit sets it) and refuses root.
-Listens where ``web_listen`` says: ``127.0.0.1:8480`` (the default), any
-``HOST:PORT``, or ``unix:PATH``; behind a TLS reverse proxy (README: the
-nginx example), or serving TLS itself with ``web_tls_cert`` and
-``web_tls_key``.  ``X-Forwarded-For`` is believed only from the addresses
-in ``web_proxies`` (on a unix socket: from whoever may connect to it, so
-keep its directory to the proxy's group).  ``web_origins`` must name the
+Listens where ``web_listen`` says: ``unix:/run/kvmshell-web/web.sock`` (the
+default: a TLS reverse proxy on this host connects there, README: the
+nginx example), any ``HOST:PORT``, or serving TLS itself with
+``web_tls_cert`` and ``web_tls_key``.  ``web_origins`` must name the
 origin(s) users type in the address bar: it has no default.
+
+Whose ``X-Forwarded-For`` is believed (the client address the rate limits,
+PAM's ``PAM_RHOST`` and the fail2ban log line use):
+
+* on a unix socket, whoever can connect to it: so the socket's directory
+  must keep everyone else out (no access for others, not the VM users'
+  group; :func:`check_listen` refuses to start otherwise);
+* on TCP, the addresses in ``web_proxies``, which must not be addresses of
+  this host: every local user, a VM user's compromised QEMU, and every
+  guest with user networking (QEMU's slirp connects from the host) can
+  connect from those, so they could forge the client's address, e.g. to
+  have fail2ban ban someone else, or to dodge the per-address limit.
 
 Config errors: one line, exit 2.
 """
@@ -19,6 +29,10 @@ import sys
 
 from kvmshell.common.config import DEFAULT_PATH
 from kvmshell.common.errors import ConfigError, KvmshellError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kvmshell.common.config import WebConfig
 
 
 def options(args: list[str]) -> str:
@@ -33,6 +47,75 @@ def options(args: list[str]) -> str:
     return path
 
 
+def _local_address(addr: str) -> bool:
+    """Is *addr* (an IP address) one of this host's own?  (Binding to it
+    succeeds; EADDRNOTAVAIL says it is not; anything else: assume it is.)"""
+    import errno
+    import socket
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
+    return True
+
+
+def check_listen(w: "WebConfig", vm_group: str) -> None:
+    """Refuse (ConfigError) a listening setup in which someone other than
+    the proxy could forge ``X-Forwarded-For``: on TCP, a ``web_proxies``
+    address of this host; on a unix socket, a directory owned by someone
+    but root and web_user, that others may enter, or that a member of the VM users' group (*vm_group*) may enter
+    through the directory's group."""
+    import grp
+    import stat
+    kind, where, _port = w.listen
+    if kind == "tcp":
+        for addr in w.proxies:
+            if _local_address(addr):
+                raise ConfigError(
+                    f"web_proxies: {addr} is an address of this host: every local user (and "
+                    "every guest with user networking) can connect from it and forge "
+                    "X-Forwarded-For; put a proxy on this host on web_listen = unix:PATH "
+                    "(README)")
+        return
+    directory = os.path.dirname(where) or "/"
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ConfigError(f"web_listen: {directory}: {exc.strerror} (make install creates "
+                          "/run/kvmshell-web through /etc/tmpfiles.d/kvmshell-web.conf)") from exc
+    who = ""
+    if st.st_uid not in (0, os.geteuid()):
+        who = f"its owner (uid {st.st_uid}, neither root nor web_user)"
+    elif st.st_mode & 0o007:
+        who = "every user"
+    elif st.st_mode & 0o070:
+        try:
+            vm_users = _members(grp.getgrnam(vm_group).gr_gid)
+        except KeyError:
+            vm_users = set()
+        shared = sorted(_members(st.st_gid) & vm_users)
+        if shared:
+            who = f"VM user {shared[0]} (through the directory's group)"
+    if who:
+        raise ConfigError(
+            f"web_listen: {directory} (mode {stat.S_IMODE(st.st_mode):04o}) lets {who} "
+            "reach the socket, whose X-Forwarded-For is believed: keep it to web_user and "
+            "the proxy's group (chmod 0750, chgrp www-data)")
+
+
+def _members(gid: int) -> set[str]:
+    """The users whose primary or supplementary group is *gid*."""
+    import grp
+    import pwd
+    try:
+        names = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        names = set()
+    return names | {pw.pw_name for pw in pwd.getpwall() if pw.pw_gid == gid}
+
+
 def main(argv: list[str] | None = None) -> int:
     from kvmshell.common import config
     args = list(sys.argv[1:] if argv is None else argv)
@@ -44,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not w.origins:
             raise ConfigError(f"{cfg.path}: web_origins is empty: name the address users "
                               "open, e.g. web_origins = https://vm.example.org")
+        check_listen(w, cfg.group)
         for key, path in (("web_tls_cert", w.tls_cert), ("web_tls_key", w.tls_key)):
             if path:
                 try:

@@ -922,6 +922,80 @@ def test_spy_is_read_only(web: WebRig, alice: User, running: Path) -> None:
     assert b"spy-15" not in console_log(running)
 
 
+def _closed_by_server(s: Any) -> bool:
+    """Has the server closed this socket (EOF or reset), after anything it sent?"""
+    s.settimeout(0.5)
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return True
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.security
+def test_connections_without_a_whole_request_are_closed(web: WebRig, alice: User,
+                                                        running: Path) -> None:
+    """Slowloris: uvicorn itself waits forever for a request's head, so
+    connections that send nothing, half a head, or a head a byte at a time
+    (also after a first request, on a kept-alive connection) or a body that
+    never ends would each hold a descriptor until the server has none left
+    (an unauthenticated attack on everyone, when it serves TLS itself).
+    Each is closed within the server's deadlines; a console open for longer
+    keeps working."""
+    import socket
+    import threading
+    from kvmshell.web.app import BODY_SECONDS
+    from kvmshell.web.server import HEAD_SECONDS
+    host = f"localhost:{web.port}".encode()
+    conns = {name: socket.create_connection(("127.0.0.1", web.port), timeout=10)
+             for name in ("idle", "half", "trickle", "kept", "body")}
+    conns["half"].sendall(b"POST /login HTTP/1.1\r\nHost: " + host + b"\r\n")
+    conns["kept"].sendall(b"GET /login HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert conns["kept"].recv(12) == b"HTTP/1.1 200"
+    conns["body"].sendall(b"POST /login HTTP/1.1\r\nHost: " + host + b"\r\nOrigin: "
+                          + web.origin.encode() + b"\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"user\": ")
+    stop = threading.Event()
+
+    def trickle() -> None:                  # one byte a second, never a whole head
+        line = b"GET /login HTTP/1.1\r\nX-Slow: " + b"a" * 200
+        for i in range(len(line)):
+            for name in ("trickle", "kept"):
+                try:
+                    conns[name].send(line[i:i + 1])
+                except OSError:
+                    pass
+            if stop.wait(1.0):
+                return
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    no_console_clients(alice)
+    b = Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    try:
+        with b.ws() as ws:
+            assert ws_answer(ws, {"ticket": b.ticket(VM, "console")})[0] == {"ok": "console"}
+            time.sleep(BODY_SECONDS + HEAD_SECONDS + 3)   # the body, then its answer
+            ws.send(b"echo slow-$((6*7))\r")
+            seen = b""
+            deadline = time.monotonic() + 60
+            while b"slow-42\r\n" not in seen and time.monotonic() < deadline:
+                m = ws.recv(timeout=60)
+                seen += m if isinstance(m, bytes) else b""
+            assert b"slow-42\r\n" in seen
+        closed = {name: _closed_by_server(s) for name, s in conns.items()}
+        assert all(closed.values()), closed
+    finally:
+        stop.set()
+        feeder.join()
+        for s in conns.values():
+            s.close()
+
+
 def test_consoles_per_login_are_bounded(web: WebRig, alice: User, running: Path) -> None:
     from contextlib import ExitStack
     b = Browser(web)

@@ -64,6 +64,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COOKIE = "__Host-kvmshell"
 CSRF_HEADER = "x-csrf-token"
 BODY_MAX = 64 * 1024
+# Seconds a request may take to send its body (its head has its own
+# deadline: server.HEAD_SECONDS): a body that never ends holds a connection.
+BODY_SECONDS = 10.0
 VERBS = ("start", "stop", "kill", "reset")
 # Page -> ticket kind.
 PAGE_KINDS = {"console": "console", "takeover": "force", "spy": "spy", "display": "vnc"}
@@ -620,16 +623,26 @@ def _option_words(body: dict[str, Any] | None) -> list[str] | None:
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
-    """The request's JSON object (at most BODY_MAX bytes, all of its strings
+    """The request's JSON object (at most BODY_MAX bytes, sent within
+    BODY_SECONDS, all of its strings
     encodable as UTF-8, nested less deep than the parser's recursion limit),
     or None."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return None
-    data = b""
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > BODY_MAX:
-            return None
+
+    async def read() -> bytes | None:
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > BODY_MAX:
+                return None
+        return data
+    try:
+        data = await asyncio.wait_for(read(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        return None
+    if data is None:
+        return None
     try:
         doc = json.loads(data)
         # Parses, but is no text: a lone surrogate ("\\ud800") can never be

@@ -32,7 +32,13 @@ from kvmshell.common.errors import ConfigError, KvmshellError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import asyncio
+
     from kvmshell.common.config import WebConfig
+
+# Seconds a connection may take to send a whole request head (from its
+# start, or from the end of the previous answer on a kept-alive one).
+HEAD_SECONDS = 10.0
 
 
 def options(args: list[str]) -> str:
@@ -116,6 +122,57 @@ def _members(gid: int) -> set[str]:
     return names | {pw.pw_name for pw in pwd.getpwall() if pw.pw_gid == gid}
 
 
+def http_protocol() -> type["asyncio.Protocol"]:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for each request
+    head: a connection that has not sent a whole head :data:`HEAD_SECONDS`
+    after it opened, or after the previous answer, is closed.  Why: uvicorn
+    has no such timeout (its keep-alive timer ends with the first byte), so
+    connections that send nothing, or a byte now and then, would each hold
+    a descriptor until the server has none left -- for anyone, before any
+    login.  (A request's body has its own deadline in the app:
+    ``app.BODY_SECONDS``.)  Once a connection becomes a WebSocket the
+    deadline no longer applies."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _head_timer: "asyncio.TimerHandle | None" = None
+
+        def connection_made(self, transport: "asyncio.Transport") -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(HEAD_SECONDS, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _too_slow(self) -> None:
+            self._head_timer = None
+            if self.transport.get_protocol() is self and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            before = self.scope
+            super().handle_events()
+            if self.scope is not before:        # a whole head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
 def main(argv: list[str] | None = None) -> int:
     from kvmshell.common import config
     args = list(sys.argv[1:] if argv is None else argv)
@@ -150,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         forwarded_allow_ips="*" if kind == "unix" else ",".join(w.proxies) or "",
         ssl_certfile=w.tls_cert or None, ssl_keyfile=w.tls_key or None,
         ws_max_size=1 << 20, lifespan="off", log_level="warning", access_log=False,
-        server_header=False)
+        server_header=False, http=http_protocol())
     from kvmshell.web import events
     events.log(f"listening on {'unix:' + where if kind == 'unix' else f'{where}:{port}'} "
                f"for {' '.join(w.origins)}")

@@ -996,19 +996,64 @@ def test_connections_without_a_whole_request_are_closed(web: WebRig, alice: User
             s.close()
 
 
-def test_consoles_per_login_are_bounded(web: WebRig, alice: User, running: Path) -> None:
+@pytest.mark.security
+def test_consoles_per_user_are_bounded(web: WebRig, alice: User, running: Path) -> None:
+    """Each console is a sudo and a kvmshell process: at most eight per
+    user, however many times the user logs in (a second login is no way
+    round it)."""
     from contextlib import ExitStack
-    b = Browser(web)
+    b, again = Browser(web), Browser(web)
     assert b.login(alice.name, PASSWORD).status_code == 200
+    assert again.login(alice.name, PASSWORD).status_code == 200
     with ExitStack() as stack:
         for _ in range(8):
             ws = stack.enter_context(b.ws())
             assert ws_answer(ws, {"ticket": b.ticket(VM, "spy")})[0] == {"ok": "spy"}
-        with b.ws() as ws:
-            doc, closed = ws_answer(ws, {"ticket": b.ticket(VM, "spy")})
-            assert doc == {"error": "kvmshell-web: at most 8 consoles and displays at once "
-                                    "per login"} and closed.code == 4429
+        for login in (b, again):
+            with login.ws() as ws:
+                doc, closed = ws_answer(ws, {"ticket": login.ticket(VM, "spy")})
+                assert doc == {"error": "kvmshell-web: at most 8 consoles and displays at "
+                                        "once per user"} and closed.code == 4429
     no_console_clients(alice)               # all eight clients leave with their sockets
+
+
+@pytest.mark.security
+def test_kvmshell_runs_per_user_are_bounded(web: WebRig, alice: User,
+                                            vms: dict[str, Path]) -> None:
+    """A logged-in user's burst of requests (each runs sudo and kvmshell
+    as the user) runs at most RUNS_PER_USER kvmshell processes at once; the
+    rest wait their turn and are answered."""
+    import threading
+    from kvmshell.web.runner import RUNS_PER_USER
+    b = Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    answers: list[int] = []
+    seen = 0
+    done = threading.Event()
+
+    def request() -> None:
+        with httpx.Client(base_url=web.origin, timeout=300, trust_env=False) as http:
+            answers.append(http.get("/api/vms", headers=b.headers()).status_code)
+    threads = [threading.Thread(target=request) for _ in range(24)]
+    for th in threads:
+        th.start()
+
+    def watch() -> None:
+        nonlocal seen
+        while not done.is_set():
+            r = subprocess.run(["pgrep", "-c", "-u", str(alice.uid), "-f",
+                                f"{KVMSHELL} --config [^ ]+ list --json"],
+                               capture_output=True, text=True)
+            seen = max(seen, int(r.stdout.strip() or 0))
+            time.sleep(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for th in threads:
+        th.join()
+    done.set()
+    watcher.join()
+    assert answers == [200] * 24
+    assert 1 <= seen <= RUNS_PER_USER, seen
 
 
 def test_resize_notice(web: WebRig, alice: User, running: Path) -> None:

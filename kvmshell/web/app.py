@@ -72,7 +72,7 @@ VERBS = ("start", "stop", "kill", "reset")
 PAGE_KINDS = {"console": "console", "takeover": "force", "spy": "spy", "display": "vnc"}
 FIRST_MESSAGE_SECONDS = 10.0
 END_SECONDS = 10.0
-STREAMS_PER_SESSION = 8
+STREAMS_PER_USER = 8
 WS_FRAME_MAX = 1 << 20
 LOGIN_FAILED = "login incorrect"
 LOGIN_LIMITED = "too many failed logins; try again later"
@@ -349,9 +349,9 @@ class Web:
                  "force": ["console", t.vm, "--force", "--linger", "0"],
                  "spy": ["console", t.vm, "--spy", "--linger", "0"],
                  "vnc": ["vnc", t.vm]}[t.kind]
-        if s.streams >= STREAMS_PER_SESSION:
-            await _ws_refuse(websocket, f"kvmshell-web: at most {STREAMS_PER_SESSION} consoles "
-                             "and displays at once per login", 4429)
+        if self.store.streams_of(s.user) >= STREAMS_PER_USER:
+            await _ws_refuse(websocket, f"kvmshell-web: at most {STREAMS_PER_USER} consoles "
+                             "and displays at once per user", 4429)
             return
         events.log(f"{s.user} from {client(websocket)}: {t.kind} {t.vm}")
         s.streams += 1

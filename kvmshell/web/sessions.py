@@ -114,6 +114,10 @@ class Store:
             s.last_seen = self.clock()
         return s
 
+    def streams_of(self, user: str) -> int:
+        """The consoles and displays *user* has open, over all their sessions."""
+        return sum(s.streams for s in self._sessions.values() if s.user == user)
+
     def alive(self, s: Session) -> bool:
         now = self.clock()
         return (not s.ended.is_set() and now - s.last_seen < self.idle

@@ -108,6 +108,11 @@ install-files: deps web-assets
 	sed -e 's|/usr/local/sbin/kvmshell-web|$(SBIN)/kvmshell-web|' -e 's|/usr/local/share/kvmshell|$(SHARE)|' \
 	  systemd/kvmshell-web.service > $(UNITDIR)/kvmshell-web.service
 	chmod 644 $(UNITDIR)/kvmshell-web.service
+	# The socket's directory: kvmweb and the proxy's group only (made again
+	# at each boot from /etc/tmpfiles.d).
+	install -d -m 755 /etc/tmpfiles.d
+	install -m 644 tmpfiles.d/kvmshell-web.conf /etc/tmpfiles.d/kvmshell-web.conf
+	install -d -o kvmweb -g www-data -m 0750 /run/kvmshell-web
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	install -d -m 755 $(MAN)/man1 $(MAN)/man5 $(MAN)/man8 $(BASHCOMP) $(UNITDIR)
 	install -m 644 build/man/kvmshell.1 $(MAN)/man1/kvmshell.1

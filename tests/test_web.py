@@ -8,13 +8,15 @@ through sudo as the users with the test copy of kvmshell; the guest is the
 busybox test guest under TCG.  The rig is tests/webrig.py.  Screenshots of
 each page go to build/web-*.png.
 
-The server believes X-Forwarded-For from 127.0.0.1 here (web_proxies), so
-the rate-limit tests can stand for clients at several addresses; requests
-without the header (the browser's) come from 127.0.0.1 itself.
+The server listens on 127.0.0.1 here and believes no X-Forwarded-For
+(web_proxies may not name an address of this host); the rate-limit test
+stands for clients at several addresses through a server of its own on a
+unix socket, where the test is the proxy, as nginx is in the shipped setup.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -49,7 +51,7 @@ FAILURE_LINE = re.compile(r"^kvmshell-web: authentication failure for '(?P<user>
 def web(host: Host, alice: User, bob: User) -> Iterator[WebRig]:
     rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
                  web_login_failures_per_user="3", web_login_failures_per_address="6",
-                 web_login_window="600", web_proxies="127.0.0.1")
+                 web_login_window="600")
     try:
         rig.add_user(alice.name, PASSWORD)
         rig.add_user(bob.name, PASSWORD)
@@ -57,6 +59,19 @@ def web(host: Host, alice: User, bob: User) -> Iterator[WebRig]:
         yield rig
     finally:
         rig.close()
+
+
+def unix_rig(host: Host, group: str | None = None, **settings: str) -> WebRig:
+    """A rig listening on a unix socket in a directory of the web user's,
+    mode 0750, of group *group* (the proxy's; default root's), as
+    /etc/tmpfiles.d/kvmshell-web.conf makes it."""
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib", **settings)
+    run = rig.root / "run"
+    run.mkdir()
+    os.chown(run, rig.web_uid, 0 if group is None else grp.getgrnam(group).gr_gid)
+    os.chmod(run, 0o750)
+    rig.write_conf(web_listen=f"unix:{run}/web.sock")
+    return rig
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +114,10 @@ class Browser:
 
     def __init__(self, rig: WebRig, forwarded_for: str | None = None) -> None:
         self.rig = rig
+        listen = rig.settings["web_listen"]
+        transport = httpx.HTTPTransport(uds=listen[5:]) if listen.startswith("unix:") else None
         self.http = httpx.Client(base_url=rig.origin, timeout=60, follow_redirects=False,
-                                 trust_env=False)
+                                 trust_env=False, transport=transport)
         self.cookie: str | None = None
         self.csrf = ""
         self.forwarded_for = forwarded_for
@@ -530,6 +547,52 @@ def test_pam_faillock_keeps_working(web: WebRig, member: str, tmp_path: Path) ->
         path.unlink()
 
 
+FAILLOCK_AUTH = """\
+auth required pam_faillock.so preauth {opts}
+auth [success=1 default=ignore] pam_unix.so nullok
+auth [default=die] pam_faillock.so authfail {opts}
+auth sufficient pam_faillock.so authsucc {opts}
+auth requisite pam_deny.so
+"""
+
+
+@pytest.mark.security
+def test_pam_faillock_never_counts_users_outside_the_group(web: WebRig, member: str,
+                                                           stranger: str,
+                                                           tmp_path: Path) -> None:
+    """The shipped PAM service on a host whose common-auth has pam_faillock
+    (the usual hardening): anyone on the web may type any account name, so
+    an account outside the VM users' group (the admin's, say) must never
+    reach the password stack, or a few failed web logins would lock it out
+    of ssh, su and sudo host-wide.  Members are still counted."""
+    tally = tmp_path / "faillock"
+    tally.mkdir()
+    opts = f"dir={tally} deny=3 unlock_time=600"
+    text = (REPO / "pam" / "kvmshell").read_text()
+    assert "@include common-auth\n" in text
+    text = text.replace("ingroup kvmusers", f"ingroup {web.group}").replace(
+        "@include common-auth\n", FAILLOCK_AUTH.format(opts=opts))
+    service = f"{web.service}-fl"
+    path = Path("/etc/pam.d") / service
+    path.write_text(text)
+    web.write_conf(web_pam_service=service)
+
+    def records(user: str) -> int:
+        r = subprocess.run(["faillock", "--dir", str(tally), "--user", user],
+                           capture_output=True, text=True, check=True)
+        return len(re.findall(r"^\d{4}-\d\d-\d\d ", r.stdout, re.M))
+    try:
+        for _ in range(3):
+            assert web.helper(stranger, b"wrong").stdout == b"denied\n"
+        assert web.helper(stranger, PASSWORD.encode()).stdout == b"denied\n"
+        assert web.helper(member, b"wrong").stdout == b"denied\n"
+        assert records(stranger) == 0
+        assert records(member) == 1
+    finally:
+        web.write_conf(web_pam_service=web.service)
+        path.unlink()
+
+
 # ---- acting as the user: the sudoers rule ------------------------------------------
 
 def test_shipped_sudoers_drop_in_is_valid() -> None:
@@ -604,6 +667,29 @@ def test_session_fixation(web: WebRig, alice: User, bob: User, vms: dict[str, Pa
     assert attacker.get("/api/vms").status_code == 401
 
 
+@pytest.mark.security
+def test_one_user_cannot_push_out_other_users_sessions_or_tickets() -> None:
+    """The session and ticket stores are bounded (MAX_SESSIONS, MAX_TICKETS)
+    for the whole server.  One logged-in user who logs in again and again,
+    or asks for ticket after ticket, must use up only a share of their own:
+    before, logging in MAX_SESSIONS times (a password the user knows, at the
+    login helper's pace) logged every other user out, and MAX_TICKETS
+    tickets within their 30 s made the server 'busy' for everyone.  The
+    store's own code, with the server's limits (no HTTP: 10000 logins)."""
+    from kvmshell.web.sessions import MAX_SESSIONS, MAX_TICKETS, Store
+    store = Store(900, 28800)
+    bob = store.create("bob", "192.0.2.1")
+    mallory = [store.create("mallory", "192.0.2.66") for _ in range(MAX_SESSIONS)]
+    assert store.get(bob.id) is bob
+    assert store.get(mallory[-1].id) is mallory[-1]
+    assert store.get(mallory[0].id) is None          # the user's own oldest went
+    ticket = store.issue(bob, "vm", "console")
+    for _ in range(MAX_TICKETS):
+        store.issue(mallory[-1], "vm", "console")
+    later = store.issue(bob, "vm", "spy")            # not "busy"
+    assert store.redeem(ticket, bob) is not None and store.redeem(later, bob) is not None
+
+
 def test_idle_timeout(host: Host, alice: User, vms: dict[str, Path]) -> None:
     rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib", web_idle_timeout="3",
                  web_session_lifetime="8")
@@ -668,6 +754,78 @@ def test_host_header_must_be_the_origins(web: WebRig) -> None:
     r = httpx.get(f"http://127.0.0.1:{web.port}/login", headers={"Host": "evil.example"},
                   trust_env=False)
     assert r.status_code == 400
+
+
+# Bytes a client can put into a logged URL path (percent-encoded): NUL and
+# line feed end a journal record (journald splits a service's stderr at
+# both), so what follows them would be a record of its own -- here one that
+# fail2ban's filter takes for a failed login from 203.0.113.99, a ban the
+# client chose for someone else; ESC and the C1 controls steer the terminal
+# of the admin reading the log.
+FORGED = "authentication failure for 'x' from 203.0.113.99"
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("sep", ["%00", "%0A", "%0D", "%1B[2J", "%7F", "%C2%9B", "%E2%80%A8"])
+def test_no_control_characters_from_the_client_reach_the_log(web: WebRig, sep: str) -> None:
+    """Log injection: an unauthenticated client's cross-site POST and a
+    logged-in user's bad CSRF token are logged with the path; every
+    control character in it arrives escaped, one line, cut short."""
+    from urllib.parse import quote
+    forged = quote(FORGED, safe="")
+    path = f"/api/vms/x/{sep}{forged}{sep}"
+    before = len(web.log.read_bytes())
+    r = httpx.post(f"http://127.0.0.1:{web.port}{path}", trust_env=False, json={},
+                   headers={"Host": f"localhost:{web.port}", "Origin": EVIL})
+    assert r.status_code == 403, r.text
+    r = httpx.post(f"http://127.0.0.1:{web.port}/api/vms/x/{'y%1B' * 3000}", trust_env=False,
+                   json={}, headers={"Host": f"localhost:{web.port}", "Origin": EVIL})
+    assert r.status_code == 403, r.status_code
+    wait_for(lambda: web.log.read_bytes()[before:].count(b"refused cross-site") >= 2, 10,
+             "the log lines")
+    new = web.log.read_bytes()[before:]
+    assert b"\x00" not in new and b"\x1b" not in new and b"\x7f" not in new \
+        and b"\r" not in new, new[:300]
+    text = new.decode()
+    assert not re.search("[\x80-\x9f\u2028\u2029]", text), text[:300]
+    for line in text.splitlines():
+        assert line.startswith("kvmshell-web: refused cross-site POST /api/vms/x/"), line[:300]
+        assert len(line) <= 2100
+    assert not FAILURE_LINE.search(text)
+
+
+@pytest.mark.security
+def test_malformed_json_is_refused_without_a_traceback(web: WebRig, alice: User,
+                                                       vms: dict[str, Path]) -> None:
+    """JSON that parses into something no form sends -- a lone UTF-16
+    surrogate (which cannot be encoded to UTF-8 for PAM or argv), nesting
+    deep enough to exhaust the parser's recursion -- is a 400 with the
+    page's one-line error, never a 500 with a traceback in the log, from
+    anyone (login) or a logged-in user (start's options)."""
+    before = len(web.log.read_bytes())
+    base = f"http://127.0.0.1:{web.port}"
+    hdr = {"Host": f"localhost:{web.port}", "Origin": web.origin,
+           "Content-Type": "application/json"}
+    for body in (b'{"user": "x", "password": "\\ud800"}',
+                 b'{"user": "\\udc80", "password": "a"}',
+                 b'[' * 50000):
+        r = httpx.post(f"{base}/login", content=body, headers=hdr, trust_env=False)
+        assert r.status_code in (400, 401), (body[:40], r.status_code, r.text)
+        assert r.json()["error"], r.text
+    b = Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    for options in ([["-kernel", "\ud800"]], [["\udfff", True]]):
+        r = b.http.post(f"/api/vms/{VM}/start", headers={**b.headers(),
+                                                          "Content-Type": "application/json"},
+                        content=json.dumps({"options": options}).encode())
+        assert r.status_code == 400, (options, r.status_code, r.text)
+        assert r.json()["error"], r.text
+    with b.ws() as ws:                        # the WebSocket's first message
+        ws.send("[" * 1020)
+        assert json.loads(ws.recv(timeout=20)) == {
+            "error": "kvmshell-web: invalid, used or expired ticket"}
+    log = web.log.read_bytes()[before:]
+    assert b"Traceback" not in log and b"Internal Server Error" not in log, log[-2000:]
 
 
 # ---- cross-site WebSocket hijacking -----------------------------------------------------
@@ -764,19 +922,138 @@ def test_spy_is_read_only(web: WebRig, alice: User, running: Path) -> None:
     assert b"spy-15" not in console_log(running)
 
 
-def test_consoles_per_login_are_bounded(web: WebRig, alice: User, running: Path) -> None:
-    from contextlib import ExitStack
+def _closed_by_server(s: Any) -> bool:
+    """Has the server closed this socket (EOF or reset), after anything it sent?"""
+    s.settimeout(0.5)
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return True
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.security
+def test_connections_without_a_whole_request_are_closed(web: WebRig, alice: User,
+                                                        running: Path) -> None:
+    """Slowloris: uvicorn itself waits forever for a request's head, so
+    connections that send nothing, half a head, or a head a byte at a time
+    (also after a first request, on a kept-alive connection) or a body that
+    never ends would each hold a descriptor until the server has none left
+    (an unauthenticated attack on everyone, when it serves TLS itself).
+    Each is closed within the server's deadlines; a console open for longer
+    keeps working."""
+    import socket
+    import threading
+    from kvmshell.web.app import BODY_SECONDS
+    from kvmshell.web.server import HEAD_SECONDS
+    host = f"localhost:{web.port}".encode()
+    conns = {name: socket.create_connection(("127.0.0.1", web.port), timeout=10)
+             for name in ("idle", "half", "trickle", "kept", "body")}
+    conns["half"].sendall(b"POST /login HTTP/1.1\r\nHost: " + host + b"\r\n")
+    conns["kept"].sendall(b"GET /login HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert conns["kept"].recv(12) == b"HTTP/1.1 200"
+    conns["body"].sendall(b"POST /login HTTP/1.1\r\nHost: " + host + b"\r\nOrigin: "
+                          + web.origin.encode() + b"\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{\"user\": ")
+    stop = threading.Event()
+
+    def trickle() -> None:                  # one byte a second, never a whole head
+        line = b"GET /login HTTP/1.1\r\nX-Slow: " + b"a" * 200
+        for i in range(len(line)):
+            for name in ("trickle", "kept"):
+                try:
+                    conns[name].send(line[i:i + 1])
+                except OSError:
+                    pass
+            if stop.wait(1.0):
+                return
+    feeder = threading.Thread(target=trickle, daemon=True)
+    feeder.start()
+    no_console_clients(alice)
     b = Browser(web)
     assert b.login(alice.name, PASSWORD).status_code == 200
+    try:
+        with b.ws() as ws:
+            assert ws_answer(ws, {"ticket": b.ticket(VM, "console")})[0] == {"ok": "console"}
+            time.sleep(BODY_SECONDS + HEAD_SECONDS + 3)   # the body, then its answer
+            ws.send(b"echo slow-$((6*7))\r")
+            seen = b""
+            deadline = time.monotonic() + 60
+            while b"slow-42\r\n" not in seen and time.monotonic() < deadline:
+                m = ws.recv(timeout=60)
+                seen += m if isinstance(m, bytes) else b""
+            assert b"slow-42\r\n" in seen
+        closed = {name: _closed_by_server(s) for name, s in conns.items()}
+        assert all(closed.values()), closed
+    finally:
+        stop.set()
+        feeder.join()
+        for s in conns.values():
+            s.close()
+
+
+@pytest.mark.security
+def test_consoles_per_user_are_bounded(web: WebRig, alice: User, running: Path) -> None:
+    """Each console is a sudo and a kvmshell process: at most eight per
+    user, however many times the user logs in (a second login is no way
+    round it)."""
+    from contextlib import ExitStack
+    b, again = Browser(web), Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    assert again.login(alice.name, PASSWORD).status_code == 200
     with ExitStack() as stack:
         for _ in range(8):
             ws = stack.enter_context(b.ws())
             assert ws_answer(ws, {"ticket": b.ticket(VM, "spy")})[0] == {"ok": "spy"}
-        with b.ws() as ws:
-            doc, closed = ws_answer(ws, {"ticket": b.ticket(VM, "spy")})
-            assert doc == {"error": "kvmshell-web: at most 8 consoles and displays at once "
-                                    "per login"} and closed.code == 4429
+        for login in (b, again):
+            with login.ws() as ws:
+                doc, closed = ws_answer(ws, {"ticket": login.ticket(VM, "spy")})
+                assert doc == {"error": "kvmshell-web: at most 8 consoles and displays at "
+                                        "once per user"} and closed.code == 4429
     no_console_clients(alice)               # all eight clients leave with their sockets
+
+
+@pytest.mark.security
+def test_kvmshell_runs_per_user_are_bounded(web: WebRig, alice: User,
+                                            vms: dict[str, Path]) -> None:
+    """A logged-in user's burst of requests (each runs sudo and kvmshell
+    as the user) runs at most RUNS_PER_USER kvmshell processes at once; the
+    rest wait their turn and are answered."""
+    import threading
+    from kvmshell.web.runner import RUNS_PER_USER
+    b = Browser(web)
+    assert b.login(alice.name, PASSWORD).status_code == 200
+    answers: list[int] = []
+    seen = 0
+    done = threading.Event()
+
+    def request() -> None:
+        with httpx.Client(base_url=web.origin, timeout=300, trust_env=False) as http:
+            answers.append(http.get("/api/vms", headers=b.headers()).status_code)
+    threads = [threading.Thread(target=request) for _ in range(24)]
+    for th in threads:
+        th.start()
+
+    def watch() -> None:
+        nonlocal seen
+        while not done.is_set():
+            r = subprocess.run(["pgrep", "-c", "-u", str(alice.uid), "-f",
+                                f"{KVMSHELL} --config [^ ]+ list --json"],
+                               capture_output=True, text=True)
+            seen = max(seen, int(r.stdout.strip() or 0))
+            time.sleep(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for th in threads:
+        th.join()
+    done.set()
+    watcher.join()
+    assert answers == [200] * 24
+    assert 1 <= seen <= RUNS_PER_USER, seen
 
 
 def test_resize_notice(web: WebRig, alice: User, running: Path) -> None:
@@ -798,11 +1075,26 @@ def test_resize_notice(web: WebRig, alice: User, running: Path) -> None:
 
 # ---- brute force --------------------------------------------------------------------------
 
-def test_brute_force_limits_and_log(web: WebRig, member: str, tmp_path: Path) -> None:
+@pytest.fixture()
+def proxied(host: Host, member: str) -> Iterator[WebRig]:
+    """A server on a unix socket, behind the test as its proxy (what the
+    test sends as X-Forwarded-For is the client's address), with *member*."""
+    rig = unix_rig(host, web_login_failures_per_user="3", web_login_failures_per_address="6",
+                   web_login_window="600")
+    try:
+        rig.add_user(member, PASSWORD)
+        rig.start()
+        yield rig
+    finally:
+        rig.close()
+
+
+def test_brute_force_limits_and_log(proxied: WebRig, member: str, tmp_path: Path) -> None:
     """Per account: the 4th try in the window is refused without asking PAM,
     even with the right password, from anywhere.  Per address: the 7th
     failure from one address blocks every account from there.  Each failure
     is one log line fail2ban's shipped filter matches."""
+    web = proxied
     before = len(FAILURE_LINE.findall(web.log_text()))
     attacker = Browser(web, forwarded_for="198.51.100.7")
     for _ in range(3):
@@ -1006,8 +1298,9 @@ def test_behind_the_shipped_nginx_example(host: Host, alice: User, running: Path
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
                     "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
                    check=True, capture_output=True)
-    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
-                 web_origins=f"https://localhost:{tls}", web_proxies="127.0.0.1")
+    # nginx's workers (its master runs as root here) are nobody:nogroup.
+    rig = unix_rig(host, "nogroup", web_origins=f"https://localhost:{tls}")
+    sock = rig.settings["web_listen"][5:]
     site = (REPO / "nginx" / "kvmshell-web.conf").read_text()
     for old, new in (("listen 443 ssl http2;", f"listen 127.0.0.1:{tls} ssl http2;"),
                      ("listen [::]:443 ssl http2;", ""),
@@ -1015,7 +1308,7 @@ def test_behind_the_shipped_nginx_example(host: Host, alice: User, running: Path
                      ("server_name vm.example.org;", "server_name localhost;"),
                      ("/etc/ssl/certs/vm.example.org.pem", str(d / "cert.pem")),
                      ("/etc/ssl/private/vm.example.org.key", str(d / "key.pem")),
-                     ("http://127.0.0.1:8480", f"http://127.0.0.1:{rig.port}")):
+                     ("http://unix:/run/kvmshell-web/web.sock", f"http://unix:{sock}")):
         assert old in site, old
         site = site.replace(old, new)
     (d / "site.conf").write_text(site)
@@ -1091,8 +1384,12 @@ def test_shipped_files_agree() -> None:
     unit = (REPO / "systemd" / "kvmshell-web.service").read_text()
     assert f"\nUser={w.user}\n" in unit and "\nKillMode=process\n" in unit
     assert "NoNewPrivileges" not in unit.replace("# No NoNewPrivileges", "")
-    assert w.listen == ("tcp", "127.0.0.1", 8480) and w.origins == []
-    assert "proxy_pass http://127.0.0.1:8480;" in (REPO / "nginx" / "kvmshell-web.conf").read_text()
+    assert w.listen == ("unix", "/run/kvmshell-web/web.sock", 0) and w.origins == []
+    assert w.proxies == []
+    assert "proxy_pass http://unix:/run/kvmshell-web/web.sock;" in \
+        (REPO / "nginx" / "kvmshell-web.conf").read_text()
+    assert "\nd /run/kvmshell-web 0750 kvmweb www-data -\n" in \
+        (REPO / "tmpfiles.d" / "kvmshell-web.conf").read_text()
     make = (REPO / "Makefile").read_text()
     m = re.search(r"sed -e '(s\|/usr/local/libexec/kvmshell\|\$\(LIBEXEC\)\|)' -e "
                   r"'(s\|/usr/local/bin/kvmshell\|\$\(BIN\)/kvmshell\|)' \\\n\s+sudoers.d/kvmshell-web",
@@ -1222,8 +1519,8 @@ def test_serves_tls_itself_and_listens_on_a_unix_socket(host: Host, alice: User,
     rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib",
                  web_origins="https://vm.example.org", web_listen=f"unix:{sock_dir}/web.sock")
     try:
-        os.chown(sock_dir, rig.web_uid, rig.web_gid)
-        os.chmod(sock_dir, 0o750)           # the proxy's group, in real life
+        os.chown(sock_dir, rig.web_uid, 0)  # the proxy's group, in real life
+        os.chmod(sock_dir, 0o750)
         rig.add_user(alice.name, PASSWORD)
         rig.start()
         http = httpx.Client(transport=httpx.HTTPTransport(uds=f"{sock_dir}/web.sock"),
@@ -1233,6 +1530,77 @@ def test_serves_tls_itself_and_listens_on_a_unix_socket(host: Host, alice: User,
                                "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
         assert r.status_code == 200, rig.log_text()
         assert f"login {alice.name} from 203.0.113.9" in rig.log_text()
+    finally:
+        subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
+        rig.close()
+
+
+def _local_ipv4() -> str | None:
+    """This host's address toward the outside (no packet is sent), if any."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        addr = str(s.getsockname()[0])
+    return None if addr.startswith("127.") else addr
+
+
+@pytest.mark.security
+def test_only_the_proxy_may_say_who_the_client_is(host: Host, alice: User) -> None:
+    """X-Forwarded-For is the client's address for the rate limits,
+    PAM_RHOST and the line fail2ban bans by.  A VM user (a compromised
+    QEMU, or any guest with user networking: slirp connects from the host)
+    can connect to any address of this host, so a proxy there may not be
+    believed by address: kvmshell-web refuses such web_proxies, and behind
+    a proxy on this host listens on a unix socket whose directory only the
+    web user and the proxy's group may enter (refused otherwise).  With the
+    layout make install makes, a VM user cannot reach the socket at all."""
+    import socket
+    from kvmshell.web.server import _local_address
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib")
+
+    def serve() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(rig.as_web_user("/usr/bin/python3", "-I", str(rig.server),
+                                              "--config", str(rig.conf)),
+                              capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/bin:/bin"})
+
+    def refused(why: str) -> None:
+        r = serve()
+        assert r.returncode == 2 and r.stderr.startswith("kvmshell-web: ") \
+            and r.stderr.count("\n") == 1 and why in r.stderr, (r.returncode, r.stderr)
+
+    assert _local_address("127.0.0.1") and not _local_address("198.51.100.10")
+    try:
+        rig.add_user(alice.name, PASSWORD)
+        for addr in ["127.0.0.1", "127.0.0.2"] + [a for a in [_local_ipv4()] if a]:
+            rig.write_conf(web_proxies=addr)
+            refused(f"web_proxies: {addr} is an address of this host")
+        rig.write_conf(web_proxies="")
+        run = rig.root / "run"
+        run.mkdir()
+        rig.write_conf(web_listen=f"unix:{run}/web.sock")
+        for uid, gid, mode, why in [
+                (rig.web_uid, 0, 0o755, "lets every user reach the socket"),
+                (rig.web_uid, grp.getgrnam(rig.group).gr_gid, 0o750,
+                 f"lets VM user {alice.name} (through the directory's group)"),
+                (alice.uid, 0, 0o700, f"lets its owner (uid {alice.uid}")]:
+            os.chown(run, uid, gid)
+            os.chmod(run, mode)
+            refused(why)
+        os.chown(run, rig.web_uid, 0)
+        os.chmod(run, 0o750)
+        rig.start()
+        probe = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
+                 f"try:\n    s.connect({str(run / 'web.sock')!r})\n"
+                 "except PermissionError:\n    sys.exit(13)\n")
+        r = subprocess.run(alice.argv("/usr/bin/python3", "-I", "-c", probe), env=alice.env(),
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 13, (r.returncode, r.stderr)
+        with socket.socket(socket.AF_UNIX) as s:      # the proxy's side (root, here)
+            s.connect(str(run / "web.sock"))
     finally:
         subprocess.run(["gpasswd", "-d", alice.name, rig.group], capture_output=True)
         rig.close()

@@ -34,7 +34,7 @@ _DEFAULTS: dict[str, str] = {
     "log_socket": "/dev/log",
     "autostart": "yes",
     # The web front door (kvmshell-web; off until the admin enables it).
-    "web_listen": "127.0.0.1:8480",
+    "web_listen": "unix:/run/kvmshell-web/web.sock",
     "web_origins": "",
     "web_proxies": "",
     "web_user": "kvmweb",

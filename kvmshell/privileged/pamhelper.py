@@ -26,9 +26,11 @@ What passes: PAM authenticates USER (pam_authenticate: password, and the
 stack's own pam_faildelay and pam_faillock, if configured) **and** accepts
 the account (pam_acct_mgmt: a locked or expired account fails), with
 ``PAM_RHOST`` set to ADDR; and USER is a member of the group (checked here
-too, not only by the PAM service).  PAM runs even when the group check
-will fail, so a refusal takes as long, and reads the same, whatever the
-reason.  Root never passes.
+too, not only by the PAM service).  The shipped service sets PAM's fail
+delay before its (requisite) group check, so a refusal waits the same
+delay (a member's also includes the password hash), and reads the same,
+whatever the reason, while an account outside the group never reaches
+the host's password stack (nor pam_faillock).  Root never passes.
 
 Every attempt goes to syslog (authpriv): user, address, caller, answer and
 PAM's reason.  Imports: the shared core, the stdlib and python-pam (an

@@ -64,12 +64,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COOKIE = "__Host-kvmshell"
 CSRF_HEADER = "x-csrf-token"
 BODY_MAX = 64 * 1024
+# Seconds a request may take to send its body (its head has its own
+# deadline: server.HEAD_SECONDS): a body that never ends holds a connection.
+BODY_SECONDS = 10.0
 VERBS = ("start", "stop", "kill", "reset")
 # Page -> ticket kind.
 PAGE_KINDS = {"console": "console", "takeover": "force", "spy": "spy", "display": "vnc"}
 FIRST_MESSAGE_SECONDS = 10.0
 END_SECONDS = 10.0
-STREAMS_PER_SESSION = 8
+STREAMS_PER_USER = 8
 WS_FRAME_MAX = 1 << 20
 LOGIN_FAILED = "login incorrect"
 LOGIN_LIMITED = "too many failed logins; try again later"
@@ -346,9 +349,9 @@ class Web:
                  "force": ["console", t.vm, "--force", "--linger", "0"],
                  "spy": ["console", t.vm, "--spy", "--linger", "0"],
                  "vnc": ["vnc", t.vm]}[t.kind]
-        if s.streams >= STREAMS_PER_SESSION:
-            await _ws_refuse(websocket, f"kvmshell-web: at most {STREAMS_PER_SESSION} consoles "
-                             "and displays at once per login", 4429)
+        if self.store.streams_of(s.user) >= STREAMS_PER_USER:
+            await _ws_refuse(websocket, f"kvmshell-web: at most {STREAMS_PER_USER} consoles "
+                             "and displays at once per user", 4429)
             return
         events.log(f"{s.user} from {client(websocket)}: {t.kind} {t.vm}")
         s.streams += 1
@@ -542,7 +545,7 @@ def _ticket_of(message: Message) -> str | None:
         return None
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     token = doc.get("ticket") if isinstance(doc, dict) else None
     return token if isinstance(token, str) else None
@@ -620,17 +623,32 @@ def _option_words(body: dict[str, Any] | None) -> list[str] | None:
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
-    """The request's JSON object (at most BODY_MAX bytes), or None."""
+    """The request's JSON object (at most BODY_MAX bytes, sent within
+    BODY_SECONDS, all of its strings
+    encodable as UTF-8, nested less deep than the parser's recursion limit),
+    or None."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return None
-    data = b""
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > BODY_MAX:
-            return None
+
+    async def read() -> bytes | None:
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > BODY_MAX:
+                return None
+        return data
+    try:
+        data = await asyncio.wait_for(read(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        return None
+    if data is None:
+        return None
     try:
         doc = json.loads(data)
-    except ValueError:
+        # Parses, but is no text: a lone surrogate ("\\ud800") can never be
+        # encoded for PAM or an argv word.  Refused here, for every route.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):   # UnicodeEncodeError is a ValueError
         return None
     return doc if isinstance(doc, dict) else None
 

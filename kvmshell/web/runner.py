@@ -23,6 +23,12 @@ OUTPUT_MAX = 1 << 20
 HELPER_SECONDS = 30.0
 # At most this many login checks run at once (each is a root process).
 _helpers = asyncio.Semaphore(4)
+# At most this many kvmshell runs (not consoles: see app.STREAMS_PER_USER)
+# at once per user; more requests wait.  Why: each is a sudo and a Python
+# process, and one logged-in user's burst of requests must not fill the
+# host with them.
+RUNS_PER_USER = 4
+_runs: dict[str, asyncio.Semaphore] = {}
 
 
 class Result:
@@ -48,7 +54,20 @@ def last_line(data: bytes) -> str:
 
 
 async def run(cfg: Config, user: str, words: list[str], timeout: float = 120.0) -> Result:
-    """Run ``kvmshell WORDS`` as *user* to the end (stdin empty)."""
+    """Run ``kvmshell WORDS`` as *user* to the end (stdin empty); at
+    most RUNS_PER_USER at once per user (the wait counts in *timeout*)."""
+    gate = _runs.setdefault(user, asyncio.Semaphore(RUNS_PER_USER))
+    try:
+        await asyncio.wait_for(gate.acquire(), timeout)
+    except asyncio.TimeoutError:
+        return Result(1, "", "kvmshell-web: busy: too many of your requests at once")
+    try:
+        return await _run(cfg, user, words, timeout)
+    finally:
+        gate.release()
+
+
+async def _run(cfg: Config, user: str, words: list[str], timeout: float) -> Result:
     proc = await asyncio.create_subprocess_exec(
         *argv(cfg, user, words), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV)

@@ -34,6 +34,11 @@ TICKET_SECONDS = 30.0
 KINDS = ("console", "force", "spy", "vnc")
 MAX_SESSIONS = 10000
 MAX_TICKETS = 10000
+# Each user's share of the two stores above (the user's own oldest goes
+# first): so one user, logging in again and again or asking for ticket
+# after ticket, can never push other users' sessions or tickets out.
+SESSIONS_PER_USER = 16
+TICKETS_PER_SESSION = 16
 MAX_LIMITER_KEYS = 100000
 
 
@@ -81,8 +86,12 @@ class Store:
         self._tickets: dict[str, Ticket] = {}
 
     def create(self, user: str, address: str) -> Session:
-        """A new session for *user* (after a successful login)."""
+        """A new session for *user* (after a successful login); the user's
+        least recently used one ends if they have SESSIONS_PER_USER."""
         self._expire()
+        mine = [s for s in self._sessions.values() if s.user == user]
+        if len(mine) >= SESSIONS_PER_USER:
+            self.drop(min(mine, key=lambda s: s.last_seen).id)
         if len(self._sessions) >= MAX_SESSIONS:
             oldest = min(self._sessions.values(), key=lambda s: s.last_seen)
             self.drop(oldest.id)
@@ -105,6 +114,10 @@ class Store:
             s.last_seen = self.clock()
         return s
 
+    def streams_of(self, user: str) -> int:
+        """The consoles and displays *user* has open, over all their sessions."""
+        return sum(s.streams for s in self._sessions.values() if s.user == user)
+
     def alive(self, s: Session) -> bool:
         now = self.clock()
         return (not s.ended.is_set() and now - s.last_seen < self.idle
@@ -120,10 +133,15 @@ class Store:
             del self._tickets[key]
 
     def issue(self, s: Session, vm: str, kind: str) -> str:
-        """A one-time ticket for a WebSocket of *kind* to *vm*."""
+        """A one-time ticket for a WebSocket of *kind* to *vm* (the
+        session's oldest unused one goes if it has TICKETS_PER_SESSION).
+        Raises OverflowError when MAX_TICKETS are out."""
         if kind not in KINDS:
             raise ValueError(kind)
         self._expire()
+        mine = [k for k, t in self._tickets.items() if t.session is s]
+        if len(mine) >= TICKETS_PER_SESSION:
+            del self._tickets[min(mine, key=lambda k: self._tickets[k].expires)]
         if len(self._tickets) >= MAX_TICKETS:
             raise OverflowError("too many open tickets")
         token = secrets.token_urlsafe(32)

@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from kvmshell.common.guestnet import Tap
 from kvmshell.common.optable import (
-    FILE_CHARS, ADMIN, BALLOON, DIR, FLAG, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
+    FILE_CHARS, ADMIN, BALLOON, DIR, DISKIF, FLAG, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
     take_value)
 
 
@@ -38,6 +38,9 @@ _NET_GONE = {
 }
 
 
+DISK_INTERFACES = {"ide": "ide", "virtio": "virtio"}
+
+
 class NetSpec:
     """One admin ``-net`` option, parsed."""
 
@@ -56,6 +59,7 @@ class AdminPlan:
         self.argv: list[str] = []
         self.nets: list[NetSpec] = []
         self.user_net_extra: list[str] = []
+        self.disk_interface = "ide"
 
     @property
     def nics(self) -> list[NetSpec]:
@@ -210,6 +214,11 @@ def parse_admin(words: list[str]) -> AdminPlan:
             if "-usb" not in plan.argv:
                 plan.argv.append("-usb")
             plan.argv += ["-device", dev]
+        elif opt.kind == DISKIF:
+            if value not in DISK_INTERFACES:
+                raise RefusedOption(f"{token}: {value!r} is not a disk interface "
+                                    f"({' or '.join(DISK_INTERFACES)})")
+            plan.disk_interface = DISK_INTERFACES[value]
         elif opt.kind == BALLOON:
             if value != "virtio":
                 raise RefusedOption(

@@ -74,7 +74,7 @@ def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
 def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
                opened: dict[str, useropts.Opened], tap_fds: list[int]) -> list[str]:
     return (wrapper_argv(cfg, vm) + adminopts.admin_argv(plan, vm.name, tap_fds)
-            + useropts.user_argv(req, opened, VNC_SOCKET))
+            + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface))
 
 
 def take_lock(vm: VM) -> int:
@@ -90,18 +90,29 @@ def take_lock(vm: VM) -> int:
 
 
 def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, useropts.Opened]:
+    """Open every file of *req* as the user (see files.py); under
+    ``-snapshot``, disks are opened read-only and each gets a temporary
+    qcow2 overlay on top, made here (QEMU's own -snapshot does not apply to
+    a -blockdev graph)."""
     from kvmshell.shell import files
 
     opened: dict[str, useropts.Opened] = {}
+    snapshot = req.has("-snapshot")
     try:
         for opt, value in req.files():
-            write = opt.kind == optable.DISK and not req.has("-snapshot")
-            opened[opt.name] = files.open_file(
-                opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
-                uid=os.getuid(), write=write, image=opt.kind in (optable.DISK, optable.CDROM))
+            write = opt.kind == optable.DISK and not snapshot
+            image = opt.kind in (optable.DISK, optable.CDROM)
+            of = files.open_file(opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
+                                 uid=os.getuid(), write=write, image=image)
+            opened[opt.name] = of
+            if snapshot and opt.kind == optable.DISK:
+                from kvmshell.shell import imgtool
+                fd, ro = imgtool.temp_overlay(cfg, vm.path, of.size)
+                opened[opt.name] = useropts.Opened(fd, "qcow2", False, ro, size=of.size,
+                                                   backing=of, label=f"{value} (-snapshot)")
     except BaseException:
         for of in opened.values():
-            for fd in of.fds:
+            for fd in of.all_fds():
                 os.close(fd)
         raise
     return opened
@@ -120,6 +131,9 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
     plan = admin_plan(vm)
     if req.has("-vnc") and plan.nographic:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
+    if req.has("-hdachs") and plan.disk_interface != "ide":
+        raise RefusedOption(f"-hdachs: a geometry is for IDE disks; this VM's disks are "
+                            f"{plan.disk_interface}")
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
     # Limits next (limits.py): counted outside QEMU, under a per-user lock
@@ -132,7 +146,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
         if ulock >= 0:
             os.close(ulock)
         raise
-    passed = [fd for of in opened.values() for fd in of.fds]
+    passed = [fd for of in opened.values() for fd in of.all_fds()]
     try:
         lock = take_lock(vm)
         passed.insert(0, lock)

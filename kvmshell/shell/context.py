@@ -27,6 +27,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "upload": ("[VM] NAME [--size BYTES]", "store stdin as image NAME in the VM's directory"),
     "images": ("[VM]", "list the images in the VM's directory"),
     "rm": ("[VM] NAME", "remove image NAME from the VM's directory"),
+    "disk": ("create|clone|reset|resize|info [VM] NAME ...",
+             "make, clone, reset, grow or inspect a disk image; 'help disk'"),
+    "snapshot": ("list|create|revert|delete [VM] DISK [TAG]",
+                 "qcow2 internal snapshots of a stopped VM's disk"),
     "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
 }

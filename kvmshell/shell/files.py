@@ -119,7 +119,7 @@ def _lock(token: str, value: str, fd: int, write: bool, layer: bool) -> None:
 
 
 def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
-              uid: int, write: bool, image: bool) -> Opened:
+              uid: int, write: bool, image: bool, lock: bool = True) -> Opened:
     """Open *value* for option *token*; relative names are inside *vmdir*,
     absolute names must be inside one of *image_dirs* (read-only there).
 
@@ -139,7 +139,8 @@ def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
         if not image:
             return Opened(fd, "raw", not write, size=st.st_size, label=value)
         fmt = format_of(token, value, fd)
-        _lock(token, value, fd, write, layer=False)
+        if lock:
+            _lock(token, value, fd, write, layer=False)
         if write:
             # Reopening through our own descriptor reaches the same inode: no
             # path is looked up again, so nothing can be swapped in between.
@@ -147,7 +148,7 @@ def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
         top = Opened(fd, fmt, not write, ro_fd, size=st.st_size, label=value)
         if fmt == "qcow2":
             open_backing(token, top, root=root, vmdir=vmdir, image_dirs=image_dirs, uid=uid,
-                         seen={(st.st_dev, st.st_ino)})
+                         seen={(st.st_dev, st.st_ino)}, lock=lock)
         return top
     except BaseException:
         os.close(fd)
@@ -157,7 +158,7 @@ def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
 
 
 def open_backing(token: str, top: Opened, *, root: str, vmdir: str, image_dirs: list[str],
-                 uid: int, seen: set[tuple[int, int]]) -> None:
+                 uid: int, seen: set[tuple[int, int]], lock: bool = True) -> None:
     """Open the backing chain below the qcow2 image *top* (already open),
     read-only, and link it through ``backing``; set each layer's ``size``.
 
@@ -217,7 +218,8 @@ def open_backing(token: str, top: Opened, *, root: str, vmdir: str, image_dirs: 
             if hdr.backing_format is not None and hdr.backing_format != below.fmt:
                 raise RefusedFile(f"{token}: {layer.label}: its header says the backing file is "
                                   f"{hdr.backing_format}, but {value} is {below.fmt} (refused)")
-            _lock(token, value, fd, write=False, layer=True)
+            if lock:
+                _lock(token, value, fd, write=False, layer=True)
             layer, layer_root = below, broot
     except BaseException:
         for opened in top.chain()[1:]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import secrets
 import shutil
 import statistics
@@ -129,8 +130,8 @@ def main() -> int:
         with open(drop_in, "w") as f:
             # A sudoers alias of this run's own: aliases are global, and the
             # installed drop-in already defines KVMSHELL_NETHELPER.
-            f.write(text.replace("%kvmusers", f"%{group}")
-                    .replace("KVMSHELL_NETHELPER", f"KVMSHELL_NETHELPER_{tag.upper()}"))
+            f.write(re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_{tag.upper()}",
+                           text.replace("%kvmusers", f"%{group}")))
         os.chmod(drop_in, 0o440)
         subprocess.run(["ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", BRIDGE, "up"], check=True)

@@ -8,9 +8,10 @@ USER=kvmdemo
 VM=demo
 MARKER=KVMSHELL-GUEST-READY
 
-getent group kvmusers >/dev/null || groupadd --system kvmusers
 if ! id "$USER" >/dev/null 2>&1; then
-    useradd -m -g kvmusers -s /usr/local/bin/kvmshell "$USER"
+    # As an admin makes a VM user: group kvmusers, shell kvmshell, and the
+    # group of /dev/kvm, so the demo VM gets KVM where the host has it.
+    kvmadm adduser "$USER"
 fi
 vmdir=$(sed -n 's/^ *vmdir *= *//p' /etc/kvmshell/kvmshell.conf | tail -n 1)
 vmdir=${vmdir:-/var/lib/kvmshell/vms}

@@ -75,12 +75,32 @@ def install_nethelper(root: Path, config: Path) -> str:
     return install(str(root / "libexec"), str(config), str(_ROOT / "lib"))
 
 
+def install_cgrouphelper(root: Path, config: Path) -> str:
+    """This checkout's cgroup helper, as install_nethelper lays out the network helper."""
+    from kvmshell.admin.install import install_cgrouphelper as install
+    return install(str(root / "libexec"), str(config), str(_ROOT / "lib"))
+
+
+def sudoers_text(tag: str, group: str) -> str:
+    """The shipped sudoers drop-in for this session: the helpers' paths are
+    this session's copies, the group is *group*, and every alias gets *tag*
+    (aliases are global across sudoers files, so concurrent sessions and the
+    installed drop-in must never define the same one)."""
+    import re
+    text = (REPO / "sudoers.d" / "kvmshell").read_text()
+    text = text.replace("/usr/local/libexec/kvmshell/kvmshell-nethelper", NETHELPER)
+    text = text.replace("/usr/local/libexec/kvmshell/kvmshell-cgrouphelper", CGROUPHELPER)
+    text = text.replace("%kvmusers", f"%{group}")
+    return re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_{tag.upper()}", text)
+
+
 _ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))
 os.chmod(_ROOT, 0o755)  # users must traverse to their VM directories
 # Also when no test asks for the host fixture (e.g. -m security -k prop, --collect-only).
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 KVMSHELL, KVMADM = install_checkout(_ROOT)
 NETHELPER = install_nethelper(_ROOT, _ROOT / "kvmshell.conf")
+CGROUPHELPER = install_cgrouphelper(_ROOT, _ROOT / "kvmshell.conf")
 
 
 class User:
@@ -141,8 +161,11 @@ class Host:
         self.write_conf()
 
     def write_conf(self, **extra: str) -> None:
+        # cgroup = off: the kernel's budgets need the cgroup helper's sudoers
+        # line, which only the tests that use it install (test_hardware.py).
         settings = {"vmdir": str(self.vmdir), "accel": "tcg", "image_dirs": str(self.images),
-                    "stop_timeout": "20", "helper": NETHELPER}
+                    "stop_timeout": "20", "helper": NETHELPER, "cgroup": "off",
+                    "cgroup_helper": CGROUPHELPER}
         settings.update(extra)
         self.conf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         os.chmod(self.conf, 0o644)

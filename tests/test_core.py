@@ -462,7 +462,7 @@ def test_kvmadm_set_show_remove(host: Host, alice: User) -> None:
     assert new != old and not old.exists() and (new / "keep.img").read_bytes() == b"data"
     show = host.kvmadm("show", "adm").stdout
     assert "-m 256 -usb" in show and alice.name in show
-    r = host.kvmadm("set", "adm", "--", "-smp", "4", check=False)
+    r = host.kvmadm("set", "adm", "--", "-smp", "0", check=False)
     assert r.returncode == 2 and "-smp" in r.stderr
     assert host.vm_path("adm") == new
     r = host.kvmadm("create", "bad", "--owner", alice.name, "--", "-net", "nic," + "m" * 300, check=False)
@@ -525,12 +525,13 @@ def test_config_only_from_trusted_text(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_shipped_config_matches_the_shipped_files() -> None:
-    """kvmshell.conf loads, and names the helper the sudoers drop-in allows
+    """kvmshell.conf loads, and names the helpers the sudoers drop-in allows
     and the login shell the sshd drop-in forces."""
     from kvmshell.common import config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = config.load(str(repo / "kvmshell.conf"), require_root=False)
-    assert f"= {cfg.helper}\n" in (repo / "sudoers.d" / "kvmshell").read_text()
+    sudoers = (repo / "sudoers.d" / "kvmshell").read_text()
+    assert f"= {cfg.helper}\n" in sudoers and f"= {cfg.cgroup_helper}\n" in sudoers
     assert cfg.vmdir == "/var/lib/kvmshell/vms" and cfg.accel[0] == "kvm"
     assert cfg.shell in (repo / "sshd_config.d" / "kvmshell.conf").read_text()

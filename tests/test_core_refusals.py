@@ -50,14 +50,16 @@ PARSING = [
     ("start neg -pidfile /tmp/x", "-pidfile"),
     ("start neg -nographic", "-nographic"),
     ("start neg -usbdevice host:1", "-usbdevice"),
-    # unused options
     ("start neg -smp 64", "-smp"),
+    ("start neg -M q35", "-M:"),
+    ("start neg -cpu host", "-cpu:"),
+    ("start neg -firmware efi", "-firmware:"),
+    # unused options
     ("start neg -s", "-s:"),
     ("start neg -S", "-S:"),
     ("start neg -d int", "-d:"),
     ("start neg -L /tmp", "-L:"),
     ("start neg -daemonize", "-daemonize"),
-    ("start neg -M q35", "-M:"),
     ("start neg -hdc x.iso", "-hdc"),
     # QEMU options in no table
     *[(f"start neg {o} x", o) for o in (
@@ -229,7 +231,7 @@ TREES = {
     "extra-b64": (lambda b, p, u: _rename_to(b, p, "t", [], raw=p.name + "AA"), "invalid option word"),
     "other-name": (lambda b, p, u: _rename_to(b, p, "t", [], raw="u." + p.name.split(".")[1]),
                    "not canonical"),
-    "unwritten-options": (lambda b, p, u: _rename_to(b, p, "t", ["-smp", "64"]), "-smp"),
+    "unwritten-options": (lambda b, p, u: _rename_to(b, p, "t", ["-smp", "999"]), "-smp"),
     "admin-gone": (lambda b, p, u: _rename_to(b, p, "t", ["-monitor", "stdio"]), "-monitor"),
 }
 

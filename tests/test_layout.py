@@ -29,7 +29,7 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_import_contract_kept() -> None:
     r = _lint(REPO)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "3 kept, 0 broken" in r.stdout
+    assert "6 kept, 0 broken" in r.stdout
 
 
 @pytest.mark.parametrize("module,line,contract", [
@@ -37,6 +37,13 @@ def test_import_contract_kept() -> None:
     ("privileged/nethelper.py", "from kvmshell.admin import users", "helpers import only"),
     ("common/vmtree.py", "from kvmshell.shell import monitor", "shared core imports neither"),
     ("admin/kvmadm.py", "from kvmshell.shell import monitor", "none imports another"),
+    ("web/app.py", "from kvmshell.shell import cli", "none imports another"),
+    ("web/runner.py", "from kvmshell.privileged import pamhelper", "none imports another"),
+    ("web/sessions.py", "import pam", "no QEMU, netlink or PAM library"),
+    ("privileged/pamhelper.py", "from kvmshell.web import app", "helpers import only"),
+    ("privileged/pamhelper.py", "import pyroute2", "login helper imports python-pam, not"),
+    ("privileged/nethelper.py", "import pam", "network helper imports pyroute2, not"),
+    ("common/config.py", "from kvmshell.web import sessions", "shared core imports neither"),
 ])
 def test_a_deliberate_violation_breaks_the_contract(tmp_path: Path, module: str, line: str,
                                                     contract: str) -> None:
@@ -71,9 +78,9 @@ def test_no_import_cycles() -> None:
 def test_every_module_lives_in_a_trust_level() -> None:
     pkg = REPO / "kvmshell"
     loose = [p.name for p in pkg.glob("*.py") if p.name != "__init__.py"]
-    assert not loose, f"modules outside common/, shell/, admin/, privileged/: {loose}"
+    assert not loose, f"modules outside common/, shell/, admin/, privileged/, web/: {loose}"
     assert {p.name for p in pkg.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "common", "shell", "admin", "privileged"}
+        "common", "shell", "admin", "privileged", "web"}
 
 
 def test_the_network_helper_speaks_netlink_through_pyroute2() -> None:
@@ -84,4 +91,14 @@ def test_the_network_helper_speaks_netlink_through_pyroute2() -> None:
     src = (REPO / "kvmshell/privileged/nethelper.py").read_text()
     # No hand-packed netlink: no message types or header packing of its own.
     for marker in ("RTM_", "NLM_F_", "nlmsghdr", '"=LHHLL"', "AF_NETLINK"):
+        assert marker not in src, marker
+
+
+def test_the_login_helper_asks_pam_through_python_pam() -> None:
+    import grimp
+
+    graph = grimp.build_graph("kvmshell", include_external_packages=True)
+    assert graph.find_shortest_chain(importer="kvmshell.privileged.pamhelper", imported="pam")
+    src = (REPO / "kvmshell/privileged/pamhelper.py").read_text()
+    for marker in ("ctypes", "libpam", "/etc/shadow", "spwd", "crypt"):
         assert marker not in src, marker

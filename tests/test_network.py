@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import KVMSHELL, MARKER, NETHELPER, Host, User, console_log, kill_all, wait_for
+from conftest import (KVMSHELL, MARKER, NETHELPER, Host, User, console_log, kill_all,
+                      sudoers_text, wait_for)
 from kvmshell.common import adminopts, guestnet
 from kvmshell.privileged import nethelper as helper
 from kvmshell.common.errors import RefusedOption
@@ -98,12 +99,9 @@ def net(alice: User, bob: User) -> Iterator[Net]:
     try:
         for u in (alice, bob):
             subprocess.run(["usermod", "-aG", group, u.name], check=True)
-        text = (Path(__file__).resolve().parents[1] / "sudoers.d" / "kvmshell").read_text()
-        text = text.replace("/usr/local/libexec/kvmshell/kvmshell-nethelper", NETHELPER)
-        text = text.replace("%kvmusers", f"%{group}")
-        # Aliases are global across sudoers files: a unique one per session, so
+        # Aliases are global across sudoers files: unique ones per session, so
         # that concurrent test sessions never define the same alias twice.
-        text = text.replace("KVMSHELL_NETHELPER", f"KVMSHELL_NETHELPER_{tag.upper()}")
+        text = sudoers_text(tag, group)
         tmp = drop_in.with_name(f".{drop_in.name}.tmp")  # sudo skips names with '.'
         tmp.write_text(text)
         os.chmod(tmp, 0o440)

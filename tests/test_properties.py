@@ -249,7 +249,8 @@ def test_vmid_mutation_refused(name: str, words: list[str], pos: int, ch: str) -
 
 _ADMIN_SPELLINGS = [o.name for o in optable.TABLE] + [
     "nic", "nic,model=virtio", "user", "tap,br=br0", "socket,listen=:1234", "none", "tablet",
-    "virtio", "512", "tcp:2222::22", "/srv/tftp", "nic,vlan=1", "host:1:2"]
+    "virtio", "512", "tcp:2222::22", "/srv/tftp", "nic,vlan=1", "host:1:2",
+    "q35", "pc", "efi", "bios", "max", "host", "Skylake-Client", "2", "0"]
 
 
 @SETTINGS
@@ -265,3 +266,17 @@ def test_parse_admin_only_refuses(words: list[str]) -> None:
         return
     argv = adminopts.admin_argv(plan, "vm", list(range(200, 200 + len(plan.taps))))
     assert argv[:2] == ["-m", str(plan.megs)]
+
+
+@SETTINGS
+@given(st.one_of(st.text(), st.binary().map(lambda b: b.decode("utf-8", "surrogateescape"))))
+def test_printable_escapes_everything_and_round_trips(text: str) -> None:
+    """P9: text.printable gives printable ASCII for any name (file names
+    come as bytes: undecodable ones as surrogates), and unescape gives the
+    same name back, so a name 'images' shows can be typed to 'rm'."""
+    from kvmshell.common.text import printable, unescape
+    out = printable(text)
+    assert all(32 <= ord(c) < 127 for c in out), out
+    assert unescape(out) == text
+    safe = printable(text, backslash=False)
+    assert all(32 <= ord(c) < 127 for c in safe)

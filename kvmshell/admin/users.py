@@ -7,6 +7,13 @@ root-owned file, ``<authorized_keys>/USER``, that the sshd drop-in
 root-owned: a key file the user could write would let them add keys with
 options of their own; here every key is prefixed with ``restrict,pty``
 (no forwarding, no ~/.ssh/rc, a terminal allowed) on top of the drop-in.
+
+KVM, the Debian way: a user may open /dev/kvm by membership of the group
+that owns the device (``kvm`` on Debian, set by udev's
+50-udev-default.rules).  The group is read from the device itself, never
+assumed; a device owned by group root is never a reason to put a user in
+group root.  ``adduser_kvm = no`` in the config, or ``adduser --no-kvm``,
+leaves it out.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import sys
 
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RuntimeFailure, TreeError, UsageError
+from kvmshell.common.kvmdev import KVM_DEVICE
 
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
 KEY_TYPES = frozenset({
@@ -44,8 +52,53 @@ def _run(argv: list[str]) -> None:
         raise RuntimeFailure(f"{argv[0]} failed: {r.stderr.strip() or r.returncode}")
 
 
-def adduser(cfg: Config, name: str) -> None:
-    """Create *name* in the VM users' group with kvmshell as its shell."""
+def mode_text(st: os.stat_result) -> str:
+    """'owner:group 0660' for a stat result (numbers where names are missing)."""
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{owner}:{group} {stat.S_IMODE(st.st_mode):04o}"
+
+
+def kvm_group_fix(user: str = "USER") -> str:
+    """How the admin gives /dev/kvm a group users can be put in (one line)."""
+    return (f"groupadd --system kvm; chgrp kvm {KVM_DEVICE}; chmod 0660 {KVM_DEVICE} "
+            "(udev does this at boot on Debian, /lib/udev/rules.d/50-udev-default.rules; "
+            f"in a container, its host must); then usermod -aG kvm {user}")
+
+
+def kvm_group(device: str = KVM_DEVICE) -> tuple[str | None, str]:
+    """The name of the group that owns *device* (the gid as text if it has
+    no name), or None and why no user can be given access through a group:
+    missing, not a character device, or owned by group root."""
+    try:
+        st = os.stat(device)
+    except FileNotFoundError:
+        return None, f"no {device} on this host"
+    except OSError as exc:
+        return None, f"{device}: {exc.strerror}"
+    if not stat.S_ISCHR(st.st_mode):
+        return None, f"{device} is not a character device"
+    if st.st_gid == 0:
+        return None, f"{device} is root-only ({mode_text(st)})"
+    try:
+        return grp.getgrgid(st.st_gid).gr_name, ""
+    except KeyError:
+        return str(st.st_gid), ""
+
+
+def adduser(cfg: Config, name: str, kvm: bool = True) -> tuple[str | None, str]:
+    """Create *name* in the VM users' group with kvmshell as its shell and,
+    when *kvm* and the config's ``adduser_kvm`` allow, in /dev/kvm's group.
+
+    Returns (the /dev/kvm group the user joined, or None; why not: '' when
+    joined or when a switch left it out).  Raises UsageError (bad or
+    existing name), RuntimeFailure (no shell, useradd failed)."""
     check_user(name)
     try:
         pwd.getpwnam(name)
@@ -59,9 +112,14 @@ def adduser(cfg: Config, name: str) -> None:
         grp.getgrnam(cfg.group)
     except KeyError:
         _run(["groupadd", "--system", cfg.group])
+    groups = [cfg.group]
+    kvm_grp, why = kvm_group() if kvm and cfg.adduser_kvm else (None, "")
+    if kvm_grp and kvm_grp != cfg.group:
+        groups.append(kvm_grp)
     # Home '/': nothing the user owns is read by sshd or login at log-in.
     _run(["useradd", "--no-create-home", "--home-dir", "/", "--shell", cfg.shell,
-          "--groups", cfg.group, "--comment", "kvmshell VM user", name])
+          "--groups", ",".join(groups), "--comment", "kvmshell VM user", name])
+    return kvm_grp, why
 
 
 def parse_keys(text: str, source: str) -> list[str]:

@@ -9,16 +9,28 @@ identifier, never from the VM user.
 
 from __future__ import annotations
 
-from kvmshell.common.errors import RefusedOption
+from kvmshell.common.errors import RefusedOption, RuntimeFailure
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from kvmshell.common.config import Config
     from kvmshell.common.guestnet import Tap
 from kvmshell.common.optable import (
-    FILE_CHARS, ADMIN, BALLOON, DIR, DISKIF, FLAG, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
+    FILE_CHARS, ADMIN, BALLOON, CPU_HOST, CPU_MODELS, CPUMODEL, CPUS, DIR, DISKIF, FIRMWARE,
+    FIRMWARES, FLAG, MACHINE, MACHINES, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
     take_value)
 
 
+# The NIC model where the admin names none: virtio, as Proxmox, Incus and
+# virt-install choose for today's guests (QEMU's own default is e1000).  A
+# guest without virtio drivers (Windows without virtio-win, very old Linux)
+# needs model=e1000 written out.
+DEFAULT_NIC_MODEL = "virtio"
+# QEMU's -smp limit for both machine types (pc: 255; q35 allows 288).
+SMP_MAX = 255
+# Descriptor sets of the firmware images (the user's drives count up from 1).
+FW_CODE_SET = 64
+FW_VARS_SET = 65
 NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "rtl8139": "rtl8139",
               "ne2k_pci": "ne2k_pci", "pcnet": "pcnet", "i82559er": "i82559er"}
 USB_DEVICES = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
@@ -60,6 +72,10 @@ class AdminPlan:
         self.nets: list[NetSpec] = []
         self.user_net_extra: list[str] = []
         self.disk_interface = "ide"
+        self.smp = 1                  # -smp: virtual CPUs
+        self.cpu: str | None = None   # -cpu: a model from optable.CPU_MODELS
+        self.machine = "pc"           # -M: pc or q35
+        self.firmware = "bios"        # -firmware: bios (SeaBIOS) or efi (OVMF)
 
     @property
     def nics(self) -> list[NetSpec]:
@@ -130,7 +146,7 @@ def _parse_net(value: str) -> NetSpec:
     if kind == "nic":
         if "macaddr" in params:
             params["macaddr"] = check_mac(params["macaddr"])
-        if params.get("model", "e1000") not in NIC_MODELS:
+        if params.get("model", DEFAULT_NIC_MODEL) not in NIC_MODELS:
             raise RefusedOption(f"-net nic: unknown model {params['model']!r} "
                                 f"({', '.join(NIC_MODELS)})")
     elif kind == "user" and "hostname" in params:
@@ -177,6 +193,53 @@ def _check_redir(token: str, value: str) -> dict[str, str]:
             "gport": str(int(parts[3]))}
 
 
+def _parse_hardware(plan: AdminPlan, token: str, kind: str, value: str) -> None:
+    """-smp, -M, -cpu, -firmware: each value from a closed form."""
+    if kind == CPUS:
+        if not value.isdigit() or not 1 <= int(value) <= SMP_MAX or value[0] == "0":
+            raise RefusedOption(f"{token}: invalid number of CPUs {value!r} (1 to {SMP_MAX})")
+        plan.smp = int(value)
+    elif kind == MACHINE:
+        if value not in MACHINES:
+            raise RefusedOption(f"{token}: unknown machine type {value!r} ({' or '.join(MACHINES)})")
+        plan.machine = value
+    elif kind == CPUMODEL:
+        if value not in CPU_MODELS:
+            raise RefusedOption(f"{token}: unknown CPU model {value!r} (host, max, or a model "
+                                "of 'qemu-system-x86_64 -cpu help')")
+        plan.cpu = value
+    elif kind == FIRMWARE:
+        if value not in FIRMWARES:
+            raise RefusedOption(f"{token}: unknown firmware {value!r} ({' or '.join(FIRMWARES)})")
+        plan.firmware = value
+
+
+def check_host(plan: AdminPlan, cfg: "Config", *, kvm: bool | None = None) -> None:
+    """Check *plan* against this host's settings (kvmadm before it writes,
+    kvmshell at every start).  *kvm*: whether the caller can use KVM
+    (kvmshell knows at start; None: judge from ``accel`` alone).
+
+    Raises:
+        RefusedOption: ``-smp`` above ``max_smp``.
+        RuntimeFailure: ``-cpu host`` where guests cannot run under KVM; ``-firmware
+            efi`` without the OVMF images (Debian's ``ovmf`` package).
+    """
+    if plan.smp > cfg.max_smp:
+        raise RefusedOption(f"-smp: {plan.smp} CPUs is over this host's limit of {cfg.max_smp}"
+                            " (max_smp)")
+    if plan.cpu == CPU_HOST and ("kvm" not in cfg.accel or kvm is False):
+        why = ("this host runs guests with TCG only (accel = " + " ".join(cfg.accel) + ")"
+               if "kvm" not in cfg.accel else "KVM (/dev/kvm) is not usable here")
+        raise RuntimeFailure(f"-cpu host: the host CPU model needs KVM, and {why}; "
+                             "use -cpu max (admin: kvmadm set)")
+    if plan.firmware == "efi":
+        import os
+        for path in (cfg.uefi_code, cfg.uefi_vars):
+            if not os.path.isfile(path):
+                raise RuntimeFailure(f"-firmware efi: {path} is missing (admin: apt install ovmf,"
+                                     " or set uefi_code/uefi_vars)")
+
+
 def parse_admin(words: list[str]) -> AdminPlan:
     """Parse admin option words (kvmadm input, or decoded from a directory name)."""
     plan = AdminPlan()
@@ -200,6 +263,9 @@ def parse_admin(words: list[str]) -> AdminPlan:
             if not value.isdigit() or not 16 <= int(value) <= 1048576:
                 raise RefusedOption(f"{token}: invalid size {value!r} (16 to 1048576 MiB)")
             plan.megs = int(value)
+        elif opt.kind in (CPUS, MACHINE, CPUMODEL, FIRMWARE):
+            assert value is not None
+            _parse_hardware(plan, token, opt.kind, value)
         elif opt.name == "-nographic":
             plan.nographic = True
         elif opt.kind == FLAG:
@@ -245,11 +311,34 @@ def parse_admin(words: list[str]) -> AdminPlan:
     return plan
 
 
-def admin_argv(plan: AdminPlan, vm_name: str, tap_fds: list[int]) -> list[str]:
-    """Map the admin plan to QEMU 7.2 argv.  *tap_fds* come from the helper."""
+def firmware_argv(code_fd: int, vars_fds: list[int]) -> list[str]:
+    """UEFI (OVMF) as two pflash drives from descriptors: the shared code
+    image read-only, the VM's own variable store writable.  *vars_fds*: a
+    read-write descriptor, then a read-only one (QEMU opens the store
+    read-only under -snapshot)."""
+    argv = ["-add-fd", f"fd={code_fd},set={FW_CODE_SET}"]
+    for fd in vars_fds:
+        argv += ["-add-fd", f"fd={fd},set={FW_VARS_SET}"]
+    return argv + [
+        "-drive", f"if=pflash,unit=0,format=raw,readonly=on,file=/dev/fdset/{FW_CODE_SET}",
+        "-drive", f"if=pflash,unit=1,format=raw,file=/dev/fdset/{FW_VARS_SET}"]
+
+
+def admin_argv(plan: AdminPlan, vm_name: str, tap_fds: list[int],
+               fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
+    """Map the admin plan to QEMU 7.2 argv.  *tap_fds* come from the helper;
+    *fw_fds* (code, [vars read-write, vars read-only]) from the launcher
+    when the VM boots UEFI.  The machine type is the wrapper's (``-machine``
+    carries kvmshell's own properties too)."""
     from kvmshell.common.guestnet import stable_mac
 
     argv = ["-m", str(plan.megs)] + plan.argv
+    if plan.smp != 1:
+        argv += ["-smp", str(plan.smp)]
+    if plan.cpu is not None:
+        argv += ["-cpu", plan.cpu]
+    if fw_fds is not None:
+        argv += firmware_argv(*fw_fds)
     taps = iter(tap_fds)
     for index, (nic, backend) in enumerate(zip(plan.nics, plan.backends)):
         nid = f"net{index}"
@@ -265,7 +354,7 @@ def admin_argv(plan: AdminPlan, vm_name: str, tap_fds: list[int]) -> list[str]:
             (key, val), = backend.params.items()
             spec = f"socket,id={nid},{key}={val}"
         mac = nic.params.get("macaddr") or stable_mac(vm_name, index)
-        model = NIC_MODELS[nic.params.get("model", "e1000")]
+        model = NIC_MODELS[nic.params.get("model", DEFAULT_NIC_MODEL)]
         argv += ["-netdev", spec, "-device", f"{model},netdev={nid},mac={mac}"]
     return argv
 

@@ -20,6 +20,7 @@ _DEFAULTS: dict[str, str] = {
     "qemu": "/usr/bin/qemu-system-x86_64",
     "qemu_img": "/usr/bin/qemu-img",
     "accel": "kvm tcg",
+    "accel_fallback": "yes",
     "image_dirs": "",
     "helper": "/usr/local/libexec/kvmshell/kvmshell-nethelper",
     "stop_timeout": "30",
@@ -30,9 +31,35 @@ _DEFAULTS: dict[str, str] = {
     "group": "kvmusers",
     "authorized_keys": "/etc/kvmshell/authorized_keys",
     "shell": "/usr/local/bin/kvmshell",
+    "adduser_kvm": "yes",
+    # The web front door (kvmshell-web; off until the admin enables it).
+    "web_listen": "127.0.0.1:8480",
+    "web_origins": "",
+    "web_proxies": "",
+    "web_user": "kvmweb",
+    "web_pam_service": "kvmshell",
+    "web_pamhelper": "/usr/local/libexec/kvmshell/kvmshell-pamhelper",
+    "web_kvmshell": "/usr/local/bin/kvmshell",
+    "web_idle_timeout": "900",
+    "web_session_lifetime": "28800",
+    "web_login_window": "600",
+    "web_login_failures_per_address": "20",
+    "web_login_failures_per_user": "5",
+    "web_tls_cert": "",
+    "web_tls_key": "",
+    "max_smp": "0",
+    "max_ram_mib": "0",
+    "max_vcpus": "0",
+    "budgets": "/etc/kvmshell/budgets",
+    "uefi_code": "/usr/share/OVMF/OVMF_CODE_4M.fd",
+    "uefi_vars": "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    "cgroup": "auto",
+    "cgroup_name": "kvmshell",
+    "cgroup_helper": "/usr/local/libexec/kvmshell/kvmshell-cgrouphelper",
 }
 
 _ACCELS = ("kvm", "tcg")
+CGROUP_MODES = ("auto", "cgroupfs", "systemd", "off")
 
 
 class Config:
@@ -50,12 +77,123 @@ class Config:
         self.accel = values["accel"].split()
         if not self.accel or any(a not in _ACCELS for a in self.accel):
             raise ConfigError(f"{path}: accel must be a list of {'/'.join(_ACCELS)}")
+        # May start fall back from the first accelerator to a later one
+        # (and say so), or must it refuse?  See kvmshell.shell.accel.
+        self.accel_fallback = _bool(values, "accel_fallback", path)
+        # Does kvmadm adduser add the user to /dev/kvm's group?
+        self.adduser_kvm = _bool(values, "adduser_kvm", path)
         self.image_dirs = [_checkdir(path, d) for d in values["image_dirs"].split()]
         self.stop_timeout = _int(values, "stop_timeout", path)
         self.console_log_bytes = _int(values, "console_log_bytes", path)
         self.max_running = _int(values, "max_running", path)
         self.max_image_bytes = _int(values, "max_image_bytes", path)
         self.upload_max_bytes = _int(values, "upload_max_bytes", path)
+        self._hardware(values, path)
+        self._values = values
+        self._web: WebConfig | None = None
+
+    def _hardware(self, values: dict[str, str], path: str) -> None:
+        """Hardware and budget settings: vCPUs per VM, per-user budgets, UEFI, cgroups."""
+        # max_smp 0: as many vCPUs per VM as the host has CPUs.
+        self.max_smp = _int(values, "max_smp", path) or (os.cpu_count() or 1)
+        self.max_ram_mib = _int(values, "max_ram_mib", path)
+        self.max_vcpus = _int(values, "max_vcpus", path)
+        self.budgets = _abs(values, "budgets")
+        self.uefi_code = _abs(values, "uefi_code")
+        self.uefi_vars = _abs(values, "uefi_vars")
+        self.cgroup_helper = _abs(values, "cgroup_helper")
+        self.cgroup = values["cgroup"]
+        if self.cgroup not in CGROUP_MODES:
+            raise ConfigError(f"{path}: cgroup must be one of {', '.join(CGROUP_MODES)}")
+        self.cgroup_name = values["cgroup_name"]
+        ok = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+        if not 1 <= len(self.cgroup_name) <= 64 or any(c not in ok for c in self.cgroup_name):
+            raise ConfigError(f"{path}: cgroup_name must be 1-64 of [A-Za-z0-9_-]")
+
+    @property
+    def web(self) -> "WebConfig":
+        """The web front door's settings, parsed on first use (kvmshell's
+        start path never pays for them).  Raises ConfigError."""
+        if self._web is None:
+            self._web = WebConfig(self.path, self._values)
+        return self._web
+
+
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+class WebConfig:
+    """The ``web_*`` settings: read by kvmshell-web (as ``web_user``) and by
+    the login helper (as root).  See kvmshell.conf for what each one means.
+
+    ``listen``: ``("tcp", host, port)`` or ``("unix", path, 0)``;
+    ``origins``: the allowed ``scheme://host[:port]`` values (lower case);
+    ``proxies``: addresses whose ``X-Forwarded-For`` is believed;
+    the timeouts and the login window in seconds."""
+
+    def __init__(self, path: str, values: dict[str, str]) -> None:
+        self.listen = _listen(path, values["web_listen"])
+        self.origins = [_origin(path, o) for o in values["web_origins"].split()]
+        self.proxies = values["web_proxies"].split()
+        for p in self.proxies:
+            _ip(path, "web_proxies", p)
+        self.user = _word(path, values, "web_user")
+        self.pam_service = _word(path, values, "web_pam_service")
+        self.pamhelper = _abs(values, "web_pamhelper")
+        self.kvmshell = _abs(values, "web_kvmshell")
+        self.idle_timeout = _int(values, "web_idle_timeout", path)
+        self.session_lifetime = _int(values, "web_session_lifetime", path)
+        self.login_window = _int(values, "web_login_window", path)
+        self.login_failures_per_address = _int(values, "web_login_failures_per_address", path)
+        self.login_failures_per_user = _int(values, "web_login_failures_per_user", path)
+        self.tls_cert = _abs(values, "web_tls_cert") if values["web_tls_cert"] else ""
+        self.tls_key = _abs(values, "web_tls_key") if values["web_tls_key"] else ""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(f"{path}: web_tls_cert and web_tls_key go together")
+        for key in ("idle_timeout", "session_lifetime", "login_window"):
+            if getattr(self, key) == 0:
+                raise ConfigError(f"{path}: web_{key}: must be at least 1 second")
+
+
+def _word(path: str, values: dict[str, str], key: str) -> str:
+    v = values[key]
+    if not 1 <= len(v) <= 32 or v[0] in ".-" or any(c not in _NAME_CHARS for c in v):
+        raise ConfigError(f"{path}: {key}: {v!r} is not a plain name")
+    return v
+
+
+def _ip(path: str, key: str, value: str) -> str:
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {key}: {value!r} is not an IP address") from exc
+
+
+def _listen(path: str, value: str) -> tuple[str, str, int]:
+    if value.startswith("unix:"):
+        sock = value[5:]
+        if not sock.startswith("/") or "/../" in sock + "/" or len(sock) > 100:
+            raise ConfigError(f"{path}: web_listen: {value!r}: unix:ABSOLUTE-PATH expected")
+        return "unix", sock, 0
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{path}: web_listen: {value!r}: HOST:PORT or unix:PATH expected")
+    return "tcp", _ip(path, "web_listen", host), int(port)
+
+
+def _origin(path: str, value: str) -> str:
+    """``scheme://host[:port]`` exactly, as a browser sends it in ``Origin``."""
+    scheme, sep, rest = value.lower().partition("://")
+    host = rest.rsplit(":", 1)[0] if not rest.endswith("]") else rest
+    ok = bool(sep and scheme in ("http", "https") and rest and "/" not in rest
+              and "@" not in rest and all(c in _NAME_CHARS or c in ":[]" for c in rest) and host)
+    if ":" in rest and not rest.endswith("]"):
+        ok = ok and rest.rsplit(":", 1)[1].isdigit()
+    if not ok:
+        raise ConfigError(f"{path}: web_origins: {value!r} is not scheme://host[:port]")
+    return value.lower()
 
 
 def _abs(values: dict[str, str], key: str) -> str:
@@ -69,6 +207,13 @@ def _checkdir(path: str, d: str) -> str:
     if not d.startswith("/") or "," in d or ":" in d or "/." in d:
         raise ConfigError(f"{path}: image_dirs: {d!r} is not a plain absolute path")
     return d.rstrip("/")
+
+
+def _bool(values: dict[str, str], key: str, path: str) -> bool:
+    v = values[key]
+    if v not in ("yes", "no"):
+        raise ConfigError(f"{path}: {key}: must be yes or no, got {v!r}")
+    return v == "yes"
 
 
 def _int(values: dict[str, str], key: str, path: str) -> int:

@@ -13,6 +13,12 @@ Classes (the seed's):
   admin   options only the admin sets; they live in the VM identifier;
   unused  options kvmshell does not use at all.
 
+Every row says where it comes from (``origin``): ``seed`` (the seed's own
+option) or ``extension`` (beyond the seed, added for today's hardware).  A
+seed row whose class kvmshell changed keeps the seed's class in
+``seed_cls`` and says why in ``reason`` (one line); ``-smp`` and ``-M``
+are such rows.
+
 ``qemu`` is the argv template.  Placeholders in braces are filled only
 with values the wrapper made itself (descriptor-set numbers, formats it
 chose, numbers it re-rendered, words from closed lists): user text never
@@ -39,6 +45,10 @@ CMDLINE = "cmdline"      # a kernel command line (one whole argv element)
 GEOMETRY = "geometry"    # c,h,s[,t]
 VNC = "vnc"              # a VNC display: the wrapper chooses where it goes
 MEGS = "megs"            # a memory size in MiB
+CPUS = "cpus"            # a number of virtual CPUs
+MACHINE = "machine"      # a machine type from a closed list
+CPUMODEL = "cpumodel"    # a CPU model from a closed list
+FIRMWARE = "firmware"    # bios (SeaBIOS) or efi (OVMF)
 NET = "net"              # an admin network spec
 USBDEV = "usbdevice"     # an emulated USB device name
 DIR = "dir"              # an admin directory (tftp, smb)
@@ -50,15 +60,52 @@ ANY = "any"              # unused options: value never looked at
 
 FILE_KINDS = (DISK, CDROM, BLOB, STATE)
 
+SEED = "seed"
+EXTENSION = "extension"
+
+# Machine types offered (QEMU 7.2 aliases of pc-i440fx-7.2 and pc-q35-7.2).
+MACHINES = ("pc", "q35")
+# CPU models: 'host' (KVM only: the host's own CPU), 'max' (everything the
+# accelerator can give) and QEMU 7.2's named x86 models, from
+# ``qemu-system-x86_64 -cpu help``.  A closed list: anything else is refused
+# by kvmadm, not passed on for QEMU to judge.
+CPU_HOST = "host"
+CPU_MODELS = frozenset((
+    "host max base 486 486-v1 athlon athlon-v1 core2duo core2duo-v1 coreduo coreduo-v1 "
+    "kvm32 kvm32-v1 kvm64 kvm64-v1 n270 n270-v1 pentium pentium-v1 pentium2 pentium2-v1 "
+    "pentium3 pentium3-v1 phenom phenom-v1 qemu32 qemu32-v1 qemu64 qemu64-v1 "
+    "Broadwell Broadwell-IBRS Broadwell-noTSX Broadwell-noTSX-IBRS Broadwell-v1 Broadwell-v2 "
+    "Broadwell-v3 Broadwell-v4 Cascadelake-Server Cascadelake-Server-noTSX "
+    "Cascadelake-Server-v1 Cascadelake-Server-v2 Cascadelake-Server-v3 Cascadelake-Server-v4 "
+    "Cascadelake-Server-v5 Conroe Conroe-v1 Cooperlake Cooperlake-v1 Cooperlake-v2 "
+    "Denverton Denverton-v1 Denverton-v2 Denverton-v3 Dhyana Dhyana-v1 Dhyana-v2 "
+    "EPYC EPYC-IBPB EPYC-Milan EPYC-Milan-v1 EPYC-Rome EPYC-Rome-v1 EPYC-Rome-v2 EPYC-v1 "
+    "EPYC-v2 EPYC-v3 Haswell Haswell-IBRS Haswell-noTSX Haswell-noTSX-IBRS Haswell-v1 "
+    "Haswell-v2 Haswell-v3 Haswell-v4 Icelake-Server Icelake-Server-noTSX Icelake-Server-v1 "
+    "Icelake-Server-v2 Icelake-Server-v3 Icelake-Server-v4 Icelake-Server-v5 "
+    "Icelake-Server-v6 IvyBridge IvyBridge-IBRS IvyBridge-v1 IvyBridge-v2 KnightsMill "
+    "KnightsMill-v1 Nehalem Nehalem-IBRS Nehalem-v1 Nehalem-v2 Opteron_G1 Opteron_G1-v1 "
+    "Opteron_G2 Opteron_G2-v1 Opteron_G3 Opteron_G3-v1 Opteron_G4 Opteron_G4-v1 Opteron_G5 "
+    "Opteron_G5-v1 Penryn Penryn-v1 SandyBridge SandyBridge-IBRS SandyBridge-v1 "
+    "SandyBridge-v2 Skylake-Client Skylake-Client-IBRS Skylake-Client-noTSX-IBRS "
+    "Skylake-Client-v1 Skylake-Client-v2 Skylake-Client-v3 Skylake-Client-v4 Skylake-Server "
+    "Skylake-Server-IBRS Skylake-Server-noTSX-IBRS Skylake-Server-v1 Skylake-Server-v2 "
+    "Skylake-Server-v3 Skylake-Server-v4 Skylake-Server-v5 Snowridge Snowridge-v1 "
+    "Snowridge-v2 Snowridge-v3 Snowridge-v4 Westmere Westmere-IBRS Westmere-v1 Westmere-v2"
+).split())
+FIRMWARES = ("bios", "efi")
+
 
 class Option:
     """One row of the table."""
 
-    __slots__ = ("name", "arity", "kind", "cls", "qemu", "gone", "help", "example")
+    __slots__ = ("name", "arity", "kind", "cls", "qemu", "gone", "help", "example",
+                 "origin", "seed_cls", "reason")
 
     def __init__(self, name: str, arity: int, kind: str, cls: str,
                  qemu: tuple[str, ...] = (), *, gone: str = "", help: str = "",
-                 example: str | None = None) -> None:
+                 example: str | None = None, origin: str = SEED, seed_cls: str | None = None,
+                 reason: str = "") -> None:
         self.name = name
         self.arity = arity
         self.kind = kind
@@ -67,6 +114,10 @@ class Option:
         self.gone = gone
         self.help = help
         self.example = example
+        self.origin = origin
+        # The seed's class where kvmshell changed it, with the one-line reason.
+        self.seed_cls = cls if seed_cls is None else seed_cls
+        self.reason = reason
 
     def __repr__(self) -> str:
         return f"Option({self.name!r}, {self.cls})"
@@ -159,13 +210,25 @@ TABLE: tuple[Option, ...] = (
            gone="the pid file is kvmshell's own (qemu.pid in the VM directory)"),
     Option("-no-rtc", 0, FLAG, ADMIN, (),
            gone="-no-rtc no longer exists in QEMU 7.2 (host timers are always used)"),
+    # ---- Seed options re-classified (the seed's class kept in seed_cls) ---
+    Option("-smp", 1, CPUS, ADMIN, ("-smp", "{cpus}"), seed_cls=UNUSED,
+           reason="a VM with several CPUs is the norm today; bounded by max_smp",
+           help="number of virtual CPUs (1 to the host's max_smp)", example="2"),
+    Option("-M", 1, MACHINE, ADMIN, ("-machine", "{machine}"), seed_cls=UNUSED,
+           reason="today's guests expect a modern machine type (q35: PCIe, AHCI)",
+           help="machine type: pc (i440FX, the default) or q35", example="q35"),
+    # ---- Extensions beyond the seed (admin) -------------------------------
+    Option("-cpu", 1, CPUMODEL, ADMIN, ("-cpu", "{model}"), origin=EXTENSION,
+           help="CPU model: host (KVM only), max, or a QEMU named model (qemu64, Skylake-Client...)",
+           example="max"),
+    Option("-firmware", 1, FIRMWARE, ADMIN, (), origin=EXTENSION,
+           help="bios (SeaBIOS, the default) or efi (OVMF; the VM keeps its UEFI variables"
+                " in nvram.fd)", example="efi"),
     # ---- Options that are not used ---------------------------------------
-    Option("-M", 1, ANY, UNUSED),
     Option("-hdc", 1, ANY, UNUSED),
     Option("-hdd", 1, ANY, UNUSED),
     Option("-no-quit", 0, ANY, UNUSED),
     Option("-no-fd-bootchk", 0, ANY, UNUSED),
-    Option("-smp", 1, ANY, UNUSED),
     Option("-k", 1, ANY, UNUSED),
     Option("-audio-help", 0, ANY, UNUSED),
     Option("-soundhw", 1, ANY, UNUSED),
@@ -216,16 +279,26 @@ def take_value(words: list[str], i: int, token: str, opt: Option) -> tuple[str |
 
 # ---- value checkers (parse, never filter) ---------------------------------
 
+# A path a user names: at most PATH_MAX characters, each component at most
+# COMPONENT_MAX (Linux's NAME_MAX): longer names no filesystem can hold.
+PATH_MAX = 1024
+COMPONENT_MAX = 255
 FILE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-")
 
 
 def check_file_name(token: str, value: str) -> str:
     """A relative path of plain components, or an absolute one (confined later).
     Commas, colons, protocol prefixes, '..' and hidden names are refused."""
-    if not value or len(value) > 1024:
+    if not value:
         raise RefusedOption(f"{token}: invalid file name")
+    if len(value) > PATH_MAX:
+        raise RefusedOption(f"{token}: file name too long: {value[:24]}... ({len(value)} "
+                            f"characters, at most {PATH_MAX})")
     comps = value[1:].split("/") if value.startswith("/") else value.split("/")
     for comp in comps:
+        if len(comp) > COMPONENT_MAX:
+            raise RefusedOption(f"{token}: file name too long: {comp[:24]}... ({len(comp)} "
+                                f"characters, at most {COMPONENT_MAX} between slashes)")
         if not comp or comp[0] == "." or comp[0] == "-" or any(c not in FILE_CHARS for c in comp):
             raise RefusedOption(
                 f"{token}: invalid file name {value!r} (plain names only: letters, digits, '._+-')")

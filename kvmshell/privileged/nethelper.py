@@ -42,6 +42,7 @@ import syslog
 
 from kvmshell.common import adminopts, guestnet, vmid
 from kvmshell.common.errors import KvmshellError
+from kvmshell.common.text import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def resolve(vmdir: str, name: str, uid: int) -> list[str]:
         raise Failed(f"{link} must be a root-owned symlink")
     dirname = os.readlink(link)
     if "/" in dirname or not dirname.startswith(name + "."):
-        raise Failed(f"{link} -> {dirname}: not this VM's directory")
+        raise Failed(f"{link} -> {printable(dirname)}: not this VM's directory")
     try:
         st = os.lstat(os.path.join(vmdir, dirname))
     except FileNotFoundError as exc:
@@ -327,7 +328,7 @@ def main(config: str = CONFIG) -> int:
     try:
         return run(list(sys.argv), dict(os.environ), config)
     except (Refused, Failed) as exc:
-        msg = str(exc).replace("\n", " ")
+        msg = printable(str(exc).replace("\n", " "), backslash=False)
         status = exc.status
     except OSError as exc:
         msg, status = f"system error: {exc.strerror or exc}", 1

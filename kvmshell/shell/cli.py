@@ -18,7 +18,7 @@ import os
 import sys
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 
-from kvmshell.common.errors import KvmshellError, UsageError
+from kvmshell.common.errors import KvmshellError, RuntimeFailure, UsageError
 
 from kvmshell.shell.context import VERBS, Context
 
@@ -26,7 +26,14 @@ if TYPE_CHECKING:
     from kvmshell.common.vmtree import VM
 
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    """Print lines for a human: nothing from outside reaches the terminal
+    unescaped (text.printable, the last safety net; names are escaped
+    where they are formatted)."""
+    from kvmshell.common.text import printable
+    if sys.stdout is None:                   # descriptor 1 was closed
+        raise RuntimeFailure("cannot write the result: stdout is closed")
+    sys.stdout.write("\n".join(printable(line, backslash=False)
+                               for line in text.split("\n")) + "\n")
 
 
 def _split_vm(args: list[str]) -> tuple[str | None, list[str]]:
@@ -45,6 +52,9 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         from kvmshell.common import optable
         from kvmshell.shell import useropts
         _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + optable.user_help())
+        _out(f"FILE: a name in your VM directory, or an absolute path in an image directory;\n"
+             f"  letters, digits and '._+-' between slashes, at most {optable.COMPONENT_MAX}"
+             f" characters there and {optable.PATH_MAX} in all")
         return 0
     if args and args[0] == "console":
         from kvmshell.shell import console
@@ -59,12 +69,24 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
             raise UsageError(f"{args[0]}: unknown verb (see 'help')")
         syn, summary = VERBS[args[0]]
         _out(f"usage: {args[0]} {syn}\n  {summary}")
+        if args[0] in ("upload", "save", "rm", "images"):
+            _out(_names_help())
         return 0
     _out("kvmshell: commands:")
     for verb, (syn, summary) in VERBS.items():
         _out(f"  {verb + ' ' + syn:<28} {summary}")
     _out("VM may be left out when you own exactly one VM.  'help start' lists options.")
+    _out(_names_help())
     return 0
+
+
+def _names_help() -> str:
+    from kvmshell.common.vmid import NAME_MAX as VM_MAX
+    from kvmshell.shell.images import NAME_MAX
+    return (f"VM: at most {VM_MAX} letters, digits, '_' and '-' (not first '_' or '-').\n"
+            f"NAME (upload, save): letters, digits and '._+-', not first '.' or '-', at most\n"
+            f"  {NAME_MAX} characters (255, less room for kvmshell's temporary name).  'images'\n"
+            "  shows other bytes of a name as \\xNN; 'rm' takes that form: rm 'bad\\xff.img'")
 
 
 def _state(vm: "VM") -> tuple[str, int | None]:
@@ -73,13 +95,56 @@ def _state(vm: "VM") -> tuple[str, int | None]:
     return ("running" if pid else "stopped"), pid
 
 
+def _running_text(pid: int | None, got: str | None) -> str:
+    if not pid:
+        return ""
+    return f" (pid {pid}, {got})" if got else f" (pid {pid})"
+
+
 def cmd_list(ctx: Context, args: list[str]) -> int:
+    """Your VMs and their state; a broken VM of yours is listed with the
+    reason and the fix (exit status 1).  Other users' VMs are not looked at."""
     from kvmshell.common import vmtree
+    from kvmshell.common.text import printable
+    as_json = False
+    if args[:1] == ["--json"]:
+        as_json, args = True, args[1:]
     _no_more("list", args)
-    for vm in vmtree.owned(ctx.cfg, ctx.uid):
+    docs: list[dict[str, object]] = []
+    mine = vmtree.scan(ctx.cfg, ctx.uid)
+    for vm in mine.vms:
         state, pid = _state(vm)
-        _out(f"{vm.name:<20} {state}" + (f" (pid {pid})" if pid else ""))
-    return 0
+        got = None
+        if pid:
+            from kvmshell.shell import accel
+            got = accel.running(vm)
+        if as_json:
+            docs.append(_status_doc(vm, state, pid, got))
+        else:
+            _out(f"{vm.name:<20} {state}" + _running_text(pid, got))
+    for bad in mine.broken:
+        if as_json:
+            docs.append({"name": printable(bad.name), "state": "broken", "pid": None, "accel": None,
+                         "reason": bad.reason})
+        else:
+            _out(f"{printable(bad.name):<20} broken: {bad.reason}")
+    if as_json:
+        import json
+        # The document says what is broken (state "broken", with the reason).
+        _out(json.dumps(docs))
+        return 0
+    return 1 if mine.broken else 0
+
+
+def _status_doc(vm: "VM", state: str, pid: int | None, got: str | None) -> dict[str, object]:
+    """``{"name", "state", "pid", "accel", "started"?}``: status --json's
+    object, one per VM in list --json's array (started: seconds since the
+    epoch; accel: QEMU's answer, kvm or tcg, or null)."""
+    doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid, "accel": got}
+    if pid:
+        from kvmshell.shell import monitor
+        doc["started"] = monitor.started_at(pid)
+    return doc
 
 
 def cmd_status(ctx: Context, args: list[str]) -> int:
@@ -91,15 +156,16 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
     _no_more("status", rest)
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
     state, pid = _state(vm)
+    got = None
+    if pid:
+        # QEMU's word (QMP query-kvm), not the config's: see shell/accel.py.
+        from kvmshell.shell import accel
+        got = accel.running(vm)
     if as_json:
         import json
-        doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid}
-        if pid:
-            from kvmshell.shell import monitor
-            doc["started"] = monitor.started_at(pid)
-        _out(json.dumps(doc))
+        _out(json.dumps(_status_doc(vm, state, pid, got)))
     else:
-        _out(f"{vm.name}: {state}" + (f" (pid {pid})" if pid else ""))
+        _out(f"{vm.name}: {state}" + _running_text(pid, got))
     return 0
 
 
@@ -111,8 +177,13 @@ def cmd_start(ctx: Context, args: list[str]) -> int:
     name, rest = _split_vm(args)
     req = useropts.parse_user(rest)          # refuse before touching anything
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
-    pid = launcher.start(ctx.cfg, vm, req)
+    from kvmshell.shell import accel
+    choice = accel.choose(ctx.cfg, vm)      # accel_fallback = no refuses here
+    pid, got = launcher.start(ctx.cfg, vm, req, choice.accels)
     _out(f"{vm.name}: started (pid {pid}); 'console' attaches to its serial console")
+    note = choice.notice(got)
+    if note:
+        sys.stderr.write(f"kvmshell: {vm.name}: {note}\n")
     return 0
 
 
@@ -166,16 +237,34 @@ def cmd_upload(ctx: Context, args: list[str]) -> int:
 
 
 def cmd_images(ctx: Context, args: list[str]) -> int:
+    """One line per file: bytes on disk, virtual size, and the name in the
+    form 'rm' takes back (text.printable)."""
+    from kvmshell.common.text import printable
     from kvmshell.shell import images
-    for name, size in images.listing(ctx.cfg, ctx.uid, args):
-        _out(f"{size:>14} {name}")
+    _out(f"{'ON-DISK':>14} {'VIRTUAL':>16}  NAME")
+    for name, disk, virtual in images.listing(ctx.cfg, ctx.uid, args):
+        _out(f"{disk:>14} {'-' if virtual is None else virtual:>16}  {printable(name)}")
     return 0
 
 
 def cmd_rm(ctx: Context, args: list[str]) -> int:
+    from kvmshell.common.text import printable
     from kvmshell.shell import images
     vm, name = images.remove(ctx.cfg, ctx.uid, args)
-    _out(f"{vm.name}: removed {name}")
+    _out(f"{vm.name}: removed {printable(name)}")
+    return 0
+
+
+def cmd_quota(ctx: Context, args: list[str]) -> int:
+    from kvmshell.shell import quota
+    as_json = args[:1] == ["--json"]
+    _no_more("quota", args[1:] if as_json else args)
+    doc = quota.report(ctx.cfg, ctx.uid)
+    if as_json:
+        import json
+        _out(json.dumps(doc))
+    else:
+        _out(quota.text(doc))
     return 0
 
 
@@ -242,7 +331,7 @@ HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "reset": cmd_reset,
     "save": cmd_save,
-    "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm,
+    "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm, "quota": cmd_quota,
     "console": cmd_console, "vnc": cmd_vnc,
     "disk": cmd_disk, "snapshot": cmd_snapshot,
 }
@@ -313,35 +402,91 @@ def parse_invocation(argv: list[str]) -> tuple[str, list[str] | None]:
     return config_path, None
 
 
+def _err(line: str) -> None:
+    """One line on stderr, escaped; a closed or broken stderr loses it."""
+    from kvmshell.common.text import printable
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(f"kvmshell: {printable(line, backslash=False)}\n")
+            sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def _flush_stdout() -> int:
+    """Flush the result; a stdout that cannot take it (a full disk,
+    /dev/full, a reader gone) is one line on stderr, never a traceback."""
+    if sys.stdout is None:
+        return 0
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    except OSError as exc:
+        _err(f"cannot write the result to stdout: {exc.strerror}")
+    else:
+        return 0
+    # What is still buffered would fail again when Python exits.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return 1
+
+
+def _std_fds() -> None:
+    """Open /dev/null on stdin, stdout or stderr if the caller closed it.
+    Why: the next file kvmshell opens would get that number, and a console
+    socket opened as "stdout" would be sent its own output (as OpenSSH's
+    sanitise_stdfd).  A closed stdin is then input that has ended, a closed
+    stdout a place where output goes unseen."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    status = 1
+    _std_fds()
     try:
         if os.getuid() == 0:
             raise UsageError("refusing to run as root: QEMU runs as the VM user")
         config_path, words = parse_invocation(argv)
         ctx = Context(config_path)
         if words is None:
-            if sys.stdin.isatty() and sys.stdout.isatty():
+            if os.isatty(0) and os.isatty(1):
                 try:
                     from kvmshell.shell import interactive
                 except ImportError:
                     raise UsageError("no command given (try 'help')") from None
-                return int(interactive.loop(ctx, run_words))
-            raise UsageError("no command given and no terminal (try 'help')")
-        return run_words(ctx, words)
+                status = int(interactive.loop(ctx, run_words))
+            else:
+                raise UsageError("no command given and no terminal (try 'help')")
+        else:
+            status = run_words(ctx, words)
     except KvmshellError as exc:
-        sys.stderr.write(f"kvmshell: {exc.message}\n")
-        return exc.status
+        _err(exc.message)
+        status = exc.status
     except KeyboardInterrupt:
-        sys.stderr.write("kvmshell: interrupted\n")
+        _err("interrupted")
         return 130
     except BrokenPipeError:
-        return 1
+        status = 1
     except Exception as exc:  # a bug: one line for the user, details for the admin
         if os.environ.get("KVMSHELL_DEBUG"):
             raise
-        sys.stderr.write(f"kvmshell: internal error ({type(exc).__name__}: {exc})\n")
-        return 1
+        _err(f"internal error ({type(exc).__name__}: {exc})")
+        status = 1
+    return _flush_stdout() or status
 
 
 if __name__ == "__main__":

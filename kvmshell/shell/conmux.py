@@ -54,10 +54,10 @@ CHUNK = 65536
 
 
 def clean_who(text: str) -> str:
-    """Client-supplied text shown on other sessions' terminals: printable
-    ASCII only, bounded, so no session can send escapes to another."""
-    out = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
-    return out[:120] or "?"
+    """Client-supplied text shown on other sessions' terminals: escaped
+    (text.printable) and bounded, so no session can send escapes to another."""
+    from kvmshell.common.text import printable
+    return printable(text[:120]) or "?"
 
 
 class Client:
@@ -223,9 +223,9 @@ class Mux:
         self._client_interest(c)
 
     def _hello(self, c: Client, line: bytes) -> None:
-        words = line.decode("ascii", "replace").split(" ", 3)
+        words = line.decode("ascii", "surrogateescape").split(" ", 3)
         if len(words) < 3 or words[0] != "attach" or words[1] not in ("writer", "spy", "force") \
-                or not words[2].isdigit():
+                or not (words[2].isascii() and words[2].isdigit()):
             c.outbuf += b"error bad hello\n"
             c.closing = True
             return
@@ -237,7 +237,14 @@ class Mux:
             return
         if want == "force" and self.writer is not None:
             old = self.writer
+            # Announced to every watcher, as conserver does: the displaced
+            # writer, and each spy (who sees the keystrokes change hands).
             self._queue(old, f"\r\n[kvmshell: console taken over by {c.who}]\r\n".encode())
+            for spy in list(self.clients.values()):
+                if spy.mode == "spy" and not spy.closing:
+                    self._queue(spy, f"\r\n[kvmshell: console taken over by {c.who} "
+                                     f"from {old.who}]\r\n".encode())
+                    self._client_interest(spy)
             old.closing = True
             self.writer = None
             self._client_interest(old)

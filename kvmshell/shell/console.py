@@ -19,9 +19,11 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import sys
 
 from kvmshell.common.errors import RuntimeFailure, UsageError
+from kvmshell.common.text import printable
 
 DEFAULT_REPLAY = 64 * 1024
 DEFAULT_ESCAPE = 0x1D   # Ctrl-]
@@ -73,17 +75,17 @@ def parse(args: list[str]) -> Options:
             if a == "--escape":
                 o.escape = _escape_char(v)
             elif a == "--replay":
-                if not v.isdigit() or len(v) > 9:
+                if not (v.isascii() and v.isdigit()) or len(v) > 9:
                     raise UsageError(f"--replay: {v!r}: expected a number of bytes")
                 o.replay = int(v)
             else:
-                if not v.isdigit() or int(v) > 3600:
+                if not (v.isascii() and v.isdigit()) or len(v) > 4 or int(v) > 3600:
                     raise UsageError(f"--linger: {v!r}: expected seconds (0-3600)")
                 o.linger = float(v)
         else:
             raise UsageError(f"{a}: unexpected argument to 'console' (see 'help console')")
         i += 1
-    if o.mode == "spy" and args.count("--force"):
+    if "--spy" in args and "--force" in args:
         raise UsageError("--force: cannot be combined with --spy")
     return o
 
@@ -138,7 +140,9 @@ def connect(vmdir: str, mode: str, replay: int) -> tuple[socket.socket, str]:
         line += b
         if len(line) > 512:
             break
-    answer = line.decode("ascii", "replace").strip()
+    # The answer comes from whatever listens on console.sock in the user's
+    # directory (the user's own QEMU could): shown escaped.
+    answer = printable(line.decode("ascii", "surrogateescape").strip())
     if answer.startswith("ok "):
         return s, answer[3:]
     s.close()
@@ -163,12 +167,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def watch_stdin(sel: selectors.BaseSelector) -> bool:
+    """Register stdin for reading; False if it cannot be waited on.  Only a
+    tty, a pipe or a socket can: /dev/null, a regular file, a directory or a
+    closed descriptor is treated as input that has already ended."""
+    try:
+        mode = os.fstat(0).st_mode
+        if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return False
+        sel.register(0, selectors.EVENT_READ)
+    except (OSError, ValueError):   # EPERM: /dev/null and the like; EBADF: closed
+        return False
+    return True
+
+
 def relay(sock: socket.socket, escape: int | None, linger: float) -> str:
-    """Copy stdin -> sock and sock -> stdout; return why it ended."""
+    """Copy stdin -> sock and sock -> stdout; return why it ended.  Raises
+    RuntimeFailure if stdout cannot take the output."""
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
-    sel.register(0, selectors.EVENT_READ)
-    stdin_open = True
+    stdin_open = watch_stdin(sel)
     try:
         while True:
             events = sel.select(None if stdin_open else linger)
@@ -179,9 +197,18 @@ def relay(sock: socket.socket, escape: int | None, linger: float) -> str:
                     data = sock.recv(65536)
                     if not data:
                         return "closed"
-                    _write_all(1, data)
+                    try:
+                        _write_all(1, data)
+                    except BrokenPipeError:
+                        return "output closed"
+                    except OSError as exc:
+                        raise RuntimeFailure(f"console: cannot write to stdout: "
+                                             f"{exc.strerror}") from exc
                 else:
-                    data = os.read(0, 65536)
+                    try:
+                        data = os.read(0, 65536)
+                    except OSError:
+                        data = b""      # EIO: a terminal hung up
                     if not data:
                         stdin_open = False
                         sel.unregister(0)

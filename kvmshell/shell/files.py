@@ -119,14 +119,17 @@ def _lock(token: str, value: str, fd: int, write: bool, layer: bool) -> None:
 
 
 def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
-              uid: int, write: bool, image: bool, lock: bool = True) -> Opened:
+              uid: int, write: bool, image: bool, lock: bool = True,
+              seen: dict[tuple[int, int], tuple[str, bool]] | None = None) -> Opened:
     """Open *value* for option *token*; relative names are inside *vmdir*,
     absolute names must be inside one of *image_dirs* (read-only there).
 
     For images (*image*), the format is chosen from the name, and a qcow2's
     backing chain is read from the headers and opened too, read-only, each
     layer confined the same way (see :func:`open_backing`): the result's
-    ``backing`` links the layers.
+    ``backing`` links the layers.  *seen* holds the images already opened
+    for this start ((st_dev, st_ino) -> (option, opened for writing)); this
+    one is added, and the same image given twice is refused.
 
     Raises:
         RefusedFile: anything outside the rules above, or in use.
@@ -139,6 +142,12 @@ def open_file(token: str, value: str, *, vmdir: str, image_dirs: list[str],
         if not image:
             return Opened(fd, "raw", not write, size=st.st_size, label=value)
         fmt = format_of(token, value, fd)
+        if seen is not None:
+            other = seen.get((st.st_dev, st.st_ino))
+            if other is not None and (write or other[1]):
+                raise RefusedFile(f"{token}: {value} is given twice (also to {other[0]}): "
+                                  "one image, one drive")
+            seen[(st.st_dev, st.st_ino)] = (token, write)
         if lock:
             _lock(token, value, fd, write, layer=False)
         if write:

@@ -4,11 +4,23 @@
                          read the image from stdin (``ssh host upload x.iso < x.iso``);
                          with --size, anything but exactly BYTES is refused (a
                          dropped connection also ends stdin)
-    images [VM]          list the files you may use or remove
+    images [VM]          list the files in the VM directory: bytes on disk,
+                         virtual size (what the guest sees), name
     rm [VM] NAME         remove one of them
 
-VM may be left out when the user owns exactly one VM.  NAME is a plain
-file name (the rules of ``check_file_name``, no '/').
+VM may be left out when the user owns exactly one VM.
+
+Names.  ``upload`` and ``save`` create names of letters, digits and
+``._+-`` (not first ``.`` or ``-``), at most :data:`NAME_MAX` characters:
+the 255-byte file-name limit less kvmshell's hidden temporary name
+(``.upload.NAME.PID``).  ``images`` lists every file of the directory,
+whoever made it (the admin, or the user's own QEMU), so a name may hold any
+byte: it is shown with bytes outside printable ASCII as ``\\xNN`` and a
+backslash as ``\\\\`` (:mod:`kvmshell.common.text`), and ``rm`` takes
+that form back (quote it: ``rm 'bad\\xff.img'``).  Hidden files are listed
+too (a killed upload's leftover counts against ``max_image_bytes``, so the
+user must be able to see and remove it); kvmshell's own files
+(:data:`RESERVED`, ``*.sock``) are neither listed nor removable.
 
 Why this shape: stdin is untrusted bytes of untrusted length.  The data go to
 a hidden temporary file created with O_EXCL in the VM directory (opened
@@ -39,13 +51,49 @@ RESERVED = frozenset({LOCK, CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# The longest hidden temporary name kvmshell gives a new file is
+# ".upload.NAME.PID" (PIDs have at most 7 digits: pid_max <= 2^22), and a
+# file name has at most 255 bytes (NAME_MAX of Linux filesystems).
+FS_NAME_MAX = 255
+NAME_MAX = FS_NAME_MAX - len(".upload..") - 7
+
+
 def check_name(verb: str, name: str) -> str:
+    """A name 'upload' and 'save' may create (see the module's "Names")."""
     from kvmshell.common import optable
+    from kvmshell.common.text import printable
+    if len(name) > NAME_MAX:
+        raise UsageError(f"{verb}: name too long: {printable(name[:24])}... ({len(name)} "
+                         f"characters, at most {NAME_MAX})")
     if "/" in name:
         raise RefusedFile(f"{verb}: {name!r}: a plain file name, without '/'")
     optable.check_file_name(verb, name)
     if name in RESERVED or name.endswith(".sock"):
         raise RefusedFile(f"{verb}: {name!r} is a name kvmshell uses itself")
+    return name
+
+
+def existing_name(verb: str, word: str) -> str:
+    """The file a user names to 'rm': any name 'images' lists, in the form
+    it lists it (``\\xNN`` escapes, see :mod:`kvmshell.common.text`)."""
+    from kvmshell.common.text import printable, unescape
+    if len(word) > 4 * FS_NAME_MAX:
+        raise UsageError(f"{verb}: name too long: {printable(word[:24])}... "
+                         f"(at most {FS_NAME_MAX} bytes)")
+    try:
+        name = unescape(word)
+    except ValueError as exc:
+        raise UsageError(f"{verb}: {printable(word)}: {exc} (names are written as "
+                         "'images' lists them)") from exc
+    shown = printable(name)
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > FS_NAME_MAX:
+        raise UsageError(f"{verb}: name too long: {shown[:24]}... ({size} bytes, "
+                         f"at most {FS_NAME_MAX})")
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise RefusedFile(f"{verb}: '{shown}': a plain file name, without '/'")
+    if name in RESERVED or name.endswith(".sock"):
+        raise RefusedFile(f"{verb}: '{shown}' is a name kvmshell uses itself")
     return name
 
 
@@ -97,11 +145,20 @@ def publish(verb: str, name: str, dfd: int, tmp: str, fd: int) -> None:
         raise RefusedFile(f"{verb}: {name} exists (remove it first with 'rm {name}')") from exc
 
 
+def _unlink_tmp(tmp: str, dfd: int) -> None:
+    # The user may have removed it meanwhile ('rm' takes hidden names).
+    try:
+        os.unlink(tmp, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+
+
 def usage_bytes(cfg: "Config", uid: int) -> int:
     """Disk space of the user's VM directories, counted as limits.py counts it."""
     from kvmshell.shell import limits
     from kvmshell.common import vmtree
-    return limits.image_bytes(vmtree.owned(cfg, uid))
+    # Broken directories of the user's own count too: their files take space.
+    return limits.image_bytes(vmtree.scan(cfg, uid).dirs)
 
 
 def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM", str, int]:
@@ -109,7 +166,7 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
     from kvmshell.common import vmtree
     expect: int | None = None
     if len(args) >= 2 and args[-2] == "--size":
-        if not args[-1].isdigit() or len(args[-1]) > 18:
+        if not (args[-1].isascii() and args[-1].isdigit()) or len(args[-1]) > 18:
             raise UsageError(f"--size: {args[-1]!r}: expected a number of bytes")
         expect, args = int(args[-1]), args[:-2]
     vm_name, name = _split("upload", args)
@@ -161,7 +218,7 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
             raise RuntimeFailure(f"upload: {name}: {exc.strerror}") from exc
         finally:
             os.close(fd)
-            os.unlink(tmp, dir_fd=dfd)
+            _unlink_tmp(tmp, dfd)
             if done:
                 os.fsync(dfd)
     finally:
@@ -174,6 +231,7 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
     (``start VM -loadvm NAME`` restores it).  Nothing is lost on failure:
     the VM runs on and no NAME appears."""
     from kvmshell.shell import launcher
+    from kvmshell.shell import limits
     from kvmshell.shell import monitor
     from kvmshell.common import vmtree
     vm_name, name = _split("save", args)
@@ -208,19 +266,52 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
         try:
             # Why a descriptor: QEMU writes the state into a file kvmshell
             # created, and never names or opens a path itself.
-            monitor.save(vm, fd, lambda: publish("save", name, dfd, tmp, fd))
+            # The state is a file QEMU writes: its file-size cap (limits.py)
+            # is lifted to max_image_bytes while the guest is paused (the
+            # room was counted above), and put back if the guest resumes.
+            cap: list[int | None] = [None]
+            monitor.save(vm, fd, lambda: publish("save", name, dfd, tmp, fd),
+                         paused=lambda: cap.__setitem__(0, limits.lift_file_cap(pid)),
+                         resuming=lambda: limits.restore_file_cap(pid, cap[0]))
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-            os.unlink(tmp, dir_fd=dfd)
+            _unlink_tmp(tmp, dfd)
     finally:
         os.close(dfd)
     monitor.wait_gone(vm, pid, 30)
     return vm, name, size
 
 
-def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int]]:
-    """(name, size) of the user's files in one VM directory."""
+def _virtual_size(dfd: int, name: str, st: os.stat_result) -> int | None:
+    """What the guest sees: a raw file's size, or a qcow2's size field
+    (bytes 24-31 of its header, big-endian; QEMU's docs/interop/qcow2.txt).
+    The format comes from the name, as for 'start'; None if a .qcow2 is not one."""
+    if not name.endswith(".qcow2"):
+        return st.st_size
+    from kvmshell.shell.qcow2 import MAGIC as QCOW2_MAGIC
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.pread(fd, 32, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(head) < 32 or head[:4] != QCOW2_MAGIC:
+        return None
+    return int.from_bytes(head[24:32], "big")
+
+
+def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int, int | None]]:
+    """(name, bytes on disk, virtual size or None) of the files in one VM
+    directory, sorted by name; names as the filesystem has them (print
+    them with text.printable)."""
     from kvmshell.common import vmtree
     if len(args) > 1:
         raise UsageError(f"{args[1]}: unexpected argument to 'images'")
@@ -229,11 +320,14 @@ def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int]]:
     out = []
     try:
         for entry in os.scandir(dfd):
-            if entry.name.startswith(".") or entry.name in RESERVED or entry.name.endswith(".sock"):
+            if entry.name in RESERVED or entry.name.endswith(".sock"):
                 continue
-            st = entry.stat(follow_symlinks=False)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             if stat.S_ISREG(st.st_mode):
-                out.append((entry.name, st.st_size))
+                out.append((entry.name, st.st_blocks * 512, _virtual_size(dfd, entry.name, st)))
     finally:
         os.close(dfd)
     return sorted(out)
@@ -268,29 +362,25 @@ def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
     """Unlink NAME from the VM directory unless a running VM holds it."""
     import fcntl
     from kvmshell.common import vmtree
-    vm_name, name = _split("rm", args)
-    check_name("rm", name)
+    from kvmshell.common.text import printable
+    vm_name, word = _split("rm", args)
+    name = existing_name("rm", word)
+    shown = printable(name)
     vm = vmtree.pick(cfg, uid, vm_name)
     dfd = open_dir(vm)
     try:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dfd)
-        except FileNotFoundError as exc:
-            raise RefusedFile(f"rm: {name}: no such file") from exc
-        except OSError as exc:
-            raise RefusedFile(f"rm: {name}: {exc.strerror}") from exc
+        fd = _open_to_remove(dfd, name, shown)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise RefusedFile(f"rm: {name} is not a regular file")
+                raise RefusedFile(f"rm: {shown} is not a regular file")
             try:
                 # A running VM holds a lock on every image it uses (files.py).
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
-                raise RefusedFile(f"rm: {name} is in use by a running VM") from exc
+                raise RefusedFile(f"rm: {shown} is in use by a running VM") from exc
             clone = clone_of(dfd, name)
             if clone is not None:
-                raise RefusedFile(f"rm: {name} is the base of {clone} (remove or reset that "
+                raise RefusedFile(f"rm: {shown} is the base of {clone} (remove or reset that "
                                   "clone first)")
             os.unlink(name, dir_fd=dfd)
         finally:
@@ -298,3 +388,31 @@ def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
     finally:
         os.close(dfd)
     return vm, name
+
+
+def _open_to_remove(dfd: int, name: str, shown: str) -> int:
+    """Open NAME to lock it; a file of the user's own that its mode makes
+    unreadable (000: the user's QEMU may chmod its files) is made 0600
+    first, so that every file 'images' lists can be removed."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=dfd)
+    except FileNotFoundError as exc:
+        raise RefusedFile(f"rm: {shown}: no such file") from exc
+    except PermissionError:
+        pass
+    except OSError as exc:
+        raise RefusedFile(f"rm: {shown}: {exc.strerror}") from exc
+    try:
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                raise RefusedFile(f"rm: {shown}: permission denied")
+            # Through our own descriptor: the same inode, no path looked up again.
+            os.chmod(f"/proc/self/fd/{pfd}", 0o600)
+        finally:
+            os.close(pfd)
+        return os.open(name, flags, dir_fd=dfd)
+    except OSError as exc:
+        raise RefusedFile(f"rm: {shown}: {exc.strerror}") from exc

@@ -56,6 +56,7 @@ def _completer(ctx: "Context") -> "object":
 
 def loop(ctx: "Context", run_words: "Callable[[Context, list[str]], int]") -> int:
     """Prompt, read and run lines until EOF or ``exit``; the last status."""
+    from kvmshell.common.text import printable
     from kvmshell.shell import lexer
     try:
         import readline
@@ -83,7 +84,7 @@ def loop(ctx: "Context", run_words: "Callable[[Context, list[str]], int]") -> in
                 return status
             status = run_words(ctx, words)
         except KvmshellError as exc:
-            sys.stderr.write(f"kvmshell: {exc.message}\n")
+            sys.stderr.write(f"kvmshell: {printable(exc.message, backslash=False)}\n")
             status = exc.status
         except KeyboardInterrupt:
             sys.stderr.write("kvmshell: interrupted\n")

@@ -50,13 +50,34 @@ def admin_plan(vm: VM) -> adminopts.AdminPlan:
                         f"{exc.message} (admin: kvmadm set)") from exc
 
 
-def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
-    """The wrapper's own options: sandbox, machine, monitor, console."""
+def host_check(cfg: Config, vm: VM, plan: adminopts.AdminPlan) -> None:
+    """The admin's hardware options against this host, at start: -smp under
+    max_smp (else the admin must act), -cpu host only where this user can
+    use KVM (opened as QEMU would, common/kvmdev.py), the OVMF images present
+    for -firmware efi."""
+    kvm = None
+    if plan.cpu == optable.CPU_HOST:
+        from kvmshell.common import kvmdev
+        kvm = kvmdev.open_error() is None
+    try:
+        adminopts.check_host(plan, cfg, kvm=kvm)
+    except UsageError as exc:
+        raise TreeError(f"VM {vm.name}: {exc.message} (admin: kvmadm set, or max_smp)") from exc
+
+
+def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None,
+                 plan: adminopts.AdminPlan | None = None) -> list[str]:
+    """The wrapper's own options: sandbox, machine (the admin's -M, default
+    pc), accelerators (*accels*, as :func:`kvmshell.shell.accel.choose`
+    picked them; default: the config's), monitor, console."""
     argv = [cfg.qemu, "-name", f"guest={vm.name}",
             "-nodefaults", "-no-user-config",
             "-sandbox", SANDBOX,
-            "-machine", "pc"]
-    for accel in cfg.accel:
+            "-machine", plan.machine if plan is not None else "pc"]
+    accels = cfg.accel if accels is None else accels
+    if plan is not None and plan.cpu == optable.CPU_HOST:
+        accels = [a for a in accels if a == "kvm"]  # never a silent fallback to TCG
+    for accel in accels:
         # An explicit translation buffer: QEMU's default reserves 1 GiB of
         # address space, more than the cap limits.py puts on QEMU.
         argv += ["-accel", f"tcg,tb-size={limits.TB_SIZE_MIB}" if accel == "tcg" else accel]
@@ -72,8 +93,11 @@ def wrapper_argv(cfg: Config, vm: VM) -> list[str]:
 
 
 def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
-               opened: dict[str, useropts.Opened], tap_fds: list[int]) -> list[str]:
-    return (wrapper_argv(cfg, vm) + adminopts.admin_argv(plan, vm.name, tap_fds)
+               opened: dict[str, useropts.Opened], tap_fds: list[int],
+               accels: list[str] | None = None,
+               fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
+    return (wrapper_argv(cfg, vm, accels, plan)
+            + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
             + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface))
 
 
@@ -98,12 +122,13 @@ def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, user
 
     opened: dict[str, useropts.Opened] = {}
     snapshot = req.has("-snapshot")
+    seen: dict[tuple[int, int], tuple[str, bool]] = {}   # this start's images (files.open_file)
     try:
         for opt, value in req.files():
             write = opt.kind == optable.DISK and not snapshot
             image = opt.kind in (optable.DISK, optable.CDROM)
             of = files.open_file(opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
-                                 uid=os.getuid(), write=write, image=image)
+                                 uid=os.getuid(), write=write, image=image, seen=seen)
             opened[opt.name] = of
             if snapshot and opt.kind == optable.DISK:
                 from kvmshell.shell import imgtool
@@ -125,15 +150,19 @@ def clean_env(vm: VM) -> dict[str, str]:
             "MALLOC_ARENA_MAX": "2"}
 
 
-def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
-    """Start *vm*; return QEMU's pid once QMP answers.  Nothing is left
-    running or locked when this raises."""
+def start(cfg: Config, vm: VM, req: useropts.UserRequest,
+          accels: list[str] | None = None) -> tuple[int, str | None]:
+    """Start *vm* with the accelerators *accels* (default: the config's);
+    return QEMU's pid once QMP answers, and the accelerator QEMU reports
+    (QMP query-kvm: 'kvm' or 'tcg'; None if it did not say).  Nothing is
+    left running or locked when this raises."""
     plan = admin_plan(vm)
     if req.has("-vnc") and plan.nographic:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
     if req.has("-hdachs") and plan.disk_interface != "ide":
         raise RefusedOption(f"-hdachs: a geometry is for IDE disks; this VM's disks are "
                             f"{plan.disk_interface}")
+    host_check(cfg, vm, plan)
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
     # Limits next (limits.py): counted outside QEMU, under a per-user lock
@@ -147,26 +176,55 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest) -> int:
             os.close(ulock)
         raise
     passed = [fd for of in opened.values() for fd in of.all_fds()]
+    from kvmshell.shell import cgclient
+    placing = None
     try:
         lock = take_lock(vm)
         passed.insert(0, lock)
+        # The kernel's budget (cgclient.py): this process joins the user's
+        # cgroup before it forks the supervisor; the request overlaps with
+        # the firmware and network set-up below.
+        placing = cgclient.begin(cfg, vm)
+        fw_fds = None
+        if plan.firmware == "efi":
+            from kvmshell.shell import firmware
+            fw_fds = firmware.open_firmware(cfg, vm)
+            passed += [fw_fds[0], *fw_fds[1]]
         tap_fds: list[int] = []
         if plan.taps:
             from kvmshell.shell import netclient
             tap_fds = netclient.up(cfg, vm, expect=len(plan.taps))
             passed += tap_fds
-        argv = build_argv(cfg, vm, plan, req, opened, tap_fds)
+        placed, placing = placing, None
+        cgclient.finish(placed)
+        argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels, fw_fds)
         return _spawn(cfg, vm, argv, passed, len(plan.taps),
-                      limits.qemu_rlimits(cfg, plan.megs), [ulock] if ulock >= 0 else [])
+                      limits.qemu_rlimits(cfg, plan.megs, _file_size_cap(cfg, vm, req, opened),
+                                         limits.image_limit(cfg, vm.uid)),
+                      [ulock] if ulock >= 0 else [])
     finally:
+        cgclient.cancel(placing)
         for fd in passed:
             os.close(fd)
         if ulock >= 0:
             os.close(ulock)
 
 
+def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
+                   opened: dict[str, useropts.Opened]) -> int | None:
+    """The file-size cap for this start's QEMU (limits.file_size_cap), from
+    the descriptors it gets: every image opened for writing -- under
+    -snapshot, that is kvmshell's own temporary qcow2 overlay on each disk
+    (open_files), so no overlay needs counting apart."""
+    if not limits.image_limit(cfg, vm.uid):
+        return None
+    writable = [(of.fmt, os.fstat(of.fd)) for of in opened.values() if not of.readonly]
+    return limits.file_size_cap(cfg, vm, writable, 0)
+
+
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
-           rlimits: list[tuple[int, int]] | None = None, close: list[int] | None = None) -> int:
+           rlimits: list[tuple[int, int, int]] | None = None, close: list[int] | None = None
+           ) -> tuple[int, str | None]:
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -197,23 +255,32 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
     msg = b"".join(chunks).decode("utf-8", "replace")
     if msg.startswith("ok "):
         # The supervisor stays behind; it is re-parented when we exit.
-        return int(msg.split()[1])
+        # "ok PID ACCEL": ACCEL is QMP's answer, "-" if it gave none.
+        words = msg.split()
+        accel = words[2] if len(words) > 2 and words[2] != "-" else None
+        return int(words[1]), accel
     os.waitpid(pid, 0)
     raise RuntimeFailure(f"VM {vm.name} did not start: {msg[5:] if msg.startswith('fail ') else msg or 'supervisor died'}")
 
 
-def _qemu_error(log: str) -> str:
-    try:
-        with open(log, "rb") as f:
-            lines = [l.strip() for l in f.read(65536).decode("utf-8", "replace").splitlines() if l.strip()]
-    except OSError:
-        lines = []
-    errs = [l for l in lines if "qemu-system" in l or "error" in l.lower()] or lines
-    return errs[-1] if errs else "QEMU exited"
+def _qemu_error(log: str, returncode: int | None = None) -> str:
+    """QEMU's reason for exiting, from its log (qemulog.reason), escaped."""
+    from kvmshell.common.text import printable
+    from kvmshell.shell import qemulog
+    how = "QEMU exited"
+    if returncode is not None and returncode < 0:
+        import signal
+        try:
+            how = f"QEMU was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            how = f"QEMU was killed by signal {-returncode}"
+    elif returncode:
+        how = f"QEMU exited with status {returncode}"
+    return printable(qemulog.reason(qemulog.read_lines(log), how), backslash=False)
 
 
 def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, ready_fd: int,
-               rlimits: list[tuple[int, int]] | None = None) -> int:
+               rlimits: list[tuple[int, int, int]] | None = None) -> int:
     import subprocess
     import time
 
@@ -245,8 +312,10 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, 
         from kvmshell.shell import conmux
         console = conmux.listen()   # before 'ok': 'start; console' must find it
         _wait_qmp(vm, proc, deadline, incoming="-incoming" in argv)
+        from kvmshell.shell import accel
+        got = accel.running(vm)   # for start's fallback notice
         try:
-            os.write(ready_fd, f"ok {proc.pid}".encode())
+            os.write(ready_fd, f"ok {proc.pid} {got or '-'}".encode())
         except OSError:
             pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
         os.close(ready_fd)
@@ -284,7 +353,7 @@ def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float,
 
     while True:
         if proc.poll() is not None:
-            raise RuntimeFailure(_qemu_error(QEMU_LOG))
+            raise RuntimeFailure(_qemu_error(QEMU_LOG, proc.returncode))
         if time.monotonic() > deadline:
             raise RuntimeFailure("QEMU did not answer on its monitor"
                                  " (or did not finish loading the saved state)")

@@ -10,6 +10,7 @@ outright, so look-alikes and terminal escapes never reach a message.
 from __future__ import annotations
 
 from kvmshell.common.errors import UsageError
+from kvmshell.common.text import printable
 
 MAX_COMMAND_BYTES = 4096
 MAX_WORDS = 64
@@ -22,9 +23,10 @@ def _check_chars(command: str) -> None:
         if code == 9:
             continue
         if code < 32 or code == 127:
-            raise UsageError(f"control character {ch!r} in command")
+            raise UsageError(f"control character {printable(ch)} in command")
         if code > 126:
-            raise UsageError(f"non-ASCII character {ascii(ch)} in command")
+            # A byte that is not UTF-8 arrives as a surrogate: shown as \xNN.
+            raise UsageError(f"non-ASCII character {printable(ch)} in command")
 
 
 def split(command: str) -> list[str]:
@@ -85,7 +87,7 @@ def check_words(words: list[str]) -> None:
     if len(words) > MAX_WORDS:
         raise UsageError(f"too many words ({len(words)}, at most {MAX_WORDS})")
     for word in words:
+        _check_chars(word)       # first: the message below quotes the word
         if len(word) > MAX_WORD_BYTES:
             raise UsageError(
                 f"word too long: {word[:20]}... ({len(word)} bytes, at most {MAX_WORD_BYTES})")
-        _check_chars(word)

@@ -1,8 +1,16 @@
 """Per-user limits, enforced by kvmshell outside QEMU.
 
-Admin settings (``kvmshell.conf``):
+Admin settings (``kvmshell.conf``, overridden per user and per group under
+``/etc/kvmshell/budgets``: see :mod:`kvmshell.common.budgets`):
   max_running      running VMs per user (0: unlimited);
+  max_ram_mib      the sum of -m over the user's running VMs (0: unlimited);
+  max_vcpus        the sum of -smp over the user's running VMs (0: unlimited);
   max_image_bytes  bytes of files in all of a user's VM directories (0: unlimited).
+
+These checks are the friendly, early refusal.  Against code running as the
+user (which can delete the files counted here, or run QEMU itself) the
+budgets are held by the kernel: the cgroup helper puts every VM in the
+user's cgroup with limits from root's files (:func:`place`).
 
 Why outside QEMU: QEMU is assumed compromised, so nothing it says about
 itself counts.  kvmshell counts running VMs from /proc (monitor.qemu_pid)
@@ -16,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 
+TYPE_CHECKING = False
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RuntimeFailure
 from kvmshell.common.vmtree import VM
@@ -93,34 +102,79 @@ def image_bytes(vms: list[VM]) -> int:
                     continue
                 if stat.S_ISREG(st.st_mode):
                     total += charge(path, st)
+    return total + held_bytes(vms)
+
+
+def held_bytes(vms: list[VM]) -> int:
+    """Disk space of files that are unlinked but still open in a process of
+    the VMs' owner, on the VMs' filesystems: QEMU's ``-snapshot`` overlay
+    (a temporary file QEMU removes at once and keeps open, in the VM
+    directory, its TMPDIR).  No directory walk sees them.  Read from
+    /proc/PID/fd of the owner's processes; one that hides its descriptors
+    (not dumpable) is not counted."""
+    if not vms:
+        return 0
+    uid = vms[0].uid
+    devs = set()
+    for vm in vms:
+        try:
+            devs.add(os.lstat(vm.path).st_dev)
+        except OSError:
+            pass
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and st.st_dev in devs \
+                    and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
     return total
 
 
 def check(cfg: Config, vm: VM) -> int:
     """Refuse the start if a limit is reached; return a lock fd to hold until
     the VM runs (or -1 when there is no running-VM limit)."""
-    if not cfg.max_running and not cfg.max_image_bytes:
+    b = budget(cfg, vm.uid)
+    if not any(b.values.values()):
         return -1
     from kvmshell.shell import monitor
     from kvmshell.common import vmtree
 
-    mine = vmtree.owned(cfg, vm.uid)
+    scan = vmtree.scan(cfg, vm.uid)
+    mine = scan.vms
     if not any(m.dirname == vm.dirname for m in mine):
         mine.append(vm)
-    lock = user_lock(cfg, mine) if cfg.max_running else -1
+    # A broken directory of the user's own still holds files and may hold
+    # a running QEMU (its mode changed under it): both count.
+    every = mine + scan.broken
+    lock = user_lock(cfg, mine) if _needs_lock(b) else -1
     try:
-        if cfg.max_running:
-            running = [m.name for m in mine if m.dirname != vm.dirname and monitor.qemu_pid(m)]
-            if len(running) >= cfg.max_running:
+        if b["max_running"]:
+            running = [m.name for m in every if m.dirname != vm.dirname and monitor.qemu_pid(m)]
+            if len(running) >= b["max_running"]:
                 raise LimitReached(
                     f"VM {vm.name}: you already run {len(running)} VM(s) "
-                    f"({', '.join(sorted(running))}), the limit is {cfg.max_running}")
-        if cfg.max_image_bytes:
-            used = image_bytes(mine)
-            if used > cfg.max_image_bytes:
+                    f"({', '.join(sorted(running))}), the limit is {b['max_running']}")
+        check_totals(b, vm, mine)
+        if b["max_image_bytes"]:
+            used = image_bytes(mine + [x for x in scan.broken if x.is_dir])
+            if used > b["max_image_bytes"]:
                 raise LimitReached(
                     f"VM {vm.name}: your VM directories use {used} bytes, over the "
-                    f"limit of {cfg.max_image_bytes} bytes: delete some images")
+                    f"limit of {b['max_image_bytes']} bytes: delete some images")
     except BaseException:
         if lock >= 0:
             os.close(lock)
@@ -128,20 +182,183 @@ def check(cfg: Config, vm: VM) -> int:
     return lock
 
 
-def qemu_rlimits(cfg: Config, megs: int) -> list[tuple[int, int]]:
-    """(resource, limit) pairs for QEMU: address space, and file size when
-    images are limited (no single image may grow past the user's total)."""
+# ---- max_image_bytes while QEMU runs: the file-size cap ---------------------
+#
+# RLIMIT_FSIZE stops a process writing at or past an offset (EFBIG; SIGXFSZ
+# is ignored, so QEMU reports an I/O error to the guest instead of dying).
+# So a file QEMU writes can gain at most (cap - what is allocated below the
+# cap): a qcow2 grows by appending, a -snapshot overlay starts empty, and a
+# raw image is written within its size (only its holes can fill).  The cap
+# is chosen so that all of them together fit in the room left.
+
+# QEMU's own log (its stderr) is a file it writes too: it may use this much
+# even when no room is left, so that QEMU's reason for failing is kept.
+LOG_ROOM = 64 * 1024
+
+
+def file_size_cap(cfg: Config, vm: VM, writable: list[tuple[str, os.stat_result]],
+                  overlays: int) -> int | None:
+    """RLIMIT_FSIZE (bytes) for a QEMU that writes *writable* images
+    ((format, fstat) of each descriptor opened read-write) and *overlays*
+    -snapshot overlays; None when max_image_bytes is 0 (no limit).
+
+    Worst case with the returned cap: every qcow2 and overlay grows to the
+    cap and every raw image's holes fill; together that fits the room left
+    of max_image_bytes (counted now, overlays of running VMs included).  A
+    raw image needs a cap of at least its size (it is written anywhere
+    within); if that cap would let the others outgrow the room, or holes
+    alone do not fit, LimitReached (nothing started)."""
+    limit = image_limit(cfg, vm.uid)
+    if not limit:
+        return None
+    from kvmshell.common import vmtree
+
+    dirs = vmtree.scan(cfg, vm.uid).dirs
+    if not any(d.dirname == vm.dirname for d in dirs):
+        dirs.append(vm)
+    room = max(0, limit - image_bytes(dirs))
+    holes = floor = 0
+    grow: list[tuple[int, int]] = []          # (size, allocated) of each qcow2
+    for fmt, st in writable:
+        allocated = min(st.st_blocks * 512, st.st_size)
+        if fmt == "qcow2":
+            grow.append((st.st_size, allocated))
+        else:
+            holes += st.st_size - allocated
+            floor = max(floor, st.st_size)
+
+    def growth(cap: int) -> int:
+        return holes + overlays * cap + sum(max(cap, size) - alloc for size, alloc in grow)
+
+    if holes > room:
+        raise LimitReached(f"VM {vm.name}: its raw images have {holes} bytes of holes the guest "
+                           f"could fill, more than the {room} bytes left of max_image_bytes")
+    if not grow and not overlays:
+        return max(floor, LOG_ROOM)
+    lo, hi = 0, room + max([size for size, _ in grow] + [0])
+    while lo < hi:                            # the largest cap whose growth fits the room
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if growth(mid) <= room else (lo, mid - 1)
+    if lo < floor:
+        raise LimitReached(
+            f"VM {vm.name}: a raw image of {floor} bytes needs a file-size cap that would let "
+            f"its growing images (qcow2, -snapshot) outgrow the {room} bytes left of "
+            "max_image_bytes: use -snapshot, or fewer writable images")
+    return max(lo, LOG_ROOM)
+
+
+def qemu_rlimits(cfg: Config, megs: int, fsize: int | None = None,
+                 image_limit: int | None = None) -> list[tuple[int, int, int]]:
+    """(resource, soft, hard) limits for QEMU: its address space, and when
+    images are limited its file size: *fsize* (see file_size_cap) as the
+    soft limit, the user's max_image_bytes (*image_limit*; default
+    kvmshell.conf's) as the hard one (the most 'save' may raise it to, for
+    the state file, while the guest is paused)."""
     import resource
 
-    out = [(resource.RLIMIT_AS, address_space_bytes(megs))]
-    if cfg.max_image_bytes:
-        out.append((resource.RLIMIT_FSIZE, cfg.max_image_bytes))
+    limit = cfg.max_image_bytes if image_limit is None else image_limit
+    aspace = address_space_bytes(megs)
+    out = [(resource.RLIMIT_AS, aspace, aspace)]
+    if limit:
+        hard = max(limit, fsize or 0)
+        out.append((resource.RLIMIT_FSIZE, min(fsize or hard, hard), hard))
     return out
 
 
-def apply(rlimits: list[tuple[int, int]]) -> None:
+def apply(rlimits: list[tuple[int, int, int]]) -> None:
     """Set *rlimits* on the calling process (QEMU, between fork and exec)."""
     import resource
+    import signal
 
-    for res, value in rlimits:
-        resource.setrlimit(res, (value, value))
+    for res, soft, hard in rlimits:
+        resource.setrlimit(res, (soft, hard))
+        if res == resource.RLIMIT_FSIZE:
+            # An ignored signal stays ignored across exec: a write past the
+            # cap fails with EFBIG (an I/O error for the guest), QEMU lives.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def lift_file_cap(pid: int) -> int | None:
+    """Raise QEMU *pid*'s file-size soft limit to its hard limit (for the
+    state 'save' writes while the guest is paused); return the old soft
+    limit for :func:`restore_file_cap`, or None if there was nothing to do."""
+    import resource
+
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        if soft == hard:
+            return None
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot raise the file-size limit of QEMU (pid {pid}) "
+                             f"for the state: {exc.strerror}") from exc
+    return soft
+
+
+def restore_file_cap(pid: int, soft: int | None) -> None:
+    """Put back the soft limit :func:`lift_file_cap` raised (before the guest runs again)."""
+    import resource
+
+    if soft is None:
+        return
+    try:
+        hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+    except OSError:
+        pass   # QEMU is gone
+
+
+# ---- budgets of RAM and vCPUs, kept apart from the counting above ----
+
+_BUDGETS: dict[tuple[int, int], "Budget"] = {}
+
+if TYPE_CHECKING:
+    from kvmshell.common.budgets import Budget
+
+
+def budget(cfg: Config, uid: int) -> "Budget":
+    """The user's resolved budgets (kvmshell.conf, group and user files),
+    read once per process."""
+    key = (id(cfg), uid)
+    if key not in _BUDGETS:
+        from kvmshell.common import budgets
+        _BUDGETS[key] = budgets.resolve(cfg, uid)
+    return _BUDGETS[key]
+
+
+def _needs_lock(b: "Budget") -> bool:
+    """Budgets over running VMs are counted under the per-user lock."""
+    return bool(b["max_running"] or b["max_ram_mib"] or b["max_vcpus"])
+
+
+def check_totals(b: "Budget", vm: VM, mine: list[VM]) -> None:
+    """Refuse the start if *vm*'s RAM or vCPUs do not fit what the user's
+    other running VMs leave of the budget.  Called under the per-user lock.
+
+    Raises:
+        LimitReached: naming the budget, what *vm* needs and what is left.
+    """
+    if not b["max_ram_mib"] and not b["max_vcpus"]:
+        return
+    from kvmshell.common import budgets
+
+    megs, smp = budgets.vm_size(vm)
+    t = budgets.totals(mine, skip=vm.dirname)
+    others = f" ({', '.join(sorted(t.running))} running)" if t.running else ""
+    for key, what, need, used in (("max_ram_mib", "RAM", megs, t.ram_mib),
+                                  ("max_vcpus", "vCPU", smp, t.vcpus)):
+        limit = b[key]
+        if limit and used + need > limit:
+            left = max(limit - used, 0)
+            if key == "max_ram_mib":
+                needs, limit_s, left_s = f"{need} MiB of RAM", f"{limit} MiB", f"{left} MiB"
+            else:
+                needs, limit_s, left_s = f"{need} vCPU(s)", str(limit), f"{left} vCPU(s)"
+            raise LimitReached(
+                f"VM {vm.name}: needs {needs}, your {what} budget ({key} = {limit_s}, "
+                f"{b.sources[key]}) has {left_s} left{others}")
+
+
+def image_limit(cfg: Config, uid: int) -> int:
+    """The user's max_image_bytes (0: unlimited), for RLIMIT_FSIZE."""
+    return budget(cfg, uid)["max_image_bytes"]

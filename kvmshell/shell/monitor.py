@@ -14,6 +14,7 @@ from kvmshell.common.errors import MonitorError
 from kvmshell.common.runstate import PIDFILE as PIDFILE
 from kvmshell.common.runstate import qemu_pid as qemu_pid
 from kvmshell.common.runstate import started_at as started_at
+from kvmshell.common.text import printable
 from kvmshell.common.vmtree import VM
 
 TYPE_CHECKING = False
@@ -36,7 +37,7 @@ def qmp_command(vm: VM, command: str, timeout: float = 5.0) -> object:
         qmp.settimeout(timeout)
         return qmp.cmd(command)
     except (QMPError, OSError, TimeoutError) as exc:
-        raise MonitorError(f"{vm.name}: QMP {command} failed: {exc}") from exc
+        raise MonitorError(f"{vm.name}: QMP {command} failed: {printable(str(exc))}") from exc
     finally:
         try:
             qmp.close()
@@ -44,19 +45,80 @@ def qmp_command(vm: VM, command: str, timeout: float = 5.0) -> object:
             pass
 
 
+def query(vm: VM, command: str, timeout: float = 2.0) -> object:
+    """Run one argument-less QMP query within *timeout* seconds in all;
+    return its "return" value (a dict for query-* commands).  Raises
+    :class:`MonitorError`.
+
+    Why not qemu.qmp, as :func:`qmp_command` uses: importing it (asyncio)
+    costs ~65 ms, more than the rest of ``status`` together, and ``status``
+    and ``list`` ask every running VM for its accelerator.  One query is
+    the protocol's simplest exchange (QMP spec, docs/interop/qmp-spec.rst):
+    the greeting, ``qmp_capabilities``, the command, each answered by one
+    JSON object per line; asynchronous events in between are skipped.  The
+    deadline covers connecting too: QMP serves one client at a time, so a
+    long 'save' would otherwise hold a 'status' up.
+    """
+    import json
+    import socket
+
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    buf = b""
+
+    def reply() -> dict[str, object]:
+        nonlocal buf
+        while True:
+            line, nl, rest = buf.partition(b"\n")
+            if nl:
+                buf = rest
+                msg = json.loads(line)
+                if isinstance(msg, dict) and "event" not in msg:
+                    return msg
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise EOFError("QEMU closed the monitor")
+            buf += chunk
+
+    try:
+        sock.settimeout(timeout)
+        os.chdir(vm.path)  # relative socket name, as in qmp_command
+        sock.connect(QMP_SOCKET)
+        if "QMP" not in reply():
+            raise EOFError("no QMP greeting")
+        for cmd in ("qmp_capabilities", command):
+            sock.sendall(json.dumps({"execute": cmd}).encode() + b"\n")
+            msg = reply()
+            if "return" not in msg:
+                raise EOFError(f"{cmd}: {msg.get('error', msg)}")
+        return msg["return"]
+    except (OSError, EOFError, ValueError) as exc:  # TimeoutError is an OSError
+        raise MonitorError(f"{vm.name}: QMP {command} failed: {exc}") from exc
+    finally:
+        sock.close()
+
+
 SAVE_TIMEOUT = 300.0
 
 
-def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TIMEOUT) -> None:
+def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TIMEOUT,
+         paused: "Callable[[], object] | None" = None,
+         resuming: "Callable[[], object] | None" = None) -> None:
     """Pause the VM and migrate its state into *fd*; then *commit* (which
     names the file) and have QEMU quit.  If anything fails the VM is
-    resumed, so a failed save loses nothing."""
+    resumed, so a failed save loses nothing.  *paused* runs once the guest
+    is stopped, *resuming* before a failed save lets it run again."""
     from qemu.qmp import QMPError
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     os.chdir(vm.path)
     qmp = QEMUMonitorProtocol(QMP_SOCKET)
-    paused = False
+    stopped = False
     try:
         qmp.connect(negotiate=True)
         qmp.settimeout(10)
@@ -65,7 +127,9 @@ def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TI
         # A local file: no need for QEMU's network-friendly 128 MiB/s cap.
         qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         qmp.cmd("stop")
-        paused = True
+        stopped = True
+        if paused is not None:
+            paused()
         qmp.cmd("migrate", uri="fd:kvmshell-save")
         deadline = time.monotonic() + timeout
         while True:
@@ -77,15 +141,17 @@ def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TI
                 if status not in ("failed", "cancelled"):
                     qmp.cmd("migrate_cancel")
                 why = r.get("error-desc", status or "no answer") if isinstance(r, dict) else r
-                raise MonitorError(f"{vm.name}: saving the state failed: {why}")
+                raise MonitorError(f"{vm.name}: saving the state failed: {printable(str(why))}")
             time.sleep(0.05)
         commit()
-        paused = False
+        stopped = False
         qmp.cmd("quit")
     except (QMPError, OSError, TimeoutError) as exc:
-        raise MonitorError(f"{vm.name}: saving the state failed: {exc}") from exc
+        raise MonitorError(f"{vm.name}: saving the state failed: {printable(str(exc))}") from exc
     finally:
-        if paused:
+        if stopped:
+            if resuming is not None:
+                resuming()
             try:
                 qmp.cmd("cont")
             except Exception:  # the original error is the one to report

@@ -21,11 +21,14 @@ from kvmshell.common.errors import RuntimeFailure, UsageError
 
 
 def relay(sock: socket.socket) -> None:
-    """Copy until either side closes.  Bytes are not interpreted."""
+    """Copy until either side closes.  Bytes are not interpreted.  A stdin
+    that cannot be waited on (console.watch_stdin) is a client already gone."""
+    from kvmshell.shell.console import watch_stdin
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
-    sel.register(0, selectors.EVENT_READ)
     try:
+        if not watch_stdin(sel):
+            return
         while True:
             for key, _ in sel.select():
                 if key.fileobj is sock:
@@ -33,10 +36,18 @@ def relay(sock: socket.socket) -> None:
                     if not data:
                         return
                     view = memoryview(data)
-                    while view:
-                        view = view[os.write(1, view):]
+                    try:
+                        while view:
+                            view = view[os.write(1, view):]
+                    except BrokenPipeError:
+                        return
+                    except OSError as exc:
+                        raise RuntimeFailure(f"vnc: cannot write to stdout: {exc.strerror}") from exc
                 else:
-                    data = os.read(0, 65536)
+                    try:
+                        data = os.read(0, 65536)
+                    except OSError:
+                        data = b""
                     if not data:
                         return    # the client went away: so does the session
                     sock.sendall(data)

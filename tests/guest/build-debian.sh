@@ -152,6 +152,11 @@ remove_tmp() {
     rm -rf --one-file-system "$TMPDIR_"
 }
 trap remove_tmp EXIT
+# Die by exit, not by the signal, so that the EXIT trap runs (after the
+# foreground command, e.g. mmdebstrap tidying its own mounts, has ended).
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 remove_tmp
 mkdir -p "$TMPDIR_"

@@ -1,0 +1,200 @@
+"""kvmshell-pamhelper: the web front door's login check (runs as root via sudo).
+
+Whole input:
+
+    argv   auth USER ADDR      USER a login name, ADDR the client's IP address
+                               (or ``-`` when the web server does not know it)
+    stdin  the password        at most 1024 bytes, one optional final newline
+
+Whole output: one line on stdout, ``ok`` or ``denied``; exit 0 or 2.
+Anything malformed is refused (one line on stderr, exit 2) before PAM is
+asked; a failure of the helper itself exits 1.
+
+Why a root helper: only root can check another user's password (the
+shadow file), and the web server runs as its own unprivileged user
+(``web_user``, kvmweb), which must not be able to read it.  So the web
+server hands the password here, through sudo, and gets a yes or no.
+
+Who may call: root through sudo only, with ``SUDO_UID`` the uid of
+``web_user`` (the shipped sudoers drop-in lets only that user run it; the
+helper checks again, so a wider sudoers line is not enough).  Everything
+else comes from the root-owned config at the fixed path the stub gives:
+the PAM service (``web_pam_service``, default ``kvmshell``: pam/kvmshell),
+the VM users' group (``group``), the web user.
+
+What passes: PAM authenticates USER (pam_authenticate: password, and the
+stack's own pam_faildelay and pam_faillock, if configured) **and** accepts
+the account (pam_acct_mgmt: a locked or expired account fails), with
+``PAM_RHOST`` set to ADDR; and USER is a member of the group (checked here
+too, not only by the PAM service).  PAM runs even when the group check
+will fail, so a refusal takes as long, and reads the same, whatever the
+reason.  Root never passes.
+
+Every attempt goes to syslog (authpriv): user, address, caller, answer and
+PAM's reason.  Imports: the shared core, the stdlib and python-pam (an
+import contract in setup.cfg says so).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import sys
+import syslog
+
+from kvmshell.common import auth, config, username
+from kvmshell.common.errors import KvmshellError
+
+CONFIG = "/etc/kvmshell/kvmshell.conf"
+PROG = "kvmshell-pamhelper"
+VERBS = ("auth",)
+PASSWORD_MAX = 1024
+# What sudo (env_reset) may leave in the environment; anything else means
+# someone is trying to steer a root process, so it is refused.
+_ENV_OK = frozenset((
+    "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND", "SUDO_HOME", "SUDO_PS1",
+    "PATH", "HOME", "SHELL", "LOGNAME", "USER", "USERNAME", "MAIL", "TERM",
+    "LANG", "LANGUAGE", "TZ", "HOSTNAME", "COLORS", "LS_COLORS"))
+
+
+class Refused(Exception):
+    status = 2
+
+
+class Failed(Exception):
+    status = 1
+
+
+def log(msg: str) -> None:
+    syslog.syslog(syslog.LOG_NOTICE, msg)
+
+
+def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
+    """(user, address, caller uid) from a well-formed request; else Refused."""
+    if os.getuid() != 0 or os.geteuid() != 0:
+        raise Refused("must be run as root through sudo")
+    uid_s = env.get("SUDO_UID", "")
+    if not uid_s.isdigit() or not uid_s.isascii() or len(uid_s) > 10:
+        raise Refused("must be run through sudo (no SUDO_UID)")
+    # DISPLAY, among sudo's defaults, would become PAM_TTY in python-pam.
+    extra = sorted(k for k in env if k not in _ENV_OK and not k.startswith("LC_"))
+    if extra:
+        raise Refused(f"unexpected environment variable {extra[0][:40]!r}")
+    if len(argv) != 4:
+        raise Refused(f"usage: {PROG} auth USER ADDR (got {max(len(argv) - 1, 0)} arguments)")
+    verb, user, addr = argv[1:]
+    if verb not in VERBS:
+        raise Refused(f"unknown verb {verb[:20]!r} (auth)")
+    try:
+        username.check_user_name(user)
+    except KvmshellError as exc:
+        raise Refused(exc.message) from exc
+    return user, parse_address(addr), int(uid_s)
+
+
+def parse_address(addr: str) -> str:
+    """The client's address, re-rendered, or ``-`` (unknown)."""
+    if addr == "-":
+        return addr
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(addr))
+    except ValueError as exc:
+        raise Refused(f"invalid address {addr[:60]!r}") from exc
+
+
+def read_password(fd: int) -> str:
+    """The password from *fd*: at most PASSWORD_MAX bytes of UTF-8, one
+    optional final newline, no NUL, CR or other newline."""
+    data = b""
+    while len(data) <= PASSWORD_MAX + 1:
+        chunk = os.read(fd, PASSWORD_MAX + 2 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if len(data) > PASSWORD_MAX:
+        raise Refused(f"password longer than {PASSWORD_MAX} bytes")
+    if not data:
+        raise Refused("no password on stdin")
+    if any(b in data for b in (b"\0", b"\n", b"\r")):
+        raise Refused("password with a NUL or line break")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused("password is not UTF-8") from exc
+
+
+def web_uid(cfg: config.Config) -> int:
+    try:
+        return pwd.getpwnam(cfg.web.user).pw_uid
+    except KeyError as exc:
+        raise Failed(f"web_user {cfg.web.user!r} does not exist (admin: make install)") from exc
+
+
+def in_group(user: str, group: str) -> bool:
+    """*user* exists, is not root, and has *group* as its primary or a
+    supplementary group (as sudo's and sshd's ``Match Group`` see it)."""
+    try:
+        pw = pwd.getpwnam(user)
+        gr = grp.getgrnam(group)
+    except KeyError:
+        return False
+    if pw.pw_uid == 0:
+        return False
+    return pw.pw_gid == gr.gr_gid or user in gr.gr_mem
+
+
+def run(argv: list[str], env: dict[str, str], config_path: str = CONFIG) -> int:
+    user, addr, caller = check_request(argv, env)
+    try:
+        cfg = config.load(config_path)
+        service, group = cfg.web.pam_service, cfg.group
+    except KvmshellError as exc:
+        raise Failed(exc.message) from exc
+    if caller != web_uid(cfg):
+        # Why: sudoers lets only the web user run this; a wider sudoers line
+        # (an admin's mistake) must not turn it into a password oracle.
+        raise Refused(f"caller uid {caller} is not the web user {cfg.web.user!r}")
+    password = read_password(0)
+    who = f"auth {user} from {addr} (caller uid {caller})"
+    ok, reason = auth.authenticate(user, password, service,
+                                   rhost=None if addr == "-" else addr)
+    member = in_group(user, group)
+    if ok and member:
+        log(f"{who}: accepted")
+        sys.stdout.write("ok\n")
+        return 0
+    log(f"{who}: denied ({'PAM: ' + reason if not ok else 'not in group ' + group})")
+    sys.stdout.write("denied\n")
+    return 2
+
+
+def main(config_path: str = CONFIG) -> int:
+    """The helper's entry point (the installed stub calls it); the exit status."""
+    syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    try:
+        status = run(list(sys.argv), dict(os.environ), config_path)
+        sys.stdout.flush()
+        return status
+    except (Refused, Failed) as exc:
+        msg = str(exc).replace("\n", " ")
+        status = exc.status
+    except OSError as exc:
+        msg, status = f"system error: {exc.strerror or exc}", 1
+    except BaseException as exc:  # never a traceback from a root program
+        msg, status = f"internal error: {type(exc).__name__}", 1
+    log(f"uid={os.environ.get('SUDO_UID', '?')} argv={[a[:40] for a in sys.argv[1:4]]!r}: "
+        f"{'refused' if status == 2 else 'failed'}: {msg}")
+    try:
+        sys.stderr.write(f"{PROG}: {msg}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

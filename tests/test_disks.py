@@ -354,3 +354,33 @@ def test_golden_image_clones_on_the_real_guest(host: Host, dora: User, eve: User
         kill_all(eve)
         for vm in users:
             host.kvmadm("remove", vm, "--purge", check=False)
+
+
+@pytest.mark.parametrize("admin", [["-M", "q35"], ["-disk-interface", "virtio"],
+                                   ["-M", "q35", "-disk-interface", "virtio"]],
+                         ids=["q35", "virtio", "q35-virtio"])
+def test_every_disk_option_on_each_machine_and_bus(host: Host, dora: User, admin: list[str]) -> None:
+    """A real QEMU takes every disk option in the -blockdev graph on q35
+    (AHCI ports, an added floppy controller) and with virtio disks."""
+    path = host.create_vm("dm", dora, "-m", "128", *admin)
+    try:
+        for leaf, size in (("a.img", 1 << 20), ("b.img", 1 << 20), ("f.img", 1474560),
+                           ("g.img", 1474560), ("x.iso", 1 << 20)):
+            with open(path / leaf, "wb") as f:
+                f.truncate(size)
+            _as_user(dora, path / leaf)
+        for extra in ("", " -snapshot"):
+            r = dora.ssh_command("start dm -hda a.img -hdb b.img -fda f.img -fdb g.img "
+                                 "-cdrom x.iso" + extra)
+            assert r.returncode == 0, r.stderr
+            assert dora.ssh_command("kill dm").returncode == 0
+        if "virtio" not in admin:
+            r = dora.ssh_command("start dm -hda a.img -hdachs 2,16,63")
+            assert r.returncode == 0, r.stderr
+            assert dora.ssh_command("kill dm").returncode == 0
+        else:
+            r = dora.ssh_command("start dm -hda a.img -hdachs 2,16,63")
+            assert r.returncode == 2 and "geometry is for IDE disks" in r.stderr, r.stderr
+    finally:
+        kill_all(dora)
+        host.kvmadm("remove", "dm", "--purge")

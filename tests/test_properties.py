@@ -72,7 +72,9 @@ def _pattern(template: str) -> str:
 def _allowed() -> tuple[dict[str, int], list[re.Pattern[str]]]:
     arity: dict[str, int] = {"-add-fd": 1, "-device": 1, "-blockdev": 1}  # the wrapper's own
     values = [r"fd=\d+,set=\d+", "VGA",                         # -add-fd, -vnc's display
-              _pattern(useropts.VIRTIO_DEVICE)]                 # -hda/-hdb on virtio
+              _pattern(useropts.VIRTIO_DEVICE),                 # -hda/-hdb on virtio
+              _pattern(useropts.Q35_HDACHS), useropts.Q35_FDC,   # on q35
+              *(_pattern(t) for t in useropts.Q35_DEVICES.values())]
     for o in USER_OPTS:
         t = o.qemu
         for i, word in enumerate(t):

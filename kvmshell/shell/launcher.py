@@ -98,7 +98,7 @@ def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.Use
                fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
     return (wrapper_argv(cfg, vm, accels, plan)
             + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
-            + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface))
+            + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface, plan.machine))
 
 
 def take_lock(vm: VM) -> int:

@@ -150,6 +150,13 @@ class Opened:
 # The guest device for -hda/-hdb when the admin chose virtio disks
 # (-disk-interface virtio).  The CD-ROM and floppies stay where they are.
 VIRTIO_DEVICE = "virtio-blk-pci,id={id},drive={node}"
+# On q35 (the admin's -M q35) the IDE buses are AHCI ports, one device
+# each, and there is no floppy controller unless one is added.
+Q35_DEVICES = {"-hda": "ide-hd,id=hda,bus=ide.0,drive={node}",
+               "-hdb": "ide-hd,id=hdb,bus=ide.1,drive={node}",
+               "-cdrom": "ide-cd,id=cdrom,bus=ide.2,drive={node}"}
+Q35_HDACHS = "ide-hd,id=hda,bus=ide.0,drive={node},cyls={c},heads={h},secs={s},bios-chs-trans={t}"
+Q35_FDC = "isa-fdc,id=fdc"
 
 
 def blockdev_argv(node: str, top: Opened, fdsets: "list[int]") -> list[str]:
@@ -188,13 +195,17 @@ def blockdev_argv(node: str, top: Opened, fdsets: "list[int]") -> list[str]:
 
 
 def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str,
-              disk_interface: str = "ide") -> list[str]:
+              disk_interface: str = "ide", machine: str = "pc") -> list[str]:
     """Map a validated request to QEMU 7.2 argv, using only descriptors for
     files.  *disk_interface* (``ide`` or ``virtio``, the admin's choice)
-    decides the device of -hda and -hdb."""
+    decides the device of -hda and -hdb; *machine* (``pc`` or ``q35``) where
+    IDE devices and floppies go."""
     argv: list[str] = []
+    q35 = machine == "q35"
+    if q35 and (req.has("-fda") or req.has("-fdb")):
+        argv += ["-device", Q35_FDC]
     fdsets = [0]
-    machine: list[str] = []
+    machine_opts: list[str] = []
     geometry = None
     if req.has("-hdachs"):
         geometry = _check_geometry("-hdachs", req.values["-hdachs"] or "")
@@ -205,9 +216,12 @@ def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str,
             argv += blockdev_argv(node, opened[name], fdsets)
             if name == "-hda" and geometry is not None:
                 c, h, s, t = geometry
-                spec = BY_NAME["-hdachs"].qemu[1].format(node=node, c=c, h=h, s=s, t=t)
+                tmpl = Q35_HDACHS if q35 else BY_NAME["-hdachs"].qemu[1]
+                spec = tmpl.format(node=node, c=c, h=h, s=s, t=t)
             elif name in ("-hda", "-hdb") and disk_interface == "virtio":
                 spec = VIRTIO_DEVICE.format(id=node, node=node)
+            elif q35 and name in Q35_DEVICES:
+                spec = Q35_DEVICES[name].format(node=node)
             else:
                 spec = opt.qemu[1].format(node=node)
             argv += [opt.qemu[0], spec]
@@ -223,7 +237,7 @@ def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str,
             argv += [opt.qemu[0], opt.qemu[1].format(vnc_socket=vnc_socket),
                      "-device", "VGA"]
         elif opt.qemu and opt.qemu[0] == "-machine":
-            machine.append(opt.qemu[1])
+            machine_opts.append(opt.qemu[1])
         else:
             argv += list(opt.qemu)
-    return argv + (["-machine", ",".join(machine)] if machine else [])
+    return argv + (["-machine", ",".join(machine_opts)] if machine_opts else [])

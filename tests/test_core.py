@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -89,9 +90,15 @@ def test_mappings_to_qemu_7_2() -> None:
     assert argv[argv.index("-rtc") + 1] == "base=localtime"
     assert argv[-2:] == ["-machine", "acpi=off"]
     assert "order=dc" in argv
-    assert "if=none,id=hda,format=qcow2,file=/dev/fdset/1" in argv
-    assert "ide-hd,drive=hda,bus=ide.0,unit=0,cyls=100,heads=16,secs=63,bios-chs-trans=lba" in argv
-    assert "if=ide,index=2,media=cdrom,readonly=on,format=raw,file=/dev/fdset/2" in argv
+    nodes = [json.loads(argv[i + 1]) for i, w in enumerate(argv) if w == "-blockdev"]
+    assert {"driver": "file", "node-name": "hda-file", "filename": "/dev/fdset/1",
+            "read-only": False} in nodes
+    # QEMU never follows a header's backing name: the bottom says null.
+    assert {"driver": "qcow2", "node-name": "hda", "file": "hda-file", "read-only": False,
+            "backing": None} in nodes
+    assert {"driver": "raw", "node-name": "cdrom", "file": "cdrom-file", "read-only": True} in nodes
+    assert "ide-hd,id=hda,bus=ide.0,unit=0,drive=hda,cyls=100,heads=16,secs=63,bios-chs-trans=lba" in argv
+    assert "ide-cd,id=cdrom,bus=ide.1,unit=0,drive=cdrom" in argv
     assert argv.count("-add-fd") == 3
     plan = adminopts.parse_admin(["-m", "512", "-net", "nic,model=virtio", "-net", "user",
                                 "-redir", "tcp:2222::22", "-usbdevice", "tablet"])
@@ -228,17 +235,17 @@ def _qemu_io(vm_path: Path, device: str, command: str) -> None:
     qmp = QEMUMonitorProtocol(str(vm_path / "qmp.sock"))
     qmp.connect(negotiate=True)
     try:
-        qmp.cmd("human-monitor-command", **{"command-line": f"qemu-io {device} \"{command}\""})
+        qmp.cmd("human-monitor-command", **{"command-line": f"qemu-io -d {device} \"{command}\""})
     finally:
         qmp.close()
 
 
 @pytest.mark.parametrize("extra,device,base_changes", [
-    ("-hda d.qcow2 -hdb e.img -fda f.img -fdb g.img -cdrom x.iso", "ide0-hd0", True),
-    ("-hda d.qcow2 -hdb e.img -fda f.img -fdb g.img -cdrom x.iso -snapshot", "ide0-hd0", False),
+    ("-hda d.qcow2 -hdb e.img -fda f.img -fdb g.img -cdrom x.iso", "hda", True),
+    ("-hda d.qcow2 -hdb e.img -fda f.img -fdb g.img -cdrom x.iso -snapshot", "hda", False),
     ("-hda d.qcow2 -hdachs 100,16,63,lba", "hda", True),
     ("-hda d.qcow2 -hdachs 100,16,63 -snapshot", "hda", False),
-    ("-fda f.img -snapshot", "floppy0", False),
+    ("-fda f.img -snapshot", "fda", False),
     ("-option-rom x.iso -boot dc -localtime -no-acpi -no-reboot", "", False),
 ], ids=["disks", "disks-snapshot", "hdachs", "hdachs-snapshot", "floppy-snapshot", "the-rest"])
 def test_disks_start_for_real(host: Host, alice: User, core_vm: Path,
@@ -254,7 +261,7 @@ def test_disks_start_for_real(host: Host, alice: User, core_vm: Path,
             f.truncate(size)
     for leaf in ("d.qcow2", "e.img", "f.img", "g.img", "x.iso"):
         os.chown(core_vm / leaf, alice.uid, alice.gid)
-    image = "d.qcow2" if device != "floppy0" else "f.img"
+    image = "d.qcow2" if device != "fda" else "f.img"
     before = (core_vm / image).read_bytes()
     try:
         r = alice.ssh_command(f"start core {extra}")

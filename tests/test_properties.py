@@ -38,7 +38,27 @@ _HOLES = {
     "fd": r"\d+", "fdset": r"\d+", "format": r"(raw|qcow2)", "order": r"[acdn]{1,4}",
     "c": r"\d+", "h": r"\d+", "s": r"\d+", "t": r"(none|lba|auto)",
     "vnc_socket": re.escape("vnc.sock"), "cmdline": None,
+    "node": r"(fda|fdb|hda|hdb|cdrom)", "id": r"(hda|hdb)",
 }
+_NODE = re.compile(r"(fda|fdb|hda|hdb|cdrom)(-\d+)?(-file)?")
+
+
+def _wrapper_made_blockdev(value: str) -> bool:
+    """A -blockdev node kvmshell built: JSON of a closed shape, every value
+    its own (node names from the table, fdset numbers, closed formats)."""
+    import json
+    node = json.loads(value)
+    if node.get("driver") == "file":
+        return (set(node) == {"driver", "node-name", "filename", "read-only"}
+                and re.fullmatch(r"/dev/fdset/\d+", node["filename"]) is not None
+                and _NODE.fullmatch(node["node-name"]) is not None
+                and node["node-name"].endswith("-file") and isinstance(node["read-only"], bool))
+    keys = {"driver", "node-name", "file", "read-only"} | ({"backing"} if node.get("driver") == "qcow2" else set())
+    return (node.get("driver") in ("raw", "qcow2") and set(node) == keys
+            and _NODE.fullmatch(node["node-name"]) is not None
+            and node["file"] == node["node-name"] + "-file"
+            and (node.get("backing") is None or _NODE.fullmatch(node["backing"]) is not None)
+            and isinstance(node["read-only"], bool))
 
 
 def _pattern(template: str) -> str:
@@ -50,9 +70,11 @@ def _pattern(template: str) -> str:
 
 
 def _allowed() -> tuple[dict[str, int], list[re.Pattern[str]]]:
-    arity: dict[str, int] = {"-add-fd": 1, "-device": 1}      # the wrapper's own
+    arity: dict[str, int] = {"-add-fd": 1, "-device": 1, "-blockdev": 1}  # the wrapper's own
     values = [r"fd=\d+,set=\d+", "VGA",                         # -add-fd, -vnc's display
-              _pattern("if=none,id=hda," + optable.DRIVE_TEMPLATE)]     # -hda under -hdachs
+              _pattern(useropts.VIRTIO_DEVICE),                 # -hda/-hdb on virtio
+              _pattern(useropts.Q35_HDACHS), useropts.Q35_FDC,   # on q35
+              *(_pattern(t) for t in useropts.Q35_DEVICES.values())]
     for o in USER_OPTS:
         t = o.qemu
         for i, word in enumerate(t):
@@ -89,7 +111,9 @@ def check_argv(req: useropts.UserRequest, argv: list[str]) -> None:
             i += 1
             continue
         value = argv[i + 1]
-        if word == "-append":
+        if word == "-blockdev":
+            assert _wrapper_made_blockdev(value), f"-blockdev {value!r}: not wrapper-made"
+        elif word == "-append":
             # The one place user text reaches QEMU: a whole argv element.
             assert value == req.values["-append"]
             appended += 1

@@ -140,7 +140,10 @@ def sec_traps(host: Host, alice: User, bob: User, sec_vm: Path) -> Path:
                    check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
                     str(p / "own-backing.qcow2")], check=True, cwd=p)
-    for leaf in ("base.qcow2", "own-backing.qcow2"):
+    # A backing name outside the allowed places (qemu-img -u: not opened here).
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/etc/hostname",
+                    "-F", "raw", str(p / "evil-backing.qcow2"), "1M"], check=True, cwd=p)
+    for leaf in ("base.qcow2", "own-backing.qcow2", "evil-backing.qcow2"):
         os.chown(p / leaf, alice.uid, alice.gid)
     v4 = bytearray((p / "base.qcow2").read_bytes())
     v4[4:8] = (4).to_bytes(4, "big")
@@ -263,7 +266,7 @@ FILES = [
     ("-cdrom /proc/self/fd/0", "outside"),
     ("-cdrom IMAGES/evil.iso", "evil.iso"),
     ("-cdrom 'IMAGES/../../etc/passwd'", "../../etc/passwd"),
-    ("-hda own-backing.qcow2", "own-backing.qcow2 has a backing file"),
+    ("-hda evil-backing.qcow2", "backing file '/etc/hostname' is outside"),
     ("-hda v4.qcow2", "unsupported qcow2 version 4"),
     ("-hda notq.qcow2", "notq.qcow2 is not a qcow2 image"),
     ("-cdrom x.iso:", "x.iso:"),

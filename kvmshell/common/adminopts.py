@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from kvmshell.common.config import Config
     from kvmshell.common.guestnet import Tap
 from kvmshell.common.optable import (
-    FILE_CHARS, ADMIN, BALLOON, CPU_HOST, CPU_MODELS, CPUMODEL, CPUS, DIR, FIRMWARE, FIRMWARES,
-    FLAG, MACHINE, MACHINES, MEGS, NET, REDIR, USBDEV, lookup, refuse_class, take_value)
+    FILE_CHARS, ADMIN, BALLOON, CPU_HOST, CPU_MODELS, CPUMODEL, CPUS, DIR, DISKIF, FIRMWARE,
+    FIRMWARES, FLAG, MACHINE, MACHINES, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
+    take_value)
 
 
 # The NIC model where the admin names none: virtio, as Proxmox, Incus and
@@ -49,6 +50,9 @@ _NET_GONE = {
 }
 
 
+DISK_INTERFACES = {"ide": "ide", "virtio": "virtio"}
+
+
 class NetSpec:
     """One admin ``-net`` option, parsed."""
 
@@ -68,6 +72,7 @@ class AdminPlan:
         self.argv: list[str] = []
         self.nets: list[NetSpec] = []
         self.user_net_extra: list[str] = []
+        self.disk_interface = "ide"
         self.smp = 1                  # -smp: virtual CPUs
         self.cpu: str | None = None   # -cpu: a model from optable.CPU_MODELS
         self.machine = "pc"           # -M: pc or q35
@@ -278,6 +283,11 @@ def parse_admin(words: list[str]) -> AdminPlan:
             if "-usb" not in plan.argv:
                 plan.argv.append("-usb")
             plan.argv += ["-device", dev]
+        elif opt.kind == DISKIF:
+            if value not in DISK_INTERFACES:
+                raise RefusedOption(f"{token}: {value!r} is not a disk interface "
+                                    f"({' or '.join(DISK_INTERFACES)})")
+            plan.disk_interface = DISK_INTERFACES[value]
         elif opt.kind == BALLOON:
             if value != "virtio":
                 raise RefusedOption(

@@ -18,6 +18,7 @@ DEFAULT_PATH = "/etc/kvmshell/kvmshell.conf"
 _DEFAULTS: dict[str, str] = {
     "vmdir": "/var/lib/kvmshell/vms",
     "qemu": "/usr/bin/qemu-system-x86_64",
+    "qemu_img": "/usr/bin/qemu-img",
     "accel": "kvm tcg",
     "accel_fallback": "yes",
     "image_dirs": "",
@@ -70,6 +71,7 @@ class Config:
         self.path = path
         self.vmdir = _abs(values, "vmdir")
         self.qemu = _abs(values, "qemu")
+        self.qemu_img = _abs(values, "qemu_img")
         self.helper = _abs(values, "helper")
         self.group = values["group"]
         self.authorized_keys = _abs(values, "authorized_keys")

@@ -67,6 +67,10 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         from kvmshell.shell import console
         _out(console.HELP)
         return 0
+    if args and args[0] in ("disk", "snapshot"):
+        from kvmshell.shell import disks
+        _out(disks.help_text())
+        return 0
     if args:
         syn, summary = VERBS[args[0]]
         _out(f"usage: {args[0]} {syn}\n  {summary}")
@@ -304,6 +308,60 @@ def cmd_autostart(ctx: Context, args: list[str]) -> int:
     return autostart.main(ctx, args)
 
 
+def cmd_disk(ctx: Context, args: list[str]) -> int:
+    from kvmshell.shell import disks
+    sub, rest = (args[0], args[1:]) if args else ("", [])
+    if sub == "create":
+        vm, name, size = disks.create(ctx.cfg, ctx.uid, rest)
+        ctx.audit["vm"] = vm.name
+        _out(f"{vm.name}: created {name} ({size} bytes, "
+             f"{'qcow2' if name.endswith('.qcow2') else 'raw, sparse'})")
+    elif sub == "clone":
+        vm, name, base = disks.clone(ctx.cfg, ctx.uid, rest)
+        ctx.audit["vm"] = vm.name
+        _out(f"{vm.name}: created {name}, a clone of {base}")
+    elif sub == "reset":
+        vm, name, base = disks.reset(ctx.cfg, ctx.uid, rest)
+        ctx.audit["vm"] = vm.name
+        _out(f"{vm.name}: {name} is back to its base {base}")
+    elif sub == "resize":
+        vm, name, size = disks.resize(ctx.cfg, ctx.uid, rest)
+        ctx.audit["vm"] = vm.name
+        _out(f"{vm.name}: {name} is {size} bytes")
+    elif sub == "info":
+        doc = disks.info(ctx.cfg, ctx.uid, rest)
+        if "--json" in rest:
+            from kvmshell.common import jsonout
+            jsonout.emit(doc)
+        else:
+            chain = doc["backing_chain"]
+            snaps = doc["snapshots"]
+            assert isinstance(chain, list) and isinstance(snaps, list)
+            _out(f"name:           {doc['name']}\nformat:         {doc['format']}\n"
+                 f"virtual size:   {doc['virtual_size']} bytes\n"
+                 f"allocated:      {doc['actual_size']} bytes\n"
+                 f"backing chain:  {' -> '.join(str(c) for c in chain) or '(none)'}\n"
+                 f"snapshots:      {', '.join(str(x['tag']) for x in snaps) or '(none)'}")
+    else:
+        from kvmshell.shell.disks import DISK_VERBS
+        raise UsageError(f"{sub or 'disk'}: expected disk {'|'.join(DISK_VERBS)} (see 'help disk')")
+    return 0
+
+
+def cmd_snapshot(ctx: Context, args: list[str]) -> int:
+    from kvmshell.shell import disks
+    vm, sub, disk, result = disks.snapshot(ctx.cfg, ctx.uid, args)
+    ctx.audit["vm"] = vm.name
+    if sub == "list":
+        assert isinstance(result, list)
+        for snap in result:
+            _out(f"{snap['tag']}")
+    else:
+        past = {"create": "created", "revert": "reverted to", "delete": "deleted"}[sub]
+        _out(f"{vm.name}: {disk}: {past} snapshot {result}")
+    return 0
+
+
 HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "reset": cmd_reset,
@@ -311,6 +369,7 @@ HANDLERS = {
     "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm, "quota": cmd_quota,
     "console": cmd_console, "vnc": cmd_vnc,
     "autostart": cmd_autostart,
+    "disk": cmd_disk, "snapshot": cmd_snapshot,
 }
 
 def run_words(ctx: Context, words: list[str]) -> int:

@@ -109,14 +109,14 @@ def _split(verb: str, args: list[str]) -> tuple[str | None, str]:
     raise UsageError(f"{args[2]}: unexpected argument to '{verb}'")
 
 
-def _open_dir(vm: "VM") -> int:
+def open_dir(vm: "VM") -> int:
     try:
         return os.open(vm.path, _DIR_FLAGS)
     except OSError as exc:
         raise RuntimeFailure(f"cannot open the directory of VM {vm.name!r}: {exc.strerror}") from exc
 
 
-def _refuse_existing(verb: str, name: str, dfd: int) -> None:
+def refuse_existing(verb: str, name: str, dfd: int) -> None:
     try:
         os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
@@ -124,7 +124,7 @@ def _refuse_existing(verb: str, name: str, dfd: int) -> None:
     raise RefusedFile(f"{verb}: {name} exists (remove it first with 'rm {name}')")
 
 
-def _create_tmp(verb: str, name: str, dfd: int) -> tuple[str, int]:
+def create_tmp(verb: str, name: str, dfd: int) -> tuple[str, int]:
     """A new hidden file beside NAME, for data that becomes NAME only when whole."""
     tmp = f".{verb}.{name}.{os.getpid()}"
     # Why O_EXCL|O_NOFOLLOW through dfd: nothing the user placed in the
@@ -137,7 +137,7 @@ def _create_tmp(verb: str, name: str, dfd: int) -> tuple[str, int]:
     return tmp, fd
 
 
-def _publish(verb: str, name: str, dfd: int, tmp: str, fd: int) -> None:
+def publish(verb: str, name: str, dfd: int, tmp: str, fd: int) -> None:
     """fsync the data, then give it its name; refused if NAME appeared meanwhile."""
     os.fsync(fd)
     try:
@@ -155,7 +155,7 @@ def _unlink_tmp(tmp: str, dfd: int) -> None:
         pass
 
 
-def _usage_bytes(cfg: "Config", uid: int) -> int:
+def usage_bytes(cfg: "Config", uid: int) -> int:
     """Disk space of the user's VM directories, counted as limits.py counts it."""
     from kvmshell.shell import limits
     from kvmshell.common import vmtree
@@ -178,15 +178,15 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
     limit: int | None = cfg.upload_max_bytes or None
     why = "upload_max_bytes"
     if cfg.max_image_bytes:
-        room = max(0, cfg.max_image_bytes - _usage_bytes(cfg, uid))
+        room = max(0, cfg.max_image_bytes - usage_bytes(cfg, uid))
         if limit is None or room < limit:
             limit, why = room, "max_image_bytes, for all your images together"
     if expect is not None and limit is not None and expect > limit:
         raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
-    dfd = _open_dir(vm)
+    dfd = open_dir(vm)
     try:
-        _refuse_existing("upload", name, dfd)
-        tmp, fd = _create_tmp("upload", name, dfd)
+        refuse_existing("upload", name, dfd)
+        tmp, fd = create_tmp("upload", name, dfd)
         done = False
         try:
             size = 0
@@ -198,7 +198,7 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 if cfg.max_image_bytes and size % RECHECK < len(chunk):
                     # Concurrent uploads each saw the same room: recount
                     # (our own temp file included) every RECHECK bytes.
-                    if _usage_bytes(cfg, uid) + len(chunk) > cfg.max_image_bytes:
+                    if usage_bytes(cfg, uid) + len(chunk) > cfg.max_image_bytes:
                         limit = size - len(chunk)
                 if limit is not None and size > limit:
                     raise UsageError(f"upload: {name} exceeds the limit of {limit} bytes ({why})")
@@ -209,7 +209,12 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
                 # Why: EOF on stdin is also what a dropped connection looks like.
                 raise UsageError(f"upload: {name}: got {size} bytes, expected {expect} "
                                  "(connection lost?); nothing stored")
-            _publish("upload", name, dfd, tmp, fd)
+            if cfg.max_image_bytes and usage_bytes(cfg, uid) > cfg.max_image_bytes:
+                # Counted again now that the file is whole: a small qcow2 may
+                # declare a huge virtual size, which the guest could fill.
+                raise UsageError(f"upload: {name} would not fit in max_image_bytes "
+                                 "(a disk counts its virtual size)")
+            publish("upload", name, dfd, tmp, fd)
             done = True
         except OSError as exc:
             raise RuntimeFailure(f"upload: {name}: {exc.strerror}") from exc
@@ -252,14 +257,14 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
         # device state (QEMU's file-size rlimit also stops it at max_image_bytes).
         megs = launcher.admin_plan(vm).megs
         need = (megs + megs // 64 + 16) << 20
-        room = max(0, cfg.max_image_bytes - _usage_bytes(cfg, uid))
+        room = max(0, cfg.max_image_bytes - usage_bytes(cfg, uid))
         if need > room:
             raise UsageError(f"save: no room for the state of a {need >> 20} MiB guest "
                              f"({room} bytes left of max_image_bytes)")
-    dfd = _open_dir(vm)
+    dfd = open_dir(vm)
     try:
-        _refuse_existing("save", name, dfd)
-        tmp, fd = _create_tmp("save", name, dfd)
+        refuse_existing("save", name, dfd)
+        tmp, fd = create_tmp("save", name, dfd)
         try:
             # Why a descriptor: QEMU writes the state into a file kvmshell
             # created, and never names or opens a path itself.
@@ -267,7 +272,7 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
             # is lifted to max_image_bytes while the guest is paused (the
             # room was counted above), and put back if the guest resumes.
             cap: list[int | None] = [None]
-            monitor.save(vm, fd, lambda: _publish("save", name, dfd, tmp, fd),
+            monitor.save(vm, fd, lambda: publish("save", name, dfd, tmp, fd),
                          paused=lambda: cap.__setitem__(0, limits.lift_file_cap(pid)),
                          resuming=lambda: limits.restore_file_cap(pid, cap[0]))
             size = os.fstat(fd).st_size
@@ -286,7 +291,7 @@ def _virtual_size(dfd: int, name: str, st: os.stat_result) -> int | None:
     The format comes from the name, as for 'start'; None if a .qcow2 is not one."""
     if not name.endswith(".qcow2"):
         return st.st_size
-    from kvmshell.shell.files import QCOW2_MAGIC
+    from kvmshell.shell.qcow2 import MAGIC as QCOW2_MAGIC
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
                      | os.O_CLOEXEC, dir_fd=dfd)
@@ -313,7 +318,7 @@ def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int, in
     if len(args) > 1:
         raise UsageError(f"{args[1]}: unexpected argument to 'images'")
     vm = vmtree.pick(cfg, uid, args[0] if args else None)
-    dfd = _open_dir(vm)
+    dfd = open_dir(vm)
     out = []
     try:
         for entry in os.scandir(dfd):
@@ -330,6 +335,31 @@ def listing(cfg: "Config", uid: int, args: list[str]) -> list[tuple[str, int, in
     return sorted(out)
 
 
+def clone_of(dfd: int, name: str) -> str | None:
+    """The first qcow2 image in the directory *dfd* whose header names *name*
+    as its backing file (a plain name: bases in image directories are the
+    admin's), or None.  Each file is opened without following symlinks or
+    blocking, and only its header is read."""
+    from kvmshell.shell import qcow2
+    for entry in os.scandir(dfd):
+        if entry.name == name or not entry.name.endswith(".qcow2"):
+            continue
+        try:
+            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dfd)
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode) and qcow2.is_qcow2(fd):
+                if qcow2.read_header(fd, entry.name).backing == name:
+                    return entry.name
+        except (OSError, RefusedFile):
+            pass
+        finally:
+            os.close(fd)
+    return None
+
+
 def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
     """Unlink NAME from the VM directory unless a running VM holds it."""
     import fcntl
@@ -339,7 +369,7 @@ def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
     name = existing_name("rm", word)
     shown = printable(name)
     vm = vmtree.pick(cfg, uid, vm_name)
-    dfd = _open_dir(vm)
+    dfd = open_dir(vm)
     try:
         fd = _open_to_remove(dfd, name, shown)
         try:
@@ -350,6 +380,10 @@ def remove(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as exc:
                 raise RefusedFile(f"rm: {shown} is in use by a running VM") from exc
+            clone = clone_of(dfd, name)
+            if clone is not None:
+                raise RefusedFile(f"rm: {shown} is the base of {clone} (remove or reset that "
+                                  "clone first)")
             os.unlink(name, dir_fd=dfd)
         finally:
             os.close(fd)

@@ -98,7 +98,7 @@ def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.Use
                fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
     return (wrapper_argv(cfg, vm, accels, plan)
             + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
-            + useropts.user_argv(req, opened, VNC_SOCKET))
+            + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface, plan.machine))
 
 
 def take_lock(vm: VM) -> int:
@@ -114,20 +114,30 @@ def take_lock(vm: VM) -> int:
 
 
 def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, useropts.Opened]:
+    """Open every file of *req* as the user (see files.py); under
+    ``-snapshot``, disks are opened read-only and each gets a temporary
+    qcow2 overlay on top, made here (QEMU's own -snapshot does not apply to
+    a -blockdev graph)."""
     from kvmshell.shell import files
 
     opened: dict[str, useropts.Opened] = {}
+    snapshot = req.has("-snapshot")
     seen: dict[tuple[int, int], tuple[str, bool]] = {}   # this start's images (files.open_file)
     try:
         for opt, value in req.files():
-            write = opt.kind == optable.DISK and not req.has("-snapshot")
-            opened[opt.name] = files.open_file(
-                opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
-                uid=os.getuid(), write=write, image=opt.kind in (optable.DISK, optable.CDROM),
-                seen=seen)
+            write = opt.kind == optable.DISK and not snapshot
+            image = opt.kind in (optable.DISK, optable.CDROM)
+            of = files.open_file(opt.name, value, vmdir=vm.path, image_dirs=cfg.image_dirs,
+                                 uid=os.getuid(), write=write, image=image, seen=seen)
+            opened[opt.name] = of
+            if snapshot and opt.kind == optable.DISK:
+                from kvmshell.shell import imgtool
+                fd, ro = imgtool.temp_overlay(cfg, vm.path, of.size)
+                opened[opt.name] = useropts.Opened(fd, "qcow2", False, ro, size=of.size,
+                                                   backing=of, label=f"{value} (-snapshot)")
     except BaseException:
         for of in opened.values():
-            for fd in of.fds:
+            for fd in of.all_fds():
                 os.close(fd)
         raise
     return opened
@@ -149,6 +159,9 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
     plan = admin_plan(vm)
     if req.has("-vnc") and plan.nographic:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
+    if req.has("-hdachs") and plan.disk_interface != "ide":
+        raise RefusedOption(f"-hdachs: a geometry is for IDE disks; this VM's disks are "
+                            f"{plan.disk_interface}")
     host_check(cfg, vm, plan)
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
@@ -162,7 +175,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
         if ulock >= 0:
             os.close(ulock)
         raise
-    passed = [fd for of in opened.values() for fd in of.fds]
+    passed = [fd for of in opened.values() for fd in of.all_fds()]
     from kvmshell.shell import cgclient
     placing = None
     try:
@@ -200,15 +213,13 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
 def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
                    opened: dict[str, useropts.Opened]) -> int | None:
     """The file-size cap for this start's QEMU (limits.file_size_cap), from
-    the descriptors it gets: every image opened for writing, and under
-    -snapshot one overlay per disk (QEMU's temporary file in the VM directory)."""
+    the descriptors it gets: every image opened for writing -- under
+    -snapshot, that is kvmshell's own temporary qcow2 overlay on each disk
+    (open_files), so no overlay needs counting apart."""
     if not limits.image_limit(cfg, vm.uid):
         return None
     writable = [(of.fmt, os.fstat(of.fd)) for of in opened.values() if not of.readonly]
-    overlays = 0
-    if req.has("-snapshot"):
-        overlays = sum(1 for opt, _ in req.files() if opt.kind == optable.DISK)
-    return limits.file_size_cap(cfg, vm, writable, overlays)
+    return limits.file_size_cap(cfg, vm, writable, 0)
 
 
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,

@@ -69,18 +69,41 @@ def user_lock(cfg: Config, mine: list[VM]) -> int:
     return fd
 
 
+def charge(path: str, st: os.stat_result) -> int:
+    """What one file counts against ``max_image_bytes``: the most it can
+    take, in bytes -- its apparent size, its allocated blocks, and, for a
+    qcow2 image, its virtual size (a guest may write its whole disk; a
+    sparse file may be filled)."""
+    size = max(st.st_size, st.st_blocks * 512)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return size
+    try:
+        head = os.pread(fd, 32, 0)
+    except OSError:
+        return size
+    finally:
+        os.close(fd)
+    if head[:4] == b"QFI\xfb" and len(head) == 32:
+        size = max(size, int.from_bytes(head[24:32], "big"))
+    return size
+
+
 def image_bytes(vms: list[VM]) -> int:
-    """Disk space (allocated blocks) of all regular files in *vms*' directories."""
+    """What all regular files in *vms*' directories count against
+    ``max_image_bytes`` (see :func:`charge`), in bytes."""
     total = 0
     for vm in vms:
         for dirpath, _dirs, leaves in os.walk(vm.path):  # os.walk never follows symlinks
             for leaf in leaves:
+                path = os.path.join(dirpath, leaf)
                 try:
-                    st = os.lstat(os.path.join(dirpath, leaf))
+                    st = os.lstat(path)
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    total += st.st_blocks * 512
+                    total += charge(path, st)
     return total + held_bytes(vms)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kvmshell.common.errors import RefusedOption
 from kvmshell.common.optable import (
-    DRIVE_TEMPLATE, BLOB, BOOT, BY_NAME, CDROM, CMDLINE, DISK, FILE_KINDS, GEOMETRY, STATE, USER, VNC,
+    BLOB, BOOT, BY_NAME, CDROM, CMDLINE, DISK, FILE_KINDS, GEOMETRY, STATE, USER, VNC,
     Option, check_file_name, lookup, refuse_class, take_value)
 
 
@@ -109,44 +109,121 @@ def parse_user(words: list[str]) -> UserRequest:
 
 
 class Opened:
-    """A file kvmshell opened for QEMU: its descriptor and the format it chose."""
+    """A file kvmshell opened for QEMU: its descriptor and the format it chose.
 
-    def __init__(self, fd: int, fmt: str, readonly: bool, ro_fd: int = -1) -> None:
+    For disk images also: ``size`` (virtual size in bytes), ``backing`` (the
+    next layer down, opened read-only by kvmshell, or None), ``label`` (the
+    name the user or the image header gave, for messages).
+    """
+
+    def __init__(self, fd: int, fmt: str, readonly: bool, ro_fd: int = -1, *,
+                 size: int = 0, backing: "Opened | None" = None, label: str = "") -> None:
         self.fd = fd
         self.fmt = fmt
         self.readonly = readonly
         # QEMU opens a writable image read-only first: it needs both modes
         # in the descriptor set.
         self.ro_fd = ro_fd
+        self.size = size
+        self.backing = backing
+        self.label = label
 
     @property
     def fds(self) -> list[int]:
+        """This layer's descriptors (not the layers below)."""
         return [self.fd] + ([self.ro_fd] if self.ro_fd >= 0 else [])
 
+    def chain(self) -> "list[Opened]":
+        """This layer and every layer below it, top first."""
+        out: list[Opened] = []
+        layer: Opened | None = self
+        while layer is not None:
+            out.append(layer)
+            layer = layer.backing
+        return out
 
-def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str) -> list[str]:
-    """Map a validated request to QEMU 7.2 argv, using only descriptors for files."""
+    def all_fds(self) -> list[int]:
+        """The descriptors of the whole chain."""
+        return [fd for layer in self.chain() for fd in layer.fds]
+
+
+# The guest device for -hda/-hdb when the admin chose virtio disks
+# (-disk-interface virtio).  The CD-ROM and floppies stay where they are.
+VIRTIO_DEVICE = "virtio-blk-pci,id={id},drive={node}"
+# On q35 (the admin's -M q35) the IDE buses are AHCI ports, one device
+# each, and there is no floppy controller unless one is added.
+Q35_DEVICES = {"-hda": "ide-hd,id=hda,bus=ide.0,drive={node}",
+               "-hdb": "ide-hd,id=hdb,bus=ide.1,drive={node}",
+               "-cdrom": "ide-cd,id=cdrom,bus=ide.2,drive={node}"}
+Q35_HDACHS = "ide-hd,id=hda,bus=ide.0,drive={node},cyls={c},heads={h},secs={s},bios-chs-trans={t}"
+Q35_FDC = "isa-fdc,id=fdc"
+
+
+def blockdev_argv(node: str, top: Opened, fdsets: "list[int]") -> list[str]:
+    """QEMU 7.2 argv for the image chain below *top*: per layer, the
+    descriptors in a new fdset (``-add-fd``), a ``file`` node on
+    ``/dev/fdset/N`` and a format node over it; each qcow2 layer names the
+    layer below as ``backing``, and the bottom one ``"backing": null``, so
+    QEMU opens nothing by a name from an image header.  The top format node
+    is *node*; *fdsets* holds the last fdset number used (updated).
+
+    Every value is kvmshell's own: node names from the table, fdset numbers,
+    formats from a closed set.  Source: QEMU's qapi/block-core.json
+    (BlockdevOptions, BlockdevRefOrNull).
+    """
+    import json
+
     argv: list[str] = []
-    fdset = 0
-    machine: list[str] = []
+    layers = top.chain()
+    names = [node] + [f"{node}-{i}" for i in range(1, len(layers))]
+    # Bottom first: a node's backing must exist when QEMU creates the node.
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        fdsets[0] += 1
+        for fd in layer.fds:
+            argv += ["-add-fd", f"fd={fd},set={fdsets[0]}"]
+        ro = layer.readonly
+        fmt_node: dict[str, object] = {"driver": layer.fmt, "node-name": names[i],
+                                       "file": names[i] + "-file", "read-only": ro}
+        if layer.fmt == "qcow2":
+            fmt_node["backing"] = names[i + 1] if i + 1 < len(layers) else None
+        argv += ["-blockdev", json.dumps({"driver": "file", "node-name": names[i] + "-file",
+                                          "filename": f"/dev/fdset/{fdsets[0]}",
+                                          "read-only": ro}, separators=(",", ":")),
+                 "-blockdev", json.dumps(fmt_node, separators=(",", ":"))]
+    return argv
+
+
+def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str,
+              disk_interface: str = "ide", machine: str = "pc") -> list[str]:
+    """Map a validated request to QEMU 7.2 argv, using only descriptors for
+    files.  *disk_interface* (``ide`` or ``virtio``, the admin's choice)
+    decides the device of -hda and -hdb; *machine* (``pc`` or ``q35``) where
+    IDE devices and floppies go."""
+    argv: list[str] = []
+    q35 = machine == "q35"
+    if q35 and (req.has("-fda") or req.has("-fdb")):
+        argv += ["-device", Q35_FDC]
+    fdsets = [0]
+    machine_opts: list[str] = []
     geometry = None
     if req.has("-hdachs"):
         geometry = _check_geometry("-hdachs", req.values["-hdachs"] or "")
     for name, value in req.values.items():
         opt = BY_NAME[name]
         if opt.kind in (DISK, CDROM):
-            of = opened[name]
-            fdset += 1
-            for fd in of.fds:
-                argv += ["-add-fd", f"fd={fd},set={fdset}"]
-            tmpl = opt.qemu[1]
+            node = name[1:]
+            argv += blockdev_argv(node, opened[name], fdsets)
             if name == "-hda" and geometry is not None:
-                tmpl = "if=none,id=hda," + DRIVE_TEMPLATE
-            spec = tmpl.format(format=of.fmt, fdset=fdset)
-            # No readonly=on for disks: under -snapshot kvmshell opens them
-            # read-only and QEMU writes to a temporary overlay in the VM
-            # directory (TMPDIR), so the device stays writable (IDE refuses a
-            # read-only node); otherwise they are opened read-write.
+                c, h, s, t = geometry
+                tmpl = Q35_HDACHS if q35 else BY_NAME["-hdachs"].qemu[1]
+                spec = tmpl.format(node=node, c=c, h=h, s=s, t=t)
+            elif name in ("-hda", "-hdb") and disk_interface == "virtio":
+                spec = VIRTIO_DEVICE.format(id=node, node=node)
+            elif q35 and name in Q35_DEVICES:
+                spec = Q35_DEVICES[name].format(node=node)
+            else:
+                spec = opt.qemu[1].format(node=node)
             argv += [opt.qemu[0], spec]
         elif opt.kind in (BLOB, STATE):
             argv += [opt.qemu[0], opt.qemu[1].format(fd=opened[name].fd)]
@@ -154,17 +231,13 @@ def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str) -> l
             argv += [opt.qemu[0], opt.qemu[1].format(order=value)]
         elif opt.kind == CMDLINE:
             argv += [opt.qemu[0], value or ""]
-        elif opt.kind == GEOMETRY and geometry is not None:
-            c, h, s, t = geometry
-            argv += [opt.qemu[0], opt.qemu[1].format(c=c, h=h, s=s, t=t)]
+        elif opt.kind == GEOMETRY:
+            pass  # on -hda's device, above
         elif opt.kind == VNC:
             argv += [opt.qemu[0], opt.qemu[1].format(vnc_socket=vnc_socket),
                      "-device", "VGA"]
         elif opt.qemu and opt.qemu[0] == "-machine":
-            machine.append(opt.qemu[1])
+            machine_opts.append(opt.qemu[1])
         else:
             argv += list(opt.qemu)
-    return argv + (["-machine", ",".join(machine)] if machine else [])
-
-
-# ---- admin options -----------------------------------------------------------
+    return argv + (["-machine", ",".join(machine_opts)] if machine_opts else [])

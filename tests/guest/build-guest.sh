@@ -23,7 +23,7 @@ OUTDIR="${1:-$REPO/build/guest}"
 
 # Modules the guest needs, if the kernel builds them as modules; their
 # dependencies are added (and ordered) from `modinfo -F depends`.
-ROOT_MODULES="virtio_pci virtio_net evdev button"
+ROOT_MODULES="virtio_pci virtio_net virtio_blk ata_piix sd_mod evdev button"
 APT_NEEDS=(busybox-static cpio kmod gzip)
 
 log() { echo "build-guest: $*" >&2; }

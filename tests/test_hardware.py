@@ -764,3 +764,50 @@ def test_slice_dropins_verify(rig: Rig, alice: User, bob: User, tmp_path: Path) 
 def _cfg(rig: Rig) -> "object":
     from kvmshell.common import config
     return config.load(str(rig.host.conf))
+
+
+_FULL_STDERR = r"""
+import fcntl, os, subprocess, sys
+r, w = os.pipe()
+os.set_blocking(w, False)
+try:
+    while True:
+        os.write(w, b"x" * 4096)
+except BlockingIOError:
+    pass
+os.set_blocking(w, True)
+p = subprocess.Popen(["/usr/bin/sudo", "-n", "--", *sys.argv[1:]], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=w)
+os.close(w)
+print(p.pid, flush=True)
+print(p.wait(), flush=True)
+"""
+
+
+@pytest.mark.security
+def test_helper_does_not_hang_on_a_full_stderr(rig: Rig, alice: User) -> None:
+    """The caller owns the helper's stderr: a pipe it filled and never reads
+    must not park a root process for ever (each would be a root Python the
+    user's process limits do not count).  The helper gives up after its
+    deadline (cgrouphelper.DEADLINE seconds)."""
+    from kvmshell.privileged import nethelper
+    p = subprocess.Popen(rig.as_user(alice, "/usr/bin/python3", "-I", "-c", _FULL_STDERR,
+                                     rig.helper, "detach", "kq"),
+                         env=alice.env(), stdout=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+    assert p.stdout is not None
+    sudo_pid = int(p.stdout.readline())
+    deadline = time.monotonic() + getattr(nethelper, "DEADLINE", 45) + 30
+    try:
+        while os.path.exists(f"/proc/{sudo_pid}") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not os.path.exists(f"/proc/{sudo_pid}"), "the root helper still hangs"
+        assert p.stdout.readline().strip() not in ("", "0")
+    finally:
+        if os.path.exists(f"/proc/{sudo_pid}"):
+            # Before the fix: the root helper sits in write(2); end it (sudo
+            # may have exec'd it in place, or waits for it as its child).
+            children = Path(f"/proc/{sudo_pid}/task/{sudo_pid}/children").read_text().split()
+            for pid in [int(c) for c in children] or [sudo_pid]:
+                os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=30)

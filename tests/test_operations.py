@@ -686,3 +686,37 @@ def test_autostart_reads_the_owners_files_safely(host: Host, alice: User, sink: 
     assert len(line) == 1 and line[0].startswith(f"{vm}: failed: ") and "start-options" in line[0]
     assert sink.find(program="kvmadm", verb="autostart", vm=vm)["outcome"] == "failed"
     assert alice.qemu_pids() == []
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_kvmadm_reads_the_pid_file_safely(host: Host, alice: User, tmp_path: Path,
+                                          kind: str) -> None:
+    """qemu.pid is the user's file (QEMU writes it): root's kvmadm (list,
+    show, usage, autostart) must not block on a FIFO there nor follow a
+    symlink to a device (here a FIFO outside the VM directory stands for a
+    device whose open blocks, such as a serial port, or arms a watchdog)."""
+    vm = _vm(host, alice)
+    d = host.vm_path(vm)
+    pidfile = d / "qemu.pid"
+    if kind == "fifo":
+        os.mkfifo(pidfile)
+        os.chown(pidfile, alice.uid, alice.gid)
+    else:
+        fifo = tmp_path / "device"
+        os.mkfifo(fifo)
+        os.symlink(fifo, pidfile)
+        os.chown(pidfile, alice.uid, alice.gid, follow_symlinks=False)
+    (d / autostart_files.FLAG).touch()
+    os.chown(d / autostart_files.FLAG, alice.uid, alice.gid)
+    try:
+        for verb in (["list"], ["show", vm], ["usage"]):
+            r = subprocess.run([KVMADM, "--config", str(host.conf), *verb],
+                               capture_output=True, text=True, timeout=20)
+            assert "Traceback" not in r.stderr, r.stderr
+            if verb[0] == "list":
+                line = [l for l in r.stdout.splitlines() if l.startswith(vm)]
+                assert len(line) == 1 and "stopped" in line[0]
+    finally:
+        pidfile.unlink()
+        (d / autostart_files.FLAG).unlink()

@@ -7,6 +7,7 @@ Shared by the user's side (status, start, limits) and root's kvmadm
 from __future__ import annotations
 
 import os
+import stat
 
 from kvmshell.common.vmtree import VM
 
@@ -15,12 +16,27 @@ PIDFILE = "qemu.pid"
 
 def qemu_pid(vm: VM) -> int | None:
     """The pid of this VM's QEMU, or None.  The pid file is user-writable,
-    so the process is checked: same uid, and its argv names this VM."""
+    so the process is checked: same uid, and its argv names this VM.
+
+    Why the careful open: root (kvmadm list, show, usage, autostart) reads
+    it too.  A FIFO must not block, a symlink must not send root to a
+    device (a serial port whose open waits for carrier, a watchdog armed by
+    an open), so: ``O_NOFOLLOW|O_NONBLOCK|O_NOCTTY`` and a regular file of
+    the VM's owner, or no pid."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        with open(vm.file(PIDFILE), "rb") as f:
-            pid = int(f.read(32).strip() or b"0")
+        fd = os.open(vm.file(PIDFILE), flags)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != vm.uid:
+            return None
+        pid = int(os.read(fd, 32).strip() or b"0")
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
     if pid <= 1:
         return None
     try:

@@ -50,7 +50,8 @@ import syslog
 
 from kvmshell.common import budgets, cgroups
 from kvmshell.common.errors import KvmshellError
-from kvmshell.privileged.nethelper import _ENV_OK, _NAME_FIRST, _NAME_REST, NAME_MAX, Failed, Refused
+from kvmshell.privileged.nethelper import (_ENV_OK, _NAME_FIRST, _NAME_REST, NAME_MAX, Failed,
+                                          Refused, deadline)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -283,6 +284,7 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
 def main(config: str = CONFIG) -> int:
     """The helper's entry point (the installed stub calls it); the exit status."""
     syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    deadline(PROG)
     try:
         return run(list(sys.argv), dict(os.environ), config)
     except (Refused, Failed) as exc:

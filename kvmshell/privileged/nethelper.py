@@ -82,6 +82,33 @@ def log(msg: str) -> None:
     syslog.syslog(syslog.LOG_NOTICE, msg)
 
 
+DEADLINE = 45   # seconds a root helper may live, at most
+
+
+def deadline(prog: str, seconds: int = DEADLINE) -> None:
+    """End this process after *seconds*, whatever it is waiting for.
+
+    Why: the caller owns the helper's stdin, stdout and stderr.  A pipe or
+    socket it filled and never reads would otherwise park a root process
+    in write(2) or sendmsg(2) for ever, and root processes are outside the
+    user's process and memory limits.  The helpers' work takes well under a
+    second (the systemd call has its own 30 s timeout)."""
+    import signal
+
+    def expire(_sig: int, _frame: object) -> None:
+        # syslog(3) itself may block on a stalled log: the kernel ends us then.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(2)
+        try:
+            log(f"uid={os.environ.get('SUDO_UID', '?')}: gave up after {seconds} s "
+                "(a descriptor of the caller's blocked)")
+        finally:
+            os._exit(1)
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+
+
 # ---- the caller and the request --------------------------------------------
 
 def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
@@ -325,6 +352,7 @@ def _up_to_stdout(ipr: "IPRoute", taps: list[guestnet.Tap], who: str) -> int:
 def main(config: str = CONFIG) -> int:
     """The helper's entry point (the installed stub calls it); the exit status."""
     syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+    deadline(PROG)
     try:
         return run(list(sys.argv), dict(os.environ), config)
     except (Refused, Failed) as exc:

@@ -384,3 +384,26 @@ def test_every_disk_option_on_each_machine_and_bus(host: Host, dora: User, admin
     finally:
         kill_all(dora)
         host.kvmadm("remove", "dm", "--purge")
+
+
+def test_plain_backing_name_resolves_beside_the_image(host: Host, dora: User, dvm: Path) -> None:
+    """A golden image in a subdirectory of an image dir whose header names a
+    plain base: the base beside it, not a same-named file at the top."""
+    sub = host.images / "sub"
+    sub.mkdir(mode=0o755, exist_ok=True)
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(sub / "base.qcow2"), "4M"],
+                       check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(host.images / "base.qcow2"),
+                        "2M"], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.qcow2", "-F",
+                        "qcow2", str(sub / "top.qcow2"), "4M"], check=True)
+        r = dora.ssh_command(f"disk clone c.qcow2 {sub}/top.qcow2")
+        assert r.returncode == 0, r.stderr
+        info = json.loads(dora.ssh_command("disk info c.qcow2 --json").stdout)
+        assert info["backing_chain"] == [f"{sub}/top.qcow2", f"{sub}/base.qcow2"], info
+        assert dora.ssh_command("rm c.qcow2").returncode == 0
+    finally:
+        for p in (sub / "top.qcow2", sub / "base.qcow2", host.images / "base.qcow2"):
+            p.unlink(missing_ok=True)
+        sub.rmdir()

@@ -171,8 +171,8 @@ def open_backing(token: str, top: Opened, *, root: str, vmdir: str, image_dirs: 
     """Open the backing chain below the qcow2 image *top* (already open),
     read-only, and link it through ``backing``; set each layer's ``size``.
 
-    A backing name is a plain file name (resolved in the same directory as
-    the image that names it: the VM directory, or an image directory) or an
+    A backing name is a plain file name (resolved in the directory of the
+    image that names it, inside the VM directory or an image directory) or an
     absolute path inside *image_dirs*.  Its format follows the same naming
     rule as the user's files and must agree with the header's backing
     format, if the header gives one.  At most :data:`MAX_CHAIN_DEPTH`
@@ -204,7 +204,9 @@ def open_backing(token: str, top: Opened, *, root: str, vmdir: str, image_dirs: 
                 raise RefusedFile(f"{token}: {layer.label}: backing file {name!r} is not a plain "
                                   "name in the same directory (refused)")
             else:
-                value = name if layer_root == vmdir else f"{layer_root}/{name}"
+                # Beside the image that names it (as QEMU resolves it).
+                parent = os.path.dirname(layer.label)
+                value = f"{parent}/{name}" if parent else name
             try:
                 optable.check_file_name(token, value)
             except KvmshellError as exc:

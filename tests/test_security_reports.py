@@ -143,7 +143,8 @@ def _qemu_io(vm_path: Path, device: str, command: str) -> str:
     qmp = QEMUMonitorProtocol(str(vm_path / "qmp.sock"))
     qmp.connect(negotiate=True)
     try:
-        r = qmp.cmd("human-monitor-command", **{"command-line": f"qemu-io {device} \"{command}\""})
+        # -d: *device* is the guest device's id (hda), whose BlockBackend writes.
+        r = qmp.cmd("human-monitor-command", **{"command-line": f"qemu-io -d {device} \"{command}\""})
     finally:
         qmp.close()
     return str(r)
@@ -151,9 +152,11 @@ def _qemu_io(vm_path: Path, device: str, command: str) -> str:
 
 def test_growing_image_stays_within_the_room_left(host: Host, alice: User) -> None:
     """Usage just under max_image_bytes, then a tiny qcow2 with a 64 TiB
-    virtual size, written by the guest: the directory never passes the
-    quota (each file QEMU writes is capped at the room left, not at the
-    whole quota), and QEMU survives the refused writes."""
+    virtual size: its start is refused (a qcow2 counts its virtual size, the
+    disks issue's worst case).  A qcow2 whose virtual size fits, written by
+    the guest past the room: the directory never passes the quota (each
+    file QEMU writes is capped at the room left, not at the whole quota),
+    and QEMU survives the refused writes."""
     mib = 1 << 20
     quota = 48 * mib
     h = own_host(host, "r2-grow", max_image_bytes=str(quota))
@@ -169,13 +172,20 @@ def test_growing_image_stays_within_the_room_left(host: Host, alice: User) -> No
     assert r.returncode == 0, r.stderr
     row = [line.split() for line in r.stdout.splitlines() if line.endswith("big.qcow2")][0]
     assert int(row[1]) == 64 << 40 and int(row[0]) < 4 * mib, r.stdout
+    r = u.ssh_command("start g -hda big.qcow2")
+    assert r.returncode != 0 and "limit" in r.stderr, r.stderr
+    assert u.qemu_pids() == []
+    (path / "big.qcow2").unlink()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path / "big.qcow2"), "6M"],
+                   check=True)
+    os.chown(path / "big.qcow2", u.uid, u.gid)
     pid = started_pid(u.ssh_command("start g -hda big.qcow2"))
     try:
         limits = Path(f"/proc/{pid}/limits").read_text()
         m = re.search(r"Max file size\s+(\d+)\s+(\d+)", limits)
         assert m and int(m.group(1)) < 16 * mib and int(m.group(2)) == quota, limits
-        for i in range(8):                       # 64 MiB of guest writes, far past the room
-            _qemu_io(path, "ide0-hd0", f"write -P 0x5a {i * 8}M 8M")
+        for i in range(6):                       # the whole 6 MiB disk, past the room
+            _qemu_io(path, "hda", f"write -P 0x5a {i}M 1M")
         assert u.qemu_pids() == [pid]            # EFBIG for the guest, not SIGXFSZ for QEMU
         assert b"Input/output error" in (path / "qemu.log").read_bytes() \
             or b"File too large" in (path / "qemu.log").read_bytes()
@@ -199,7 +209,7 @@ def test_snapshot_overlay_counts(host: Host, alice: User) -> None:
         limits = Path(f"/proc/{pid}/limits").read_text()
         m = re.search(r"Max file size\s+(\d+)", limits)
         assert m and int(m.group(1)) <= quota - 16 * mib, limits
-        _qemu_io(path, "ide0-hd0", "write -P 0x33 0 16M")
+        _qemu_io(path, "hda", "write -P 0x33 0 16M")
         wait_for(lambda: b"wrote 16777216" in (path / "qemu.log").read_bytes(), 20, "the write")
         r = run(u, "upload", "up.img", "--size", str(quota - 24 * mib), stdin=subprocess.DEVNULL)
         one_line(r, 2, "exceeds the limit", "max_image_bytes")

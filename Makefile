@@ -15,7 +15,7 @@ APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 open
                openssh-client libpam-modules socat ovmf util-linux man-db
 # Build: the man pages are made from the code's tables by docutils' rst2man.
 APT_BUILD   := python3-docutils
-APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux \
+APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux strace \
                xz-utils zstd groff-base systemd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
 # The web front door's browser test: Debian's Chromium and its chromedriver

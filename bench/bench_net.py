@@ -111,7 +111,9 @@ def main() -> int:
     if made_user:
         subprocess.run(["useradd", "-M", "-N", "-s", "/bin/false", user], check=True)
     pw = pwd.getpwnam(user)
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-")
+    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
+    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir="/run/kvmshell-test")
     os.chmod(root, 0o755)
     drop_in = f"/etc/sudoers.d/kvmshell-bench-{tag}"
     subprocess.run(["groupadd", group], check=True)

@@ -31,7 +31,9 @@ def timed(argv: list[str]) -> float:
 
 
 def main() -> int:
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-")
+    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
+    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir="/run/kvmshell-test")
     os.chmod(root, 0o755)
     conf = os.path.join(root, "k.conf")
     sshd = None

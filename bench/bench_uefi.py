@@ -185,7 +185,9 @@ def main() -> int:
     pw = pwd.getpwnam(USER)
     sys.path.insert(0, REPO)
     from kvmshell.common import cgroups
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-")
+    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
+    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir="/run/kvmshell-test")
     os.chmod(root, 0o755)
     drop_in = f"/etc/sudoers.d/kvmshell-bench-{tag}"
     subprocess.run(["groupadd", group], check=True)

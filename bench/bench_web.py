@@ -162,7 +162,9 @@ def login(rig: WebRig, user: str) -> tuple[str, str]:
 
 
 def main() -> int:
-    root = Path(tempfile.mkdtemp(prefix="kvmshell-bench-web-"))
+    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
+    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="kvmshell-bench-web-", dir="/run/kvmshell-test"))
     os.chmod(root, 0o755)
     kvmshell, kvmadm = install_checkout(root)
     conf = root / "k.conf"

@@ -11,6 +11,17 @@ import tempfile
 KVMSHELL = os.environ.get("KVMSHELL") or shutil.which("kvmshell") or "/usr/local/bin/kvmshell"
 KVMADM = os.environ.get("KVMADM") or shutil.which("kvmadm") or "/usr/local/sbin/kvmadm"
 USER = "kvmbench"
+# kvmshell takes a config only from /etc/kvmshell or this root-owned place
+# (kvmshell/common/config.py, USER_CONFIG_DIRS).
+PLACE = "/run/kvmshell-test"
+
+
+def tree_root() -> str:
+    """A fresh 0755 directory for a run's tree and config, in PLACE."""
+    os.makedirs(PLACE, mode=0o755, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir=PLACE)
+    os.chmod(root, 0o755)
+    return root
 
 
 class Tree:
@@ -25,8 +36,7 @@ class Tree:
         self.pw = pwd.getpwnam(USER)
         self.as_user = ["setpriv", f"--reuid={self.pw.pw_uid}", f"--regid={self.pw.pw_gid}",
                         "--clear-groups", "--"]
-        self.root = tempfile.mkdtemp(prefix="kvmshell-bench-")
-        os.chmod(self.root, 0o755)
+        self.root = tree_root()
         self.conf = os.path.join(self.root, "k.conf")
         with open(self.conf, "w") as f:
             # cgroup = off: the bench user is in no sudoers group (bench_uefi.py

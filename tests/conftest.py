@@ -94,7 +94,18 @@ def sudoers_text(tag: str, group: str) -> str:
     return re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_{tag.upper()}", text)
 
 
-_ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-"))
+def config_place() -> Path:
+    """The tests' own place, the one kvmshell takes a config from besides
+    /etc/kvmshell (config.USER_CONFIG_DIRS): root's, made here if missing."""
+    from kvmshell.common.config import USER_CONFIG_DIRS
+    place = Path(USER_CONFIG_DIRS[1])
+    place.mkdir(mode=0o755, exist_ok=True)
+    st = place.lstat()
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022, place
+    return place
+
+
+_ROOT = Path(tempfile.mkdtemp(prefix="kvmshell-test-", dir=config_place()))
 os.chmod(_ROOT, 0o755)  # users must traverse to their VM directories
 # Also when no test asks for the host fixture (e.g. -m security -k prop, --collect-only).
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
@@ -261,6 +272,19 @@ def console_log(vm_path: Path) -> bytes:
         except FileNotFoundError:
             pass
     return data
+
+
+def lock_holders(path: Path) -> list[tuple[int, str]]:
+    """(pid, READ|WRITE) of the flocks on directory *path*, from /proc/locks
+    (read here, not through kvmshell, so kvmshell does not grade itself)."""
+    st = os.lstat(path)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    out = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+            out.append((int(parts[4]), parts[3]))
+    return out
 
 
 def kill_all(user: User) -> None:

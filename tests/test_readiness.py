@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import (KVMADM, KVMSHELL, REPO, Host, User, _drop_user, _make_user,
+from conftest import (KVMADM, KVMSHELL, REPO, Host, User, _drop_user, _make_user, config_place,
                       install_nethelper, kill_all)
 from sshrig import CARELESS_MAIN, dropin_text, free_port
 from kvmshell.admin import check
@@ -177,7 +177,7 @@ class Stage:
     (paths and group rewritten), as `make install` would lay them out."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="kvmshell-check-"))
+        self.root = Path(tempfile.mkdtemp(prefix="kvmshell-check-", dir=config_place()))
         os.chmod(self.root, 0o755)
         self.group = f"kvt{secrets.token_hex(3)}g"
         subprocess.run(["groupadd", self.group], check=True)

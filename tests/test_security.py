@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (KVMSHELL, MARKER, REPO, Host, User, assert_refused, console_log,
-                      kill_all, wait_for)
+                      kill_all, lock_holders, wait_for)
 from test_core_refusals import _bad_tree, _rename_to
 
 pytestmark = pytest.mark.security
@@ -59,14 +59,8 @@ def started_pid(r: subprocess.CompletedProcess[str]) -> int:
 
 
 def lock_free(vm_path: Path) -> bool:
-    fd = os.open(vm_path / "lock", os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
+    """Nobody holds the VM lock (an flock on the VM directory)."""
+    return lock_holders(vm_path) == []
 
 
 LEAVES = ("qmp.sock", "serial.sock", "vnc.sock", "qemu.pid", "console.sock", "serial.in",

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import KVMSHELL, MARKER, REPO, Host, User, _drop_user, console_log, \
-    kill_all, wait_for
+    kill_all, config_place, wait_for
 from sshrig import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -53,7 +53,7 @@ class Rig:
 def rig(guest: Path) -> Iterator[Rig]:
     group = f"kvt{secrets.token_hex(3)}g"
     subprocess.run(["groupadd", group], check=True)
-    root = Path(tempfile.mkdtemp(prefix="kvmshell-sshtest-"))
+    root = Path(tempfile.mkdtemp(prefix="kvmshell-sshtest-", dir=config_place()))
     os.chmod(root, 0o755)
     host = Host(root)
     sshd = Sshd(f"{KVMSHELL} --config {host.conf}", group)

@@ -468,6 +468,19 @@ def check_shell(h: Host) -> Result:
     return Result(PASS, f"{path}, listed in {h.shells}")
 
 
+def check_config(h: Host) -> Result:
+    """kvmshell would take this config (only from /etc/kvmshell/, below root's
+    directories: the VM user's own code may pick kvmshell's argv)."""
+    from kvmshell.common import config
+    from kvmshell.common.errors import ConfigError
+    try:
+        config.check_place(h.cfg.path)
+    except ConfigError as exc:
+        return Result(FAIL, f"kvmshell refuses it: {exc.message}",
+                      f"move it to {config.DEFAULT_PATH} (and the ForceCommand line's --config)")
+    return Result(PASS, f"{h.cfg.path}, in a place kvmshell takes a config from")
+
+
 def check_helper(h: Host) -> Result:
     """The network helper sudo runs as root is installed and only root's."""
     path = h.cfg.helper
@@ -767,15 +780,8 @@ def check_tree(h: Host) -> Result:
                            f"chown OWNER {path} (or kvmadm remove {name})"))
         if stat.S_IMODE(est.st_mode) != 0o700:
             broken.append((f"{path} is {_mode_text(est)}, not 0700", f"chmod 700 {path}"))
-        try:
-            lock = os.lstat(os.path.join(path, "lock"))
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISREG(lock.st_mode) or lock.st_uid != est.st_uid:
-                broken.append((f"{path}/lock is {_mode_text(lock)}"
-                               + ("" if stat.S_ISREG(lock.st_mode) else ", not a file"),
-                               f"rm {path}/lock (start and kvmadm make it again)"))
+        # Nothing inside the directory is looked at: what the user keeps
+        # there is the user's (the VM lock is on the directory itself).
         try:
             adminopts.parse_admin(words)
         except UsageError as exc:
@@ -918,6 +924,7 @@ CHECKS: list[tuple[str, str, Callable[[Host], Result]]] = [
     ("tun", "/dev/net/tun", check_tun),
     ("group", "VM users' group", check_group),
     ("shell", "login shell", check_shell),
+    ("config", "config's place", check_config),
     ("helper", "network helper", check_helper),
     ("sudoers", "sudoers drop-in", check_sudoers),
     ("web", "web front door", check_web),

@@ -119,34 +119,21 @@ def cmd_create(cfg: Config, args: list[str]) -> int:
     os.mkdir(path, 0o700)
     os.chown(path, uid, gid)
     os.chmod(path, 0o700)
-    lock = os.open(os.path.join(path, "lock"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    os.fchown(lock, uid, gid)
-    os.close(lock)
     _replace_link(cfg, name, dirname)
     _out(f"created {name} for {user}: {path}")
     return 0
 
 
-def _running(vm: vmtree.VM) -> int:
-    """Take the VM's lock as root, so nothing starts while we change it."""
-    import fcntl
-
-    path = vm.file("lock")
+def _lock(vm: vmtree.VM) -> int:
+    """Take the VM's lock (on its directory: common/runstate.py), so that
+    nothing starts while we change it; refuse while anyone holds it."""
+    from kvmshell.common import runstate
+    from kvmshell.common.errors import AlreadyRunning
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        # Why fchown: a root-owned lock file would stop the user's own start.
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.fchown(fd, vm.uid, -1)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise TreeError(f"{path} is not a regular file")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        os.close(fd)
-        raise RuntimeFailure(f"{vm.name}: refused while the VM runs (stop it first)") from exc
-    return fd
+        return runstate.lock(vm)
+    except AlreadyRunning as exc:
+        raise RuntimeFailure(f"{vm.name}: refused while the VM runs, starts or stops "
+                             "(stop it first)") from exc
 
 
 def cmd_set(cfg: Config, args: list[str]) -> int:
@@ -158,7 +145,7 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     _NOTE["owner"] = _user(vm.uid)
     adminopts.check_host(adminopts.parse_admin(words), cfg)
     dirname = vmid.encode(vm.name, words)
-    lock = _running(vm)
+    lock = _lock(vm)
     try:
         if dirname != vm.dirname:
             os.rename(vm.path, os.path.join(cfg.vmdir, dirname))
@@ -169,27 +156,56 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     return 0
 
 
+def _holding_dir(cfg: Config) -> str:
+    """TOP/.removed: where removed VM directories go, root's alone."""
+    keep = os.path.join(cfg.vmdir, ".removed")
+    if not os.path.lexists(keep):
+        os.mkdir(keep, 0o700)
+    st = os.lstat(keep)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+        raise TreeError(f"{keep} must be a directory owned by root, mode 0700 "
+                        f"(admin: chown root:root {keep}; chmod 700 {keep})")
+    return keep
+
+
 def cmd_remove(cfg: Config, args: list[str]) -> int:
-    purge = "--purge" in args
+    import time
+    from kvmshell.admin import purge
+    do_purge = "--purge" in args
     rest = [a for a in args if a != "--purge"]
     if len(rest) != 1:
         raise UsageError("usage: remove NAME [--purge]")
-    _NOTE["vm"] = rest[0]
-    vm = vmtree.resolve(cfg, rest[0])
+    name = rest[0]
+    _NOTE["vm"] = name
+    vmid.check_name(name)
+    vmtree.check_top(cfg)
+    keep = _holding_dir(cfg)
+    leftover = purge.pending(keep, name) if do_purge else []
+    if leftover and not os.path.lexists(os.path.join(cfg.vmdir, name)):
+        for path in leftover:           # only a half-done purge is left
+            purge.finish(path)
+        _out(f"{name}: removed with its images (an earlier purge finished)")
+        return 0
+    vm = vmtree.resolve(cfg, name)
     _NOTE["owner"] = _user(vm.uid)
-    lock = _running(vm)
+    lock = _lock(vm)
     try:
+        # Out of the user's reach first (the directory keeps our lock), then
+        # the name; the purge then works on a tree nobody else can find.
+        dest = os.path.join(keep, f"{vm.dirname[:200]}.{time.time_ns()}"
+                            + (purge.SUFFIX if do_purge else ""))
+        os.rename(vm.path, dest)
         os.unlink(os.path.join(cfg.vmdir, vm.name))
-        if purge:
-            import shutil
-            shutil.rmtree(vm.path)
+        if do_purge:
+            try:
+                purge.finish(dest, lock)
+            except RuntimeFailure as exc:
+                raise RuntimeFailure(f"{vm.name}: {exc.message}; 'kvmadm remove {vm.name} "
+                                     "--purge' finishes it") from exc
+            for path in leftover:
+                purge.finish(path)
             _out(f"{vm.name}: removed with its images")
         else:
-            import time
-            keep = os.path.join(cfg.vmdir, ".removed")
-            os.makedirs(keep, mode=0o700, exist_ok=True)
-            dest = os.path.join(keep, f"{vm.dirname[:200]}.{int(time.time())}")
-            os.rename(vm.path, dest)
             _out(f"{vm.name}: removed; its files are kept in {dest}")
     finally:
         os.close(lock)
@@ -232,14 +248,18 @@ def cmd_list(cfg: Config, args: list[str]) -> int:
         raise UsageError(f"{args[0]}: unexpected argument")
     vms = []
     tree = vmtree.scan_all(cfg)
+    # Why from the kernel's lock table and /proc: root reads nothing the VM
+    # user can write (a pid file could be a FIFO or a link to a device).
+    table = runstate.lock_table()
     for vm in tree.vms:
-        pid = runstate.qemu_pid(vm)
+        state, pid = runstate.state(vm, cfg.qemu, table)
         if as_json:
             vms.append({"name": vm.name, "owner": _user(vm.uid), "uid": vm.uid,
-                        "state": "running" if pid else "stopped", "pid": pid,
+                        "state": state, "pid": pid,
                         "options": vm.admin_words, "autostart": _autostart_state(cfg, vm)[0]})
             continue
-        state = f"running (pid {pid})" if pid else "stopped"
+        if pid:
+            state = f"running (pid {pid})"
         _out(f"{vm.name:<20} {_user(vm.uid):<12} {state:<22} {' '.join(vm.admin_words)}")
     if as_json:
         from kvmshell.common import jsonout
@@ -475,8 +495,8 @@ def cmd_autostart(cfg: Config, args: list[str]) -> int:
             why_not = autostart.forbidden(cfg, adminopts.parse_admin(vm.admin_words))
             if why_not:
                 outcome, line = "skipped", why_not
-            elif runstate.qemu_pid(vm):
-                outcome, line = "skipped", "already running"
+            elif runstate.state(vm, cfg.qemu)[0] != runstate.STOPPED:
+                outcome, line = "skipped", "already running (or being started or stopped)"
             else:
                 ok, line = start_as_owner(cfg, vm, words)
                 outcome = "ok" if ok else "failed"
@@ -646,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
             _record(cfg, cmd_name, {**_NOTE, "outcome": "failed", "status": 1,
                                     "reason": f"{exc.filename or ''}: {exc.strerror}",
                                     "args": _join(args[1:])})
+        return 1
+    except Exception as exc:  # a bug: one line, never a traceback from root's tool
+        _err(f"internal error ({type(exc).__name__}: {printable(str(exc))})")
         return 1
 
 

@@ -1,6 +1,6 @@
 """Per-user budgets: what one user's running VMs may take in total.
 
-Shared by kvmshell (the early check under the per-user lock, ``quota``),
+Shared by kvmshell (the early check at start, ``quota``),
 kvmadm (``usage``, systemd slice drop-ins) and the cgroup helper (the
 kernel's limits), so all three read the same numbers from the same
 root-owned files.
@@ -176,6 +176,9 @@ class Totals:
         self.running: list[str] = []
         self.ram_mib = 0
         self.vcpus = 0
+        # Of those, the VMs locked exclusively: a start still deciding.
+        self.deciding_ram_mib = 0
+        self.deciding_vcpus = 0
 
 
 def vm_size(vm: "VM") -> tuple[int, int]:
@@ -190,17 +193,25 @@ def vm_size(vm: "VM") -> tuple[int, int]:
     return plan.megs, plan.smp
 
 
-def totals(vms: "list[VM]", skip: str | None = None) -> Totals:
-    """Totals over the running VMs among *vms* (not counting directory *skip*)."""
+def totals(vms: "list[VM]", skip: str | None = None,
+           table: dict[str, list[tuple[int, bool]]] | None = None) -> Totals:
+    """Totals over the VMs among *vms* whose lock is held (running, being
+    started or stopped: common/runstate.py; *table*: the lock table, read
+    here if not given), not counting directory *skip*."""
     from kvmshell.common import runstate
+    table = runstate.lock_table() if table is None else table
     t = Totals()
     for vm in vms:
-        if vm.dirname == skip or not runstate.qemu_pid(vm):
+        held = runstate.holders(vm, table)
+        if vm.dirname == skip or not held:
             continue
         megs, smp = vm_size(vm)
         t.running.append(vm.name)
         t.ram_mib += megs
         t.vcpus += smp
+        if any(exclusive for _, exclusive in held):
+            t.deciding_ram_mib += megs
+            t.deciding_vcpus += smp
     return t
 
 

@@ -14,6 +14,12 @@ import stat
 from kvmshell.common.errors import ConfigError
 
 DEFAULT_PATH = "/etc/kvmshell/kvmshell.conf"
+# Where kvmshell (run by the VM user, whose code may pick its argv) takes a
+# config from: the admin's directory, and the place of the test suite's and
+# the benchmarks' own trees.  Only root can create either (/etc and /run are
+# root's), and every component of the path is checked to be root's too, so
+# a config there is the admin's word.  kvmadm, run by root, takes any path.
+USER_CONFIG_DIRS = ("/etc/kvmshell", "/run/kvmshell-test")
 
 _DEFAULTS: dict[str, str] = {
     "vmdir": "/var/lib/kvmshell/vms",
@@ -230,11 +236,38 @@ def _int(values: dict[str, str], key: str, path: str) -> int:
     return n
 
 
-def load(path: str = DEFAULT_PATH, *, require_root: bool = True) -> Config:
-    """Read and validate the host config; a missing default file means defaults."""
+def check_place(path: str, dirs: tuple[str, ...] = USER_CONFIG_DIRS) -> None:
+    """Refuse a config path outside *dirs*, or below anything not root's.
+
+    Why: a config names the limits (0 means none), the tree and the image
+    directories, so kvmshell honours only one the admin placed, however its
+    argv was chosen.  Raises ConfigError."""
+    if (not path.startswith("/") or os.path.normpath(path) != path
+            or not any(path.startswith(d + "/") for d in dirs)):
+        raise ConfigError(f"config {path}: kvmshell takes a config only from "
+                          + " or ".join(d + "/" for d in dirs))
+    parent = "/"
+    for comp in path.split("/")[1:-1]:
+        parent = os.path.join(parent, comp)
+        try:
+            st = os.lstat(parent)
+        except FileNotFoundError:
+            return          # and so is the file: load() says so
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            raise ConfigError(f"config {path}: {parent} must be a directory owned by root "
+                              "and not group/world-writable")
+
+
+def load(path: str = DEFAULT_PATH, *, require_root: bool = True,
+         places: tuple[str, ...] | None = None) -> Config:
+    """Read and validate the host config; a missing default file means
+    defaults.  *places*: the directories the path must be in (see
+    :func:`check_place`); None for root's own tools."""
+    if places is not None:
+        check_place(path, places)
     values = dict(_DEFAULTS)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         if path == DEFAULT_PATH:
             return Config(path, values)

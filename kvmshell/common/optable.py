@@ -207,7 +207,7 @@ TABLE: tuple[Option, ...] = (
     Option("-parallel", 1, WRAPPER, ADMIN, (),
            gone="kvmshell gives VMs no parallel port"),
     Option("-pidfile", 1, WRAPPER, ADMIN, (),
-           gone="the pid file is kvmshell's own (qemu.pid in the VM directory)"),
+           gone="kvmshell finds QEMU by its lock on the VM directory ('status' shows the pid)"),
     Option("-no-rtc", 0, FLAG, ADMIN, (),
            gone="-no-rtc no longer exists in QEMU 7.2 (host timers are always used)"),
     # ---- Seed options re-classified (the seed's class kept in seed_cls) ---

@@ -1,58 +1,191 @@
-"""Is a VM running, and since when: answered from /proc, for kvmshell and kvmadm.
+"""Is a VM running, and may it start: the VM lock and /proc, for kvmshell and kvmadm.
 
-Shared by the user's side (status, start, limits) and root's kvmadm
-(list, set, remove), so both decide "running" the same way.
+Shared by the user's side (status, start, limits) and root's kvmadm (list,
+set, remove), so both decide "running" the same way, and from nothing the
+user can unlink or rewrite.
+
+The VM lock is an ``flock`` on the VM directory itself, taken through a
+descriptor of the directory, never on a file inside it: the user owns (and
+may delete or replace) everything inside the directory, but not the
+directory, which lives in root's top directory.  Who holds it:
+
+    exclusive  a start deciding whether it may run (limits), or kvmadm
+               changing the VM (set, remove): short
+    shared     a VM that runs: its supervisor, and QEMU on an open file
+               description of its own (so either going away alone still
+               leaves the VM locked)
+    nobody     a stopped VM
+
+Running QEMUs are found in ``/proc/locks``: a holder of a lock on the
+directory's inode whose executable (``/proc/PID/exe``, set by the kernel at
+exec) is the configured QEMU and whose uid is the VM's.  QEMU takes its own
+shared lock between fork and exec, so the lock's pid is QEMU's.  Nothing
+here opens a file inside a VM directory, so root may use all of it.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 
+from kvmshell.common.errors import AlreadyRunning, RuntimeFailure
 from kvmshell.common.vmtree import VM
 
-PIDFILE = "qemu.pid"
+LOCKS = "/proc/locks"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+STOPPED, BUSY, RUNNING = "stopped", "busy", "running"
 
 
-def qemu_pid(vm: VM) -> int | None:
-    """The pid of this VM's QEMU, or None.  The pid file is user-writable,
-    so the process is checked: same uid, and its argv names this VM.
+def _key(st: os.stat_result) -> str:
+    # /proc/locks spells an inode as MAJOR:MINOR:INODE, the device in hex.
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
 
-    Why the careful open: root (kvmadm list, show, usage, autostart) reads
-    it too.  A FIFO must not block, a symlink must not send root to a
-    device (a serial port whose open waits for carrier, a watchdog armed by
-    an open), so: ``O_NOFOLLOW|O_NONBLOCK|O_NOCTTY`` and a regular file of
-    the VM's owner, or no pid."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+def lock_table() -> dict[str, list[tuple[int, bool]]]:
+    """Every flock held on the host: inode key -> [(pid, exclusive)], from
+    /proc/locks (format: Documentation/filesystems/proc.rst, "locks")."""
+    out: dict[str, list[tuple[int, bool]]] = {}
+    with open(LOCKS, "rb") as f:
+        for line in f.read().decode("ascii", "replace").splitlines():
+            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5308563 0 EOF"; a waiter
+            # has "->" after the number and holds nothing.
+            parts = line.split()
+            if len(parts) < 6 or parts[1] != "FLOCK":
+                continue
+            try:
+                pid = int(parts[4])
+            except ValueError:
+                continue
+            out.setdefault(parts[5], []).append((pid, parts[3] == "WRITE"))
+    return out
+
+
+def holders(vm: VM, table: dict[str, list[tuple[int, bool]]] | None = None) -> list[tuple[int, bool]]:
+    """[(pid, exclusive)] of the locks on *vm*'s directory (empty: stopped).
+    The pid is the process that took the lock (it may have exited since)."""
     try:
-        fd = os.open(vm.file(PIDFILE), flags)
+        st = os.lstat(vm.path)
+    except FileNotFoundError:
+        return []
+    return (lock_table() if table is None else table).get(_key(st), [])
+
+
+def is_qemu(pid: int, uid: int, qemu: str) -> bool:
+    """Is *pid* a process of *uid* running the executable *qemu*?"""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != uid:
+            return False
+        exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
-        return None
+        return False
+    real = os.path.realpath(qemu)
+    # A QEMU started before its package was upgraded runs a deleted file.
+    return exe in (real, real + " (deleted)")
+
+
+def qemu_pid(vm: VM, qemu: str, table: dict[str, list[tuple[int, bool]]] | None = None) -> int | None:
+    """The pid of the QEMU that holds *vm*'s lock, or None."""
+    for pid, _ in holders(vm, table):
+        if is_qemu(pid, vm.uid, qemu):
+            return pid
+    return None
+
+
+def state(vm: VM, qemu: str, table: dict[str, list[tuple[int, bool]]] | None = None) -> tuple[str, int | None]:
+    """(RUNNING, pid), (BUSY, None): locked but no QEMU of the VM's (being
+    started, stopped or changed by the admin), or (STOPPED, None)."""
+    held = holders(vm, table)
+    for pid, _ in held:
+        if is_qemu(pid, vm.uid, qemu):
+            return RUNNING, pid
+    return (BUSY if held else STOPPED), None
+
+
+def qemu_pids(uid: int, qemu: str) -> list[int]:
+    """Every process of *uid* running *qemu*, whichever VM (or none) it
+    claims: what a sandboxed QEMU cannot hide by giving up its lock."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and is_qemu(int(name), uid, qemu):
+            out.append(int(name))
+    return out
+
+
+def open_dir(vm: VM) -> int:
+    """A descriptor of *vm*'s directory (opened through the root-owned top
+    directory, so the user cannot put anything else in its place)."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != vm.uid:
-            return None
-        pid = int(os.read(fd, 32).strip() or b"0")
-    except (OSError, ValueError):
-        return None
-    finally:
+        return os.open(vm.path, _DIR_FLAGS)
+    except OSError as exc:
+        raise RuntimeFailure(f"VM {vm.name}: cannot open its directory: {exc.strerror}") from exc
+
+
+def lock(vm: VM) -> int:
+    """Take *vm*'s lock exclusively, without waiting; return the descriptor.
+
+    Raises AlreadyRunning if anyone holds it (a running VM, a start or the
+    admin), RuntimeFailure if the admin renamed or removed the VM meanwhile."""
+    fd = open_dir(vm)
+    try:
+        relock(vm, fd)
+    except BaseException:
         os.close(fd)
-    if pid <= 1:
-        return None
+        raise
+    return fd
+
+
+def relock(vm: VM, fd: int) -> None:
+    """Take the exclusive lock on *fd*, a descriptor of *vm*'s directory
+    (see :func:`lock`; the caller keeps the descriptor either way)."""
+    import fcntl
+
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-        st = os.stat(f"/proc/{pid}")
-    except OSError:
-        return None
-    if st.st_uid != vm.uid or b"guest=" + vm.name.encode() not in argv:
-        return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise AlreadyRunning(
+            f"VM {vm.name!r} is already running (or being started or stopped)") from exc
+    # Why: kvmadm set renames the directory under this lock; a start that
+    # read the old name must not run the VM with the old options.
     try:
-        if os.readlink(f"/proc/{pid}/cwd") != vm.path:
-            return None
+        same = (os.readlink(os.path.join(vm.top, vm.name)) == vm.dirname
+                and _key(os.lstat(vm.path)) == _key(os.fstat(fd)))
     except OSError:
-        return None
-    return pid
+        same = False
+    if not same:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise RuntimeFailure(f"VM {vm.name}: changed by the administrator meanwhile; try again")
+
+
+def unlock(fd: int) -> None:
+    """Let go of the lock on *fd* (the descriptor stays open)."""
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def share(fd: int) -> None:
+    """Turn an exclusive VM lock into the shared one of a running VM.  If a
+    racing start took it in between (flock converts by unlock and relock),
+    that one wins: AlreadyRunning."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise AlreadyRunning("the VM was started by someone else meanwhile") from exc
+
+
+def take_own_share(fd: int) -> None:
+    """In QEMU, between fork and exec: replace the inherited descriptor *fd*
+    (the supervisor's open file description) by a new description of the
+    same directory with a shared lock of QEMU's own, whose pid is QEMU's."""
+    import fcntl
+
+    # Through the descriptor's magic link (which O_NOFOLLOW would refuse):
+    # the same directory, whatever its name is by now.
+    own = os.open(f"/proc/self/fd/{fd}", _DIR_FLAGS & ~os.O_NOFOLLOW)
+    fcntl.flock(own, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    os.dup2(own, fd, inheritable=True)
+    os.close(own)
 
 
 def started_at(pid: int) -> float | None:

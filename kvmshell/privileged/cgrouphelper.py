@@ -37,7 +37,9 @@ slices`` writes from the same budgets.
 Installed as a root-owned stub (see :mod:`kvmshell.admin.install`) that
 sudo runs with ``python3 -I``; the stub fixes the config path.  Refusals:
 one line on stderr, exit 2.  Failures: one line, exit 1.  Every action and
-refusal goes to syslog (authpriv).
+refusal goes to syslog (authpriv).  The caller's descriptors never hold it
+(:mod:`kvmshell.privileged.guard`: a deadline, stdout and stderr set aside,
+a bounded number of runs per user); stdin is never read.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ import os
 import socket
 import struct
 import sys
-import syslog
 
 from kvmshell.common import budgets, cgroups
 from kvmshell.common.errors import KvmshellError
-from kvmshell.privileged.nethelper import (_ENV_OK, _NAME_FIRST, _NAME_REST, NAME_MAX, Failed,
-                                          Refused, deadline)
+from kvmshell.privileged import guard
+from kvmshell.privileged.guard import Failed, Refused, log
+from kvmshell.privileged.nethelper import _ENV_OK, _NAME_FIRST, _NAME_REST, NAME_MAX
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,10 +64,6 @@ PROG = "kvmshell-cgrouphelper"
 VERBS = ("attach",)
 CONTROLLERS = cgroups.CONTROLLERS
 BUSCTL = "/usr/bin/busctl"
-
-
-def log(msg: str) -> None:
-    syslog.syslog(syslog.LOG_NOTICE, msg)
 
 
 # ---- the caller and the request --------------------------------------------
@@ -256,6 +254,7 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
     from kvmshell.privileged.nethelper import resolve
 
     verb, name, uid = check_request(argv, env)
+    guard.hold_slot(PROG, uid)
     who = f"uid={uid} {verb} {name}"
     try:
         cfg = load(config)
@@ -283,25 +282,7 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
 
 def main(config: str = CONFIG) -> int:
     """The helper's entry point (the installed stub calls it); the exit status."""
-    syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-    deadline(PROG)
-    try:
-        return run(list(sys.argv), dict(os.environ), config)
-    except (Refused, Failed) as exc:
-        msg = str(exc).replace("\n", " ")
-        status = exc.status
-    except OSError as exc:
-        msg, status = f"system error: {exc.strerror or exc}", 1
-    except BaseException as exc:  # never a traceback from a root program
-        msg, status = f"internal error: {type(exc).__name__}", 1
-    log(f"uid={os.environ.get('SUDO_UID', '?')} argv={[a[:40] for a in sys.argv[1:4]]!r}: "
-        f"{'refused' if status == 2 else 'failed'}: {msg}")
-    try:
-        sys.stderr.write(f"{PROG}: {msg}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
-    return status
+    return guard.main(PROG, lambda _out: run(list(sys.argv), dict(os.environ), config))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ Installed as a root-owned stub (see :mod:`kvmshell.admin.install`) that
 sudo runs with ``python3 -I``; the stub fixes the config path.
 Refusals: one line on stderr, exit 2.  Failures: one line, exit 1.  Every
 action and refusal goes to syslog (authpriv).
+
+The caller's descriptors never hold this root process (see
+:mod:`kvmshell.privileged.guard`: a deadline, stdout and stderr set aside,
+a bounded number of runs per user).  It never reads stdin, sends the reply
+on stdout's socket without waiting (a full socket fails the run), and
+deletes the taps it made unless that reply went whole.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ import socket
 import stat
 import struct
 import sys
-import syslog
 
 from kvmshell.common import adminopts, guestnet, vmid
 from kvmshell.common.errors import KvmshellError
 from kvmshell.common.text import printable
+from kvmshell.privileged import guard
+from kvmshell.privileged.guard import Failed, Refused, log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -68,45 +75,6 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 NUD_NOARP, NTF_MASTER = 0x40, 0x04
 ENODEV = 19
-
-
-class Refused(Exception):
-    status = 2
-
-
-class Failed(Exception):
-    status = 1
-
-
-def log(msg: str) -> None:
-    syslog.syslog(syslog.LOG_NOTICE, msg)
-
-
-DEADLINE = 45   # seconds a root helper may live, at most
-
-
-def deadline(prog: str, seconds: int = DEADLINE) -> None:
-    """End this process after *seconds*, whatever it is waiting for.
-
-    Why: the caller owns the helper's stdin, stdout and stderr.  A pipe or
-    socket it filled and never reads would otherwise park a root process
-    in write(2) or sendmsg(2) for ever, and root processes are outside the
-    user's process and memory limits.  The helpers' work takes well under a
-    second (the systemd call has its own 30 s timeout)."""
-    import signal
-
-    def expire(_sig: int, _frame: object) -> None:
-        # syslog(3) itself may block on a stalled log: the kernel ends us then.
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        signal.alarm(2)
-        try:
-            log(f"uid={os.environ.get('SUDO_UID', '?')}: gave up after {seconds} s "
-                "(a descriptor of the caller's blocked)")
-        finally:
-            os._exit(1)
-
-    signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
 
 
 # ---- the caller and the request --------------------------------------------
@@ -137,7 +105,7 @@ def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
 
 def _read_root_file(path: str) -> str:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         return ""
     except OSError as exc:
@@ -300,15 +268,44 @@ def up(ipr: "IPRoute", taps: list[guestnet.Tap], who: str, out: socket.socket) -
                 + (f" on bridge {tap.bridge}" if tap.bridge else f" with address {tap.addr}"))
         # The descriptors are the only handle on the taps: closing ours
         # after sending leaves QEMU (through kvmshell) as their owner.
-        out.sendmsg([f"ok {len(fds)}\n".encode()],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        hand_over(out, fds)
+    except BaseException:
+        # Why explicitly: a copy of a descriptor may be on its way (a reply
+        # sent in part), and would keep the tap, and its address, alive.
+        undo(taps, who)
+        raise
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
+def hand_over(out: socket.socket, fds: list[int]) -> None:
+    """Send ``ok N`` with the N descriptors, whole, without waiting."""
+    reply = f"ok {len(fds)}\n".encode()
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+    try:
+        sent = out.sendmsg([reply], rights if fds else [], socket.MSG_DONTWAIT)
+    except BlockingIOError as exc:
+        raise Failed("the caller's socket is full: the taps were not handed over") from exc
+    if sent != len(reply):
+        raise Failed("the caller's socket took part of the reply: the taps were not handed over")
+
+
+def undo(taps: list[guestnet.Tap], who: str) -> None:
+    """Delete *taps*, on a netlink socket of its own (the run's may be the
+    one that failed); whatever happens, the caller's error is the one told."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            remove(ipr, taps, who)
+    except Exception as exc:  # logged: the original failure goes on up
+        log(f"{who}: could not delete the taps after a failure: {exc}")
+
+
+def run(argv: list[str], env: dict[str, str], config: str = CONFIG, out_fd: int = 1) -> int:
     verb, name, uid = check_request(argv, env)
+    guard.hold_slot(PROG, uid)
     who = f"uid={uid} {verb} {name}"
     vmdir = vmdir_of(_read_root_file(config), config)
     taps = taps_of(vmdir, name, resolve(vmdir, name, uid))
@@ -316,6 +313,9 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
         # Nothing to delete: skip pyroute2's import (~0.2 s) altogether.
         log(f"{who}: done, 0 tap(s) removed")
         return 0
+    if verb == "up" and not taps:
+        # Nothing to create (kvmshell does not ask for such a VM): no netlink either.
+        return _up_to_stdout(None, taps, who, out_fd)
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
@@ -323,7 +323,7 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
             n = remove(ipr, taps, who)
             log(f"{who}: done, {n} tap(s) removed")
             return 0
-        return _up_to_stdout(ipr, taps, who)
+        return _up_to_stdout(ipr, taps, who, out_fd)
 
 
 def _exists(ifname: str) -> bool:
@@ -334,15 +334,18 @@ def _exists(ifname: str) -> bool:
     return True
 
 
-def _up_to_stdout(ipr: "IPRoute", taps: list[guestnet.Tap], who: str) -> int:
+def _up_to_stdout(ipr: "IPRoute | None", taps: list[guestnet.Tap], who: str, out_fd: int) -> int:
     try:
-        out = socket.socket(fileno=os.dup(1))
+        out = socket.socket(fileno=os.dup(out_fd))
     except OSError as exc:
         raise Refused("stdout must be a unix socket (kvmshell passes one)") from exc
     try:
         if out.family != socket.AF_UNIX:
             raise Refused("stdout must be a unix socket (kvmshell passes one)")
-        up(ipr, taps, who, out)
+        if ipr is None:
+            hand_over(out, [])
+        else:
+            up(ipr, taps, who, out)
     finally:
         out.close()
     log(f"{who}: done, {len(taps)} tap(s) handed over")
@@ -351,25 +354,7 @@ def _up_to_stdout(ipr: "IPRoute", taps: list[guestnet.Tap], who: str) -> int:
 
 def main(config: str = CONFIG) -> int:
     """The helper's entry point (the installed stub calls it); the exit status."""
-    syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-    deadline(PROG)
-    try:
-        return run(list(sys.argv), dict(os.environ), config)
-    except (Refused, Failed) as exc:
-        msg = printable(str(exc).replace("\n", " "), backslash=False)
-        status = exc.status
-    except OSError as exc:
-        msg, status = f"system error: {exc.strerror or exc}", 1
-    except BaseException as exc:  # never a traceback from a root program
-        msg, status = f"internal error: {type(exc).__name__}", 1
-    log(f"uid={os.environ.get('SUDO_UID', '?')} argv={[a[:40] for a in sys.argv[1:4]]!r}: "
-        f"{'refused' if status == 2 else 'failed'}: {msg}")
-    try:
-        sys.stderr.write(f"{PROG}: {msg}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
-    return status
+    return guard.main(PROG, lambda out_fd: run(list(sys.argv), dict(os.environ), config, out_fd))
 
 
 if __name__ == "__main__":

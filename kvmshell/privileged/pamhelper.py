@@ -33,8 +33,11 @@ whatever the reason, while an account outside the group never reaches
 the host's password stack (nor pam_faillock).  Root never passes.
 
 Every attempt goes to syslog (authpriv): user, address, caller, answer and
-PAM's reason.  Imports: the shared core, the stdlib and python-pam (an
-import contract in setup.cfg says so).
+PAM's reason.  The caller's descriptors never hold it
+(:mod:`kvmshell.privileged.guard`: a deadline, which also bounds the read
+of the password, and stdout and stderr written only if that does not
+block).  Imports: the shared core, the stdlib and python-pam (an import
+contract in setup.cfg says so).
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ import grp
 import os
 import pwd
 import sys
-import syslog
 
 from kvmshell.common import auth, config, username
 from kvmshell.common.errors import KvmshellError
+from kvmshell.privileged import guard
+from kvmshell.privileged.guard import Failed, Refused, log
 
 CONFIG = "/etc/kvmshell/kvmshell.conf"
 PROG = "kvmshell-pamhelper"
@@ -58,18 +62,6 @@ _ENV_OK = frozenset((
     "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND", "SUDO_HOME", "SUDO_PS1",
     "PATH", "HOME", "SHELL", "LOGNAME", "USER", "USERNAME", "MAIL", "TERM",
     "LANG", "LANGUAGE", "TZ", "HOSTNAME", "COLORS", "LS_COLORS"))
-
-
-class Refused(Exception):
-    status = 2
-
-
-class Failed(Exception):
-    status = 1
-
-
-def log(msg: str) -> None:
-    syslog.syslog(syslog.LOG_NOTICE, msg)
 
 
 def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
@@ -149,7 +141,7 @@ def in_group(user: str, group: str) -> bool:
     return pw.pw_gid == gr.gr_gid or user in gr.gr_mem
 
 
-def run(argv: list[str], env: dict[str, str], config_path: str = CONFIG) -> int:
+def run(argv: list[str], env: dict[str, str], config_path: str = CONFIG, out_fd: int = 1) -> int:
     user, addr, caller = check_request(argv, env)
     try:
         cfg = config.load(config_path)
@@ -167,35 +159,17 @@ def run(argv: list[str], env: dict[str, str], config_path: str = CONFIG) -> int:
     member = in_group(user, group)
     if ok and member:
         log(f"{who}: accepted")
-        sys.stdout.write("ok\n")
+        guard.say(out_fd, b"ok\n")
         return 0
     log(f"{who}: denied ({'PAM: ' + reason if not ok else 'not in group ' + group})")
-    sys.stdout.write("denied\n")
+    guard.say(out_fd, b"denied\n")
     return 2
 
 
 def main(config_path: str = CONFIG) -> int:
     """The helper's entry point (the installed stub calls it); the exit status."""
-    syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-    try:
-        status = run(list(sys.argv), dict(os.environ), config_path)
-        sys.stdout.flush()
-        return status
-    except (Refused, Failed) as exc:
-        msg = str(exc).replace("\n", " ")
-        status = exc.status
-    except OSError as exc:
-        msg, status = f"system error: {exc.strerror or exc}", 1
-    except BaseException as exc:  # never a traceback from a root program
-        msg, status = f"internal error: {type(exc).__name__}", 1
-    log(f"uid={os.environ.get('SUDO_UID', '?')} argv={[a[:40] for a in sys.argv[1:4]]!r}: "
-        f"{'refused' if status == 2 else 'failed'}: {msg}")
-    try:
-        sys.stderr.write(f"{PROG}: {msg}\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
-    return status
+    return guard.main(PROG, lambda out_fd: run(list(sys.argv), dict(os.environ), config_path,
+                                               out_fd))
 
 
 if __name__ == "__main__":

@@ -105,10 +105,12 @@ def help_document(verb: str | None) -> dict[str, object]:
     return {"verbs": verbs, "options": options}
 
 
-def _state(vm: "VM") -> tuple[str, int | None]:
-    from kvmshell.shell import monitor
-    pid = monitor.qemu_pid(vm)
-    return ("running" if pid else "stopped"), pid
+def _state(ctx: Context, vm: "VM", table: dict[str, list[tuple[int, bool]]] | None = None
+           ) -> tuple[str, int | None]:
+    """running (with QEMU's pid), busy (being started or stopped) or stopped:
+    from the kernel's lock table and /proc (common/runstate.py)."""
+    from kvmshell.common import runstate
+    return runstate.state(vm, ctx.cfg.qemu, table)
 
 
 def _running_text(pid: int | None, got: str | None) -> str:
@@ -125,13 +127,14 @@ def _autostart(vm: "VM") -> bool:
 def cmd_list(ctx: Context, args: list[str]) -> int:
     """Your VMs and their state; a broken VM of yours is listed with the
     reason and the fix (exit status 1).  Other users' VMs are not looked at."""
-    from kvmshell.common import vmtree
+    from kvmshell.common import runstate, vmtree
     from kvmshell.common.text import printable
     _no_more("list", args)
     vms: list[dict[str, object]] = []
     mine = vmtree.scan(ctx.cfg, ctx.uid)
+    table = runstate.lock_table()
     for vm in mine.vms:
-        state, pid = _state(vm)
+        state, pid = _state(ctx, vm, table)
         got = None
         if pid:
             from kvmshell.shell import accel
@@ -169,7 +172,7 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
     name, rest = _split_vm(args)
     _no_more("status", rest)
     vm = ctx.pick(name)
-    state, pid = _state(vm)
+    state, pid = _state(ctx, vm)
     got = None
     if pid:
         # QEMU's word (QMP query-kvm), not the config's: see shell/accel.py.
@@ -210,9 +213,10 @@ def _running(ctx: Context, verb: str, args: list[str]) -> tuple["VM", int]:
     name, rest = _split_vm(args)
     _no_more(verb, rest)
     vm = ctx.pick(name)
-    state, pid = _state(vm)
+    state, pid = _state(ctx, vm)
     if pid is None:
-        raise RuntimeFailure(f"VM {vm.name!r} is not running")
+        raise RuntimeFailure(f"VM {vm.name!r} is " + ("being started or stopped: try again"
+                                                      if state == "busy" else "not running"))
     return vm, pid
 
 

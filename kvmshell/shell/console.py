@@ -274,6 +274,6 @@ def main(ctx: object, args: list[str]) -> int:
     assert isinstance(ctx, Context)
     o = parse(args)
     vm = vmtree.pick(ctx.cfg, ctx.uid, o.name)
-    if monitor.qemu_pid(vm) is None:
+    if monitor.qemu_pid(vm, ctx.cfg.qemu) is None:
         raise RuntimeFailure(f"VM {vm.name!r} is not running (start it first)")
     return attach(vm.path, vm.name, o)

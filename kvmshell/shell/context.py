@@ -62,7 +62,8 @@ class Context:
         """The host config (raises ConfigError if it cannot be loaded)."""
         from kvmshell.common import config
         if self._cfg is None:
-            self._cfg = config.load(self.config_path)
+            # Only from the admin's places: the user's code may pick our argv.
+            self._cfg = config.load(self.config_path, places=config.USER_CONFIG_DIRS)
         assert isinstance(self._cfg, config.Config)
         return self._cfg
 

@@ -37,7 +37,7 @@ import stat
 
 from kvmshell.common.autostart import FILES as AUTOSTART_FILES
 from kvmshell.common.errors import RefusedFile, RuntimeFailure, UsageError
-from kvmshell.shell.launcher import CONSOLE_LOG, LOCK, QEMU_LOG, RUNTIME_FILES
+from kvmshell.shell.launcher import CONSOLE_LOG, QEMU_LOG, RUNTIME_FILES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,9 +47,11 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 RECHECK = 16 << 20
 # Files kvmshell and the supervisor make in the VM directory: never upload
-# targets, never removable by 'rm', not listed as images.
-RESERVED = frozenset({LOCK, CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES,
-                      *AUTOSTART_FILES})
+# targets, never removable by 'rm', not listed as images.  'lock' and
+# 'qemu.pid' are what older kvmshell kept there (the lock and the pid now
+# live in the kernel: common/runstate.py).
+RESERVED = frozenset({CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES,
+                      *AUTOSTART_FILES, "lock", "qemu.pid"})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -239,7 +241,7 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
     vm_name, name = _split("save", args)
     check_name("save", name)
     vm = vmtree.pick(cfg, uid, vm_name)
-    pid = monitor.qemu_pid(vm)
+    pid = monitor.qemu_pid(vm, cfg.qemu)
     if pid is None:
         raise RuntimeFailure(f"VM {vm.name!r} is not running")
     try:
@@ -281,7 +283,7 @@ def save(cfg: "Config", uid: int, args: list[str]) -> tuple["VM", str, int]:
             _unlink_tmp(tmp, dfd)
     finally:
         os.close(dfd)
-    monitor.wait_gone(vm, pid, 30)
+    monitor.wait_gone(vm, 30)
     return vm, name, size
 
 

@@ -1,9 +1,11 @@
 """Launch a VM: build QEMU's argv, start it under a per-VM supervisor.
 
-Steps, each explicit: lock, open files, network up, spawn, wait for QMP,
-detach.  The supervisor is a small process of the VM user's own that
-outlives the SSH session: it holds the VM lock, keeps the bounded console
-log, waits for QEMU and tears down what start set up, however QEMU ends.
+Steps, each explicit: lock, open files, limits, network up, spawn, wait
+for QMP, detach.  The supervisor is a small process of the VM user's own
+that outlives the SSH session: it holds the VM lock (on the VM directory,
+see common/runstate.py; QEMU holds one of its own), keeps the bounded
+console log, waits for QEMU and tears down what start set up, however
+QEMU ends.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
 from kvmshell.shell import limits
 from kvmshell.common import adminopts
 from kvmshell.common import optable
+from kvmshell.common import runstate
 from kvmshell.shell import useropts
 from kvmshell.common.config import Config
-from kvmshell.common.errors import AlreadyRunning, RefusedOption, RuntimeFailure, TreeError, UsageError
+from kvmshell.common.errors import RefusedOption, RuntimeFailure, TreeError, UsageError
 from kvmshell.common.vmtree import VM
 
 if TYPE_CHECKING:
     import subprocess
 
-LOCK = "lock"
 # The serial line is a pair of FIFOs, serial.in and serial.out (QEMU's
 # "pipe" chardev).  Why not a socket: QEMU writes the UART byte by byte, and
 # a unix socket holds only a few hundred one-byte writes before QEMU stalls
@@ -35,7 +37,7 @@ CONSOLE_LOG = "console.log"
 QEMU_LOG = "qemu.log"
 VNC_SOCKET = "vnc.sock"
 # What one run of a VM leaves in its directory, removed before and after.
-RUNTIME_FILES = ("qmp.sock", VNC_SOCKET, "qemu.pid", CONSOLE_SOCKET,
+RUNTIME_FILES = ("qmp.sock", VNC_SOCKET, CONSOLE_SOCKET,
                  SERIAL_PIPE + ".in", SERIAL_PIPE + ".out")
 READY_TIMEOUT = 60.0
 
@@ -82,9 +84,9 @@ def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None,
         # address space, more than the cap limits.py puts on QEMU.
         argv += ["-accel", f"tcg,tb-size={limits.TB_SIZE_MIB}" if accel == "tcg" else accel]
     # Relative paths: QEMU runs in the VM directory, whose absolute path may
-    # be longer than a unix socket address allows.
-    argv += ["-pidfile", "qemu.pid",
-             "-chardev", "socket,id=qmp,path=qmp.sock,server=on,wait=off",
+    # be longer than a unix socket address allows.  No -pidfile: QEMU is
+    # found by its lock on the VM directory (runstate.py), not by a file.
+    argv += ["-chardev", "socket,id=qmp,path=qmp.sock,server=on,wait=off",
              "-mon", "chardev=qmp,mode=control",
              "-chardev", f"pipe,id=serial0,path={SERIAL_PIPE}",
              "-serial", "chardev:serial0",
@@ -99,18 +101,6 @@ def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.Use
     return (wrapper_argv(cfg, vm, accels, plan)
             + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
             + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface, plan.machine))
-
-
-def take_lock(vm: VM) -> int:
-    import fcntl
-
-    fd = os.open(vm.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        os.close(fd)
-        raise AlreadyRunning(f"VM {vm.name!r} is already running (or being started or stopped)") from exc
-    return fd
 
 
 def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, useropts.Opened]:
@@ -165,22 +155,20 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
     host_check(cfg, vm, plan)
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
-    # Limits next (limits.py): counted outside QEMU, under a per-user lock
-    # held until QEMU runs, so concurrent starts cannot both fit.
-    ulock = limits.check(cfg, vm)
-    # Files first: a refused file must leave the VM directory untouched.
-    try:
-        opened = open_files(cfg, vm, req)
-    except BaseException:
-        if ulock >= 0:
-            os.close(ulock)
-        raise
-    passed = [fd for of in opened.values() for fd in of.all_fds()]
     from kvmshell.shell import cgclient
     placing = None
+    # The VM lock first: a running VM is refused as running, before its
+    # files (which its QEMU holds) are looked at.
+    passed = [runstate.lock(vm)]
     try:
-        lock = take_lock(vm)
-        passed.insert(0, lock)
+        # Files next: a refused file must leave the VM directory untouched.
+        opened = open_files(cfg, vm, req)
+        passed += [fd for of in opened.values() for fd in of.all_fds()]
+        # Limits (limits.py), with the VM locked and its files open: every
+        # concurrent start of the user sees this one, and the files QEMU
+        # gets are counted from their descriptors.
+        limits.admit(cfg, vm, passed[0], passed[1:])
+        runstate.share(passed[0])
         # The kernel's budget (cgclient.py): this process joins the user's
         # cgroup before it forks the supervisor; the request overlaps with
         # the firmware and network set-up below.
@@ -200,14 +188,11 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
         argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels, fw_fds)
         return _spawn(cfg, vm, argv, passed, len(plan.taps),
                       limits.qemu_rlimits(cfg, plan.megs, _file_size_cap(cfg, vm, req, opened),
-                                         limits.image_limit(cfg, vm.uid)),
-                      [ulock] if ulock >= 0 else [])
+                                         limits.image_limit(cfg, vm.uid)))
     finally:
         cgclient.cancel(placing)
         for fd in passed:
             os.close(fd)
-        if ulock >= 0:
-            os.close(ulock)
 
 
 def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
@@ -223,8 +208,7 @@ def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
 
 
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
-           rlimits: list[tuple[int, int, int]] | None = None, close: list[int] | None = None
-           ) -> tuple[int, str | None]:
+           rlimits: list[tuple[int, int, int]] | None = None) -> tuple[int, str | None]:
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -233,8 +217,6 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
         code = 1
         try:
             os.close(rfd)
-            for fd in close or []:  # the per-user start lock is the caller's, not ours
-                os.close(fd)
             os.setsid()
             code = _supervise(cfg, vm, argv, fds, taps, wfd, rlimits or [])
         except BaseException as exc:  # report, never unwind into the caller's code
@@ -300,10 +282,16 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, 
         serial.append(os.open(leaf, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
     log = os.open(QEMU_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     caps = list(rlimits or [])
-    # Why: the caps are set in the child before exec, so QEMU never runs uncapped.
+
+    def in_qemu() -> None:
+        # Why here: the caps are set before exec, so QEMU never runs
+        # uncapped; and QEMU's own share of the VM lock carries QEMU's pid.
+        limits.apply(caps)
+        runstate.take_own_share(fds[0])
+
     proc = subprocess.Popen(argv, pass_fds=fds, env=clean_env(vm), cwd=vm.path,
                             stdin=devnull, stdout=log, stderr=log, close_fds=True,
-                            preexec_fn=(lambda: limits.apply(caps)) if caps else None)
+                            preexec_fn=in_qemu)
     for fd in fds:
         if fd != fds[0]:  # the supervisor keeps the lock, QEMU keeps the rest
             os.close(fd)

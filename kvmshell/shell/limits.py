@@ -13,8 +13,9 @@ budgets are held by the kernel: the cgroup helper puts every VM in the
 user's cgroup with limits from root's files (:func:`place`).
 
 Why outside QEMU: QEMU is assumed compromised, so nothing it says about
-itself counts.  kvmshell counts running VMs from /proc (monitor.qemu_pid)
-and disk use from the filesystem, before anything starts, and caps the
+itself counts.  kvmshell counts running VMs from the kernel's lock table
+and /proc (common/runstate.py) and disk use from the filesystem and the
+descriptors it hands QEMU, before anything starts, and caps the
 QEMU process with rlimits set between fork and exec: a guest (or a
 hijacked QEMU) that wants more memory than the admin gave it gets none.
 """
@@ -25,6 +26,7 @@ import os
 import stat
 
 TYPE_CHECKING = False
+from kvmshell.common import runstate
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RuntimeFailure
 from kvmshell.common.vmtree import VM
@@ -49,71 +51,209 @@ def address_space_bytes(megs: int) -> int:
     return (megs + TB_SIZE_MIB + OVERHEAD_MIB) << 20
 
 
-def user_lock(cfg: Config, mine: list[VM]) -> int:
-    """Serialise this user's starts while they count and start.
+# ---- counting: running VMs and image bytes -------------------------------
+# (issue 20: nothing counted rests on a file the user can unlink, and
+# whatever cannot be counted refuses the start)
 
-    Why a directory: the user can replace any file in their own VM
-    directories (and so would defeat a lock file), but not the directories
-    themselves, which live in the root-owned top directory.  The lock is an
-    flock on the user's first VM directory (by name), so different users
-    never wait for each other.
-    """
-    import fcntl
-
-    fd = os.open(mine[0].path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+# How long a start waits for other starts of the same user that are still
+# deciding, and how deep a VM directory may be for its bytes to be counted.
+CONTENTION_SECONDS = 5.0
+MAX_DEPTH = 64
 
 
-def charge(path: str, st: os.stat_result) -> int:
-    """What one file counts against ``max_image_bytes``: the most it can
-    take, in bytes -- its apparent size, its allocated blocks, and, for a
-    qcow2 image, its virtual size (a guest may write its whole disk; a
-    sparse file may be filled)."""
+class _Deciding(Exception):
+    """Over the limit only if other starts of the user, still deciding, go on."""
+
+
+def admit(cfg: Config, vm: VM, lock: int, fds: list[int]) -> int:
+    """Refuse the start if a limit or budget is reached; return the bytes
+    the user's VM directories and *fds* count (0 when not counted).
+
+    Called with *vm*'s lock held exclusively (runstate.lock) and its files
+    open (*fds*, counted from the descriptors).  Why no per-user lock: the
+    start holds its own VM's lock while it counts every other locked VM of
+    the user, so of two concurrent starts the second to count sees the
+    first.  When that would refuse both, the one that counted first lets
+    go of its lock for a random moment and counts again.  Raises
+    LimitReached, or AlreadyRunning if the VM was started meanwhile."""
+    b = budget(cfg, vm.uid)
+    if not any(b.values.values()):
+        return 0
+    import time
+
+    deadline = time.monotonic() + CONTENTION_SECONDS
+    while True:
+        try:
+            return _check(cfg, b, vm, fds)
+        except _Deciding as exc:
+            if time.monotonic() > deadline:
+                raise LimitReached(str(exc)) from exc
+        runstate.unlock(lock)
+        time.sleep(0.01 + os.urandom(1)[0] / 2550)   # 10 to 110 ms: contenders part
+        runstate.relock(vm, lock)
+
+
+def _check(cfg: Config, b: "Budget", vm: VM, fds: list[int]) -> int:
+    from kvmshell.common import vmtree
+
+    scan = vmtree.scan(cfg, vm.uid)
+    # A broken directory of the user's own still holds files and may be
+    # locked by a running QEMU (its mode changed under it): both count.
+    others = [m for m in scan.dirs if m.dirname != vm.dirname]
+    if b["max_running"] or b["max_ram_mib"] or b["max_vcpus"]:
+        table = runstate.lock_table()
+        if b["max_running"]:
+            running_vms(cfg, b, vm, others, table)
+        check_totals(b, vm, [m for m in scan.vms if m.dirname != vm.dirname], table)
+    if not b["max_image_bytes"]:
+        return 0
+    used = image_bytes(others + [vm], fds, vm.uid)
+    if used > b["max_image_bytes"]:
+        raise LimitReached(
+            f"VM {vm.name}: your VM directories use {used} bytes, over the "
+            f"limit of {b['max_image_bytes']} bytes: delete some images")
+    return used
+
+
+def running_vms(cfg: Config, b: "Budget", vm: VM, others: list[VM],
+                table: dict[str, list[tuple[int, bool]]]) -> int:
+    """Count the user's running VMs besides *vm*; raise LimitReached (or
+    _Deciding) at max_running.
+
+    A VM counts while anyone holds its lock (running, starting or
+    stopping), and so does every QEMU process of the user that holds no
+    lock of the user's VMs: a sandboxed QEMU cannot change its executable,
+    so giving up its lock does not take it out of the count."""
+    running: list[str] = []
+    deciding: list[str] = []
+    lockers: set[int] = set()
+    for m in others:
+        held = runstate.holders(m, table)
+        if held:
+            running.append(m.name)
+            lockers.update(pid for pid, _ in held)
+            if any(exclusive for _, exclusive in held):
+                deciding.append(m.name)
+    loose = [p for p in runstate.qemu_pids(vm.uid, cfg.qemu) if p not in lockers]
+    n = len(running) + len(loose)
+    limit = b["max_running"]
+    if n >= limit:
+        what = ", ".join(sorted(running) + [f"QEMU pid {p}" for p in loose])
+        msg = f"VM {vm.name}: you already run {n} VM(s) ({what}), the limit is {limit}"
+        if deciding and n - len(deciding) < limit:
+            raise _Deciding(msg)
+        raise LimitReached(msg)
+    return n
+
+
+def charge(fd: int, st: os.stat_result) -> int:
+    """What one file (open on *fd*) counts against ``max_image_bytes``: the
+    most it can take, in bytes -- its apparent size, its allocated blocks,
+    and, for a qcow2 image, its virtual size (a guest may write its whole
+    disk; a sparse file may be filled)."""
     size = max(st.st_size, st.st_blocks * 512)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return size
     try:
         head = os.pread(fd, 32, 0)
     except OSError:
         return size
-    finally:
-        os.close(fd)
     if head[:4] == b"QFI\xfb" and len(head) == 32:
         size = max(size, int.from_bytes(head[24:32], "big"))
     return size
 
 
-def image_bytes(vms: list[VM]) -> int:
-    """What all regular files in *vms*' directories count against
-    ``max_image_bytes`` (see :func:`charge`), in bytes."""
+def image_bytes(vms: list[VM], fds: list[int] | None = None, uid: int | None = None) -> int:
+    """What every file in *vms*' directories counts against
+    ``max_image_bytes`` (see :func:`charge`), in bytes, with the open files
+    *fds* owned by *uid* (the files handed to QEMU, counted from their
+    descriptors: once, however they are named meanwhile) and the unlinked
+    files the user's processes hold (:func:`held_bytes`).  Raises
+    LimitReached if anything cannot be counted: a directory the caller
+    cannot read, or one deeper than MAX_DEPTH."""
+    seen: set[tuple[int, int]] = set()
     total = 0
+    for fd in fds or []:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == uid and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += charge(fd, st)
     for vm in vms:
-        for dirpath, _dirs, leaves in os.walk(vm.path):  # os.walk never follows symlinks
-            for leaf in leaves:
-                path = os.path.join(dirpath, leaf)
-                try:
-                    st = os.lstat(path)
-                except OSError:
+        total += _dir_bytes(vm, seen)
+    return total + held_bytes(vms, seen)
+
+
+def _dir_bytes(vm: VM, seen: set[tuple[int, int]]) -> int:
+    """Iterative, one descriptor per level, never following a symlink."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+    def uncountable(rel: str, why: str) -> LimitReached:
+        return LimitReached(f"VM {vm.name}: cannot count {rel or 'its directory'} ({why}): "
+                            "a start is refused while anything in your VM directories "
+                            "cannot be counted")
+
+    total = 0
+    try:
+        top = os.open(vm.path, flags)
+    except OSError as exc:
+        raise uncountable("", exc.strerror or "error") from exc
+    stack = [(top, os.scandir(top), "")]
+    try:
+        while stack:
+            dfd, entries, rel = stack[-1]
+            name = rel
+            try:
+                entry = next(entries, None)
+                if entry is None:
+                    stack.pop()
+                    entries.close()
+                    os.close(dfd)
                     continue
-                if stat.S_ISREG(st.st_mode):
-                    total += charge(path, st)
-    return total + held_bytes(vms)
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if len(stack) >= MAX_DEPTH:
+                        raise uncountable(name, f"more than {MAX_DEPTH} levels deep")
+                    sub = os.open(entry.name, flags, dir_fd=dfd)
+                    try:
+                        stack.append((sub, os.scandir(sub), name))
+                    except BaseException:
+                        os.close(sub)
+                        raise
+                elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += _charge_at(dfd, entry.name, st)
+            except FileNotFoundError:
+                continue   # gone meanwhile: nothing left to count
+            except OSError as exc:
+                raise uncountable(name, exc.strerror or "error") from exc
+    finally:
+        for dfd, entries, _ in stack:
+            entries.close()
+            os.close(dfd)
+    return total
 
 
-def held_bytes(vms: list[VM]) -> int:
+def _charge_at(dfd: int, leaf: str, st: os.stat_result) -> int:
+    """:func:`charge` of *leaf* in directory *dfd* (a file that cannot be
+    opened, say mode 000, counts its size and blocks)."""
+    try:
+        fd = os.open(leaf, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return max(st.st_size, st.st_blocks * 512)
+    try:
+        return charge(fd, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def held_bytes(vms: list[VM], seen: set[tuple[int, int]] | None = None) -> int:
     """Disk space of files that are unlinked but still open in a process of
     the VMs' owner, on the VMs' filesystems: QEMU's ``-snapshot`` overlay
     (a temporary file QEMU removes at once and keeps open, in the VM
     directory, its TMPDIR).  No directory walk sees them.  Read from
     /proc/PID/fd of the owner's processes; one that hides its descriptors
-    (not dumpable) is not counted."""
+    (not dumpable) is not counted.  Files in *seen* ((dev, ino), counted
+    already) are skipped."""
     if not vms:
         return 0
     uid = vms[0].uid
@@ -123,7 +263,7 @@ def held_bytes(vms: list[VM]) -> int:
             devs.add(os.lstat(vm.path).st_dev)
         except OSError:
             pass
-    seen: set[tuple[int, int]] = set()
+    seen = set() if seen is None else seen
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -144,44 +284,6 @@ def held_bytes(vms: list[VM]) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
     return total
-
-
-def check(cfg: Config, vm: VM) -> int:
-    """Refuse the start if a limit is reached; return a lock fd to hold until
-    the VM runs (or -1 when there is no running-VM limit)."""
-    b = budget(cfg, vm.uid)
-    if not any(b.values.values()):
-        return -1
-    from kvmshell.shell import monitor
-    from kvmshell.common import vmtree
-
-    scan = vmtree.scan(cfg, vm.uid)
-    mine = scan.vms
-    if not any(m.dirname == vm.dirname for m in mine):
-        mine.append(vm)
-    # A broken directory of the user's own still holds files and may hold
-    # a running QEMU (its mode changed under it): both count.
-    every = mine + scan.broken
-    lock = user_lock(cfg, mine) if _needs_lock(b) else -1
-    try:
-        if b["max_running"]:
-            running = [m.name for m in every if m.dirname != vm.dirname and monitor.qemu_pid(m)]
-            if len(running) >= b["max_running"]:
-                raise LimitReached(
-                    f"VM {vm.name}: you already run {len(running)} VM(s) "
-                    f"({', '.join(sorted(running))}), the limit is {b['max_running']}")
-        check_totals(b, vm, mine)
-        if b["max_image_bytes"]:
-            used = image_bytes(mine + [x for x in scan.broken if x.is_dir])
-            if used > b["max_image_bytes"]:
-                raise LimitReached(
-                    f"VM {vm.name}: your VM directories use {used} bytes, over the "
-                    f"limit of {b['max_image_bytes']} bytes: delete some images")
-    except BaseException:
-        if lock >= 0:
-            os.close(lock)
-        raise
-    return lock
 
 
 # ---- max_image_bytes while QEMU runs: the file-size cap ---------------------
@@ -328,27 +430,26 @@ def budget(cfg: Config, uid: int) -> "Budget":
     return _BUDGETS[key]
 
 
-def _needs_lock(b: "Budget") -> bool:
-    """Budgets over running VMs are counted under the per-user lock."""
-    return bool(b["max_running"] or b["max_ram_mib"] or b["max_vcpus"])
-
-
-def check_totals(b: "Budget", vm: VM, mine: list[VM]) -> None:
+def check_totals(b: "Budget", vm: VM, others: list[VM],
+                 table: dict[str, list[tuple[int, bool]]]) -> None:
     """Refuse the start if *vm*'s RAM or vCPUs do not fit what the user's
-    other running VMs leave of the budget.  Called under the per-user lock.
+    other running VMs (*others* whose lock is held, from *table*) leave of
+    the budget.  Called with *vm*'s lock held (see :func:`admit`).
 
     Raises:
         LimitReached: naming the budget, what *vm* needs and what is left.
+        _Deciding: it would fit but for other starts still deciding.
     """
     if not b["max_ram_mib"] and not b["max_vcpus"]:
         return
     from kvmshell.common import budgets
 
     megs, smp = budgets.vm_size(vm)
-    t = budgets.totals(mine, skip=vm.dirname)
-    others = f" ({', '.join(sorted(t.running))} running)" if t.running else ""
-    for key, what, need, used in (("max_ram_mib", "RAM", megs, t.ram_mib),
-                                  ("max_vcpus", "vCPU", smp, t.vcpus)):
+    t = budgets.totals(others, table=table)
+    running = f" ({', '.join(sorted(t.running))} running)" if t.running else ""
+    for key, what, need, used, deciding in (
+            ("max_ram_mib", "RAM", megs, t.ram_mib, t.deciding_ram_mib),
+            ("max_vcpus", "vCPU", smp, t.vcpus, t.deciding_vcpus)):
         limit = b[key]
         if limit and used + need > limit:
             left = max(limit - used, 0)
@@ -356,9 +457,11 @@ def check_totals(b: "Budget", vm: VM, mine: list[VM]) -> None:
                 needs, limit_s, left_s = f"{need} MiB of RAM", f"{limit} MiB", f"{left} MiB"
             else:
                 needs, limit_s, left_s = f"{need} vCPU(s)", str(limit), f"{left} vCPU(s)"
-            raise LimitReached(
-                f"VM {vm.name}: needs {needs}, your {what} budget ({key} = {limit_s}, "
-                f"{b.sources[key]}) has {left_s} left{others}")
+            msg = (f"VM {vm.name}: needs {needs}, your {what} budget ({key} = {limit_s}, "
+                   f"{b.sources[key]}) has {left_s} left{running}")
+            if deciding and used - deciding + need <= limit:
+                raise _Deciding(msg)
+            raise LimitReached(msg)
 
 
 def image_limit(cfg: Config, uid: int) -> int:

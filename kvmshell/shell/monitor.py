@@ -11,7 +11,7 @@ import os
 import time
 
 from kvmshell.common.errors import MonitorError
-from kvmshell.common.runstate import PIDFILE as PIDFILE
+from kvmshell.common import runstate
 from kvmshell.common.runstate import qemu_pid as qemu_pid
 from kvmshell.common.runstate import started_at as started_at
 from kvmshell.common.text import printable
@@ -162,37 +162,21 @@ def save(vm: VM, fd: int, commit: "Callable[[], None]", timeout: float = SAVE_TI
             pass
 
 
-def wait_gone(vm: VM, pid: int, timeout: float) -> bool:
-    """Wait until *pid* has exited and the VM's lock is free (cleanup done)."""
-    import fcntl
-
+def wait_gone(vm: VM, timeout: float) -> bool:
+    """Wait until nobody holds the VM's lock: QEMU has exited and its
+    supervisor has cleaned up.  False if that takes over *timeout* s."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if qemu_pid(vm) != pid:
-            break
+    while runstate.holders(vm):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    else:
-        return False
-    # The supervisor tears down after QEMU exits; wait for it to let go.
-    while time.monotonic() < deadline + 5:
-        try:
-            fd = os.open(vm.file("lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            time.sleep(0.05)
-        finally:
-            os.close(fd)
     return True
 
 
 def stop(vm: VM, pid: int, timeout: float) -> str:
     """ACPI power-down through QMP; a hard stop after *timeout* seconds."""
     qmp_command(vm, "system_powerdown")
-    if wait_gone(vm, pid, timeout):
+    if wait_gone(vm, timeout):
         return "powered off"
     kill(vm, pid)
     return f"did not power off within {timeout:g}s: killed"
@@ -205,4 +189,4 @@ def kill(vm: VM, pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    wait_gone(vm, pid, 10)
+    wait_gone(vm, 10)

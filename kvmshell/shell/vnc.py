@@ -68,7 +68,7 @@ def main(ctx: object, args: list[str]) -> int:
     if rest:
         raise UsageError(f"{rest[0]}: unexpected argument to 'vnc'")
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
-    if monitor.qemu_pid(vm) is None:
+    if monitor.qemu_pid(vm, ctx.cfg.qemu) is None:
         raise RuntimeFailure(f"VM {vm.name!r} is not running (start it with -vnc :0)")
     if not os.path.exists(vm.file(launcher.VNC_SOCKET)):
         raise RuntimeFailure(f"VM {vm.name!r} has no display (start it with -vnc :0)")

@@ -651,11 +651,13 @@ def test_files_given_to_qemu_count_by_descriptor(host: Host, alice: User) -> Non
 
 def test_a_header_rewritten_after_the_check_opens_no_backing_file(host: Host, alice: User
                                                                    ) -> None:
-    """The qcow2 has no backing file when kvmshell checks it; the moment
-    kvmshell has read its header (inotify), the header is rewritten to name
-    a file the user may read.  QEMU must not open that file."""
+    """The qcow2 has no backing file when kvmshell checks it; after
+    kvmshell's last look at it, when its supervisor creates qemu.log just
+    before it runs QEMU (inotify), the header is rewritten to name a file
+    the user may read, outside the places it may use.  QEMU must not open
+    that file."""
     path = host.create_vm("u7", alice, "-m", "32")
-    secret = host.images / "u7-secret.raw"
+    secret = host.root / "u7-secret.raw"
     secret.write_bytes(b"SECRET" * 100)
     os.chmod(secret, 0o644)
     img = path / "d.qcow2"
@@ -668,10 +670,18 @@ def test_a_header_rewritten_after_the_check_opens_no_backing_file(host: Host, al
         f.write(bytes(12))                   # no backing file, for the check
     libc = ctypes.CDLL(None, use_errno=True)
     ino = libc.inotify_init1(os.O_CLOEXEC)
-    assert ino >= 0 and libc.inotify_add_watch(ino, str(img).encode(), 0x1) >= 0  # IN_ACCESS
+    assert ino >= 0 and libc.inotify_add_watch(ino, str(path).encode(), 0x100) >= 0  # IN_CREATE
 
     def rewrite() -> None:
-        os.read(ino, 4096)                   # kvmshell read the header
+        while True:                          # struct inotify_event: wd, mask, cookie, len, name
+            buf = os.read(ino, 4096)
+            names, i = [], 0
+            while i < len(buf):
+                n = int.from_bytes(buf[i + 12:i + 16], "little")
+                names.append(buf[i + 16:i + 16 + n].rstrip(b"\0"))
+                i += 16 + n
+            if b"qemu.log" in names:         # the supervisor, just before QEMU
+                break
         fd = os.open(img, os.O_WRONLY)
         os.pwrite(fd, pointer, 8)
         os.close(fd)
@@ -686,8 +696,8 @@ def test_a_header_rewritten_after_the_check_opens_no_backing_file(host: Host, al
             pid = started_pid(r)
             held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
             assert str(secret) not in held, held
-        else:
-            assert "secret" not in r.stderr, r.stderr
+        else:                                        # kvmshell saw it after all: refused
+            assert r.stderr.startswith("kvmshell: ") and r.stderr.count("\n") == 1, r.stderr
     finally:
         os.close(ino)
         kill_and_wait(alice, path)

@@ -658,6 +658,11 @@ def _procs_in(group: Path, exclude: set[int]) -> list[int]:
     return [int(p) for p in (group / "cgroup.procs").read_text().split() if int(p) not in exclude]
 
 
+# Windows per state: the machine's other load (CI is alone on it; a developer's
+# machine may not be) moves single windows, the median of five much less.
+ROUNDS = 5
+
+
 @needs_v1
 def test_host_stays_usable_with_two_users_busy(rig: Rig, alice: User, bob: User,
                                                guest: Path) -> None:
@@ -686,7 +691,7 @@ def test_host_stays_usable_with_two_users_busy(rig: Rig, alice: User, bob: User,
         share: dict[str, list[float]] = {"in groups": [], "no groups": []}
         try:
             time.sleep(1)
-            for _ in range(3):
+            for _ in range(ROUNDS):
                 for state in root:
                     for p in pids:
                         os.kill(p, signal.SIGSTOP if state == "frozen" else signal.SIGCONT)
@@ -707,12 +712,12 @@ def test_host_stays_usable_with_two_users_busy(rig: Rig, alice: User, bob: User,
             for p in pids:
                 (groups[p] / "cgroup.procs").write_text(str(p))
                 os.kill(p, signal.SIGCONT)
-        med = {k: sorted(v)[1] for k, v in {**root, **{f"share {k}": v for k, v in
+        med = {k: sorted(v)[ROUNDS // 2] for k, v in {**root, **{f"share {k}": v for k, v in
                                                         share.items()}}.items()}
         print(f"root process CPU: {med['in groups']:.2f} with both users' busy guests in their "
               f"groups ({med['share in groups']:.2f}x the guests' CPU), {med['no groups']:.2f} "
               f"with them outside any group ({med['share no groups']:.2f}x), {med['frozen']:.2f} "
-              "with them frozen (medians of 3 windows)")
+              f"with them frozen (medians of {ROUNDS} windows)")
         assert med["share in groups"] >= 1.5 * med["share no groups"], (root, share)
         assert med["share in groups"] >= 0.35, (root, share)
     finally:

@@ -24,11 +24,46 @@ def tree_root() -> str:
     return root
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def install_checkout(root: str) -> tuple[str, str]:
+    """This checkout's package under *root*/lib, readable by the VM user,
+    with entry scripts exactly like bin/kvmshell and bin/kvmadm plus one
+    sys.path line (as tests/conftest.py does): (kvmshell, kvmadm) paths."""
+    lib = os.path.join(root, "lib")
+    shutil.copytree(os.path.join(REPO, "kvmshell"), os.path.join(lib, "kvmshell"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", lib], check=True)
+    os.makedirs(os.path.join(root, "bin"))
+    out = []
+    for script in ("kvmshell", "kvmadm"):
+        with open(os.path.join(REPO, "bin", script)) as f:
+            lines = f.read().splitlines(True)
+        lines.insert(1, f"import sys; sys.path.insert(0, {lib!r})\n")
+        path = os.path.join(root, "bin", script)
+        with open(path, "w") as f:
+            f.write("".join(lines))
+        out.append(path)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for leaf in dirnames:
+            os.chmod(os.path.join(dirpath, leaf), 0o755)
+        for leaf in filenames:
+            os.chmod(os.path.join(dirpath, leaf), 0o644)
+    for path in out:
+        os.chmod(path, 0o755)
+    return out[0], out[1]
+
+
 class Tree:
     """A user (made if missing), a 0755 temp root and a config naming a tree in it.
-    ``create(vm, *admin)`` makes a VM for the user and returns its directory."""
+    ``create(vm, *admin)`` makes a VM for the user and returns its directory.
 
-    def __init__(self) -> None:
+    With *checkout*, the run uses this checkout's kvmshell and kvmadm (copied
+    into the temp root), whatever is installed; ``self.kvmshell`` and
+    ``self.kvmadm`` name the entry points either way."""
+
+    def __init__(self, checkout: bool = False) -> None:
         # A user the run makes is the run's own: close() removes it again.
         self.made_user = subprocess.run(["id", USER], capture_output=True).returncode != 0
         if self.made_user:
@@ -37,17 +72,20 @@ class Tree:
         self.as_user = ["setpriv", f"--reuid={self.pw.pw_uid}", f"--regid={self.pw.pw_gid}",
                         "--clear-groups", "--"]
         self.root = tree_root()
+        self.kvmshell, self.kvmadm = KVMSHELL, KVMADM
+        if checkout:
+            self.kvmshell, self.kvmadm = install_checkout(os.path.join(self.root, "inst"))
+        self.vmdir = os.path.join(self.root, "vms")
         self.conf = os.path.join(self.root, "k.conf")
         with open(self.conf, "w") as f:
             # cgroup = off: the bench user is in no sudoers group (bench_uefi.py
             # sets up the cgroup helper itself).
-            f.write(f"vmdir = {self.root}/vms\naccel = tcg\ncgroup = off\n")
+            f.write(f"vmdir = {self.vmdir}\naccel = tcg\ncgroup = off\n")
 
     def create(self, vm: str, *admin: str) -> str:
-        subprocess.run([KVMADM, "--config", self.conf, "create", vm, "--owner", USER, "--",
+        subprocess.run([self.kvmadm, "--config", self.conf, "create", vm, "--owner", USER, "--",
                         *admin], check=True, stdout=subprocess.DEVNULL)
-        vms = os.path.join(self.root, "vms")
-        return os.path.join(vms, os.readlink(os.path.join(vms, vm)))
+        return os.path.join(self.vmdir, os.readlink(os.path.join(self.vmdir, vm)))
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

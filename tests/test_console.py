@@ -105,6 +105,35 @@ def test_attach_type_read_detach(carol: User, vm: Path) -> None:
     assert carol.status(VM)["state"] == "running"        # detach leaves the VM up
 
 
+def _supervisor_of(user: User) -> int:
+    (qemu,) = user.qemu_pids()
+    with open(f"/proc/{qemu}/status") as f:
+        return int(next(l.split()[1] for l in f if l.startswith("PPid:")))
+
+
+def test_supervisor_is_its_own_small_program(carol: User, vm: Path) -> None:
+    """QEMU's parent, once the VM runs, is the supervisor's own program (a
+    fresh python3 -I -S, not a copy of kvmshell) with a clean environment,
+    holding only the lock, the serial FIFOs and the console socket: none of
+    the files, taps or the monitor socket that went to QEMU."""
+    sup = _supervisor_of(carol)
+    argv = Path(f"/proc/{sup}/cmdline").read_bytes().split(b"\0")
+    assert argv[:4] == [b"/usr/bin/python3", b"-I", b"-S", b"-c"], argv
+    assert b"kvmshell.shell.supervisor" in argv[4]
+    env = Path(f"/proc/{sup}/environ").read_bytes().split(b"\0")
+    assert sorted(e for e in env if e) == [b"LC_ALL=C", b"PATH=/usr/bin:/bin"]
+    assert os.stat(f"/proc/{sup}").st_uid == carol.uid
+    held = sorted(os.readlink(f"/proc/{sup}/fd/{fd}") for fd in os.listdir(f"/proc/{sup}/fd"))
+    files = [h for h in held if h.startswith("/")]
+    assert sorted(files) == sorted(["/dev/null"] * 3 + [str(vm / leaf) for leaf in
+                                                         ("lock", "serial.in", "serial.out",
+                                                          "console.log")]), held
+    others = [h for h in held if not h.startswith("/")]
+    # console.sock (listening), QEMU's pidfd: no client is attached now.
+    assert len(others) == 2 and sum(h.startswith("socket:") for h in others) == 1, held
+    assert "anon_inode:[pidfd]" in others, held
+
+
 def test_reattach_replays_and_no_replay_skips(carol: User, vm: Path) -> None:
     c = attach(carol)
     run_in_guest(c, "echo replay-$((1000+234))", "replay-1234")

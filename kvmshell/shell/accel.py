@@ -83,6 +83,12 @@ def running(vm: VM) -> str | None:
         doc = monitor.query(vm, "query-kvm")
     except MonitorError:
         return None
+    return from_query_kvm(doc)
+
+
+def from_query_kvm(doc: object) -> str:
+    """'kvm' or 'tcg' from QMP ``query-kvm``'s answer *doc* (enabled and
+    present: kvm; otherwise tcg, the only other accelerator kvmshell passes)."""
     if isinstance(doc, dict) and doc.get("enabled") is True and doc.get("present") is True:
         return "kvm"
     return "tcg"

@@ -29,9 +29,9 @@ answer the stream is raw bytes both ways.
 
 from __future__ import annotations
 
+import _socket
 import os
-import selectors
-import socket
+import select
 import struct
 import time
 TYPE_CHECKING = False
@@ -39,9 +39,20 @@ TYPE_CHECKING = False
 from kvmshell.shell.consolelog import BoundedLog
 
 if TYPE_CHECKING:
-    import subprocess
+    from typing import Protocol
 
+    class Process(Protocol):
+        """QEMU as the supervisor holds it (``Popen`` would do too)."""
+        pid: int
+
+        def poll(self) -> int | None: ...
+
+# Why _socket and poll(2), not socket and selectors: this runs in every VM's
+# supervisor for the VM's whole life, and those two modules (enum, collections)
+# would cost each one about 1 MB.  The subset used here is the same calls.
 CONSOLE_SOCKET = "console.sock"
+EVENT_READ = 1                    # selectors' values
+EVENT_WRITE = 2
 RING_BYTES = 256 * 1024           # replay ring: the most a client can ask for
 CLIENT_BUFFER = 1024 * 1024       # per-client backlog before output is dropped
 TO_GUEST_BUFFER = 64 * 1024       # writer bytes queued for the guest
@@ -60,8 +71,77 @@ def clean_who(text: str) -> str:
     return printable(text[:120]) or "?"
 
 
+class Key:
+    """A registered descriptor, as selectors.SelectorKey."""
+
+    __slots__ = ("fileobj", "fd", "events", "data")
+
+    def __init__(self, fileobj: "_socket.socket | int", fd: int, events: int,
+                 data: object) -> None:
+        self.fileobj = fileobj
+        self.fd = fd
+        self.events = events
+        self.data = data
+
+
+class Poller:
+    """selectors.PollSelector's semantics, in the subset the multiplexer uses."""
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._map: dict[int, Key] = {}
+
+    @staticmethod
+    def _fd(fileobj: "_socket.socket | int") -> int:
+        return fileobj if isinstance(fileobj, int) else fileobj.fileno()
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        return (select.POLLIN if events & EVENT_READ else 0) | \
+            (select.POLLOUT if events & EVENT_WRITE else 0)
+
+    def register(self, fileobj: "_socket.socket | int", events: int, data: object = None) -> None:
+        fd = self._fd(fileobj)
+        if fd in self._map:
+            raise KeyError(f"{fd} is already registered")
+        self._poll.register(fd, self._mask(events))
+        self._map[fd] = Key(fileobj, fd, events, data)
+
+    def unregister(self, fileobj: "_socket.socket | int") -> None:
+        fd = self._fd(fileobj)
+        del self._map[fd]
+        self._poll.unregister(fd)
+
+    def modify(self, fileobj: "_socket.socket | int", events: int, data: object = None) -> None:
+        key = self._map[self._fd(fileobj)]
+        self._poll.modify(key.fd, self._mask(events))
+        key.events, key.data = events, data
+
+    def get_map(self) -> dict[int, Key]:
+        return self._map
+
+    def select(self, timeout: float) -> list[tuple[Key, int]]:
+        ms = max(0, -int(-timeout * 1000 // 1))     # rounded up, as selectors does
+        ready = []
+        for fd, event in self._poll.poll(ms):
+            key = self._map.get(fd)
+            if key is None:
+                continue
+            events = 0
+            if event & ~select.POLLIN:
+                events |= EVENT_WRITE
+            if event & ~select.POLLOUT:
+                events |= EVENT_READ
+            if events & key.events:
+                ready.append((key, events & key.events))
+        return ready
+
+    def close(self) -> None:
+        self._map.clear()
+
+
 class Client:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.mode = ""                # "" until the hello line is read
         self.who = "?"
@@ -72,7 +152,7 @@ class Client:
 
 
 class Mux:
-    def __init__(self, serial_out: int, serial_in: int, listener: socket.socket,
+    def __init__(self, serial_out: int, serial_in: int, listener: _socket.socket,
                  log: BoundedLog) -> None:
         self.serial = serial_out          # the guest's output (FIFO, read end)
         self.serial_in = serial_in        # the guest's input (FIFO, write end)
@@ -82,13 +162,13 @@ class Mux:
         self.to_guest = bytearray()
         self.clients: dict[int, Client] = {}
         self.writer: Client | None = None
-        self.sel = selectors.DefaultSelector()
+        self.sel = Poller()
         self.uid = os.getuid()
         self.window_start = time.monotonic()
         self.window_bytes = 0
         self.paused_until = 0.0
         listener.setblocking(False)
-        self.sel.register(listener, selectors.EVENT_READ)
+        self.sel.register(listener, EVENT_READ)
         self.serial_events = 0
         self._serial_interest()
 
@@ -96,12 +176,12 @@ class Mux:
     def _serial_interest(self) -> None:
         ev = 0
         if time.monotonic() >= self.paused_until:
-            ev |= selectors.EVENT_READ
+            ev |= EVENT_READ
         if self.to_guest:
-            ev |= selectors.EVENT_WRITE
+            ev |= EVENT_WRITE
         if ev == self.serial_events:
             return
-        for bit, fd in ((selectors.EVENT_READ, self.serial), (selectors.EVENT_WRITE, self.serial_in)):
+        for bit, fd in ((EVENT_READ, self.serial), (EVENT_WRITE, self.serial_in)):
             if ev & bit and not self.serial_events & bit:
                 self.sel.register(fd, bit)
             elif self.serial_events & bit and not ev & bit:
@@ -109,10 +189,10 @@ class Mux:
         self.serial_events = ev
 
     def _client_interest(self, c: Client) -> None:
-        ev = selectors.EVENT_WRITE if c.outbuf else 0
+        ev = EVENT_WRITE if c.outbuf else 0
         # Back-pressure on the writer's keystrokes only (never on output).
         if not c.closing and (c.mode != "writer" or len(self.to_guest) < TO_GUEST_BUFFER):
-            ev |= selectors.EVENT_READ
+            ev |= EVENT_READ
         key = self.sel.get_map().get(c.sock.fileno())
         if key is None:
             if ev:
@@ -207,12 +287,14 @@ class Mux:
     # ---- clients -------------------------------------------------------
     def _accept(self) -> None:
         try:
-            sock, _ = self.listener.accept()
+            # _socket's accept (socket.socket.accept wraps it the same way).
+            fd, _ = getattr(self.listener, "_accept")()
         except (BlockingIOError, InterruptedError):
             return
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)
         # Why: the VM directory is 0700, so only its owner can connect; check
         # the peer anyway, so a mode slip cannot hand the console to others.
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", cred)
         if uid != self.uid or len(self.clients) >= MAX_CLIENTS:
             sock.close()
@@ -285,7 +367,7 @@ class Mux:
         # A spy's keystrokes are read and discarded: only the writer types.
 
     # ---- main loop -----------------------------------------------------
-    def run(self, proc: "subprocess.Popen[bytes]") -> None:
+    def run(self, proc: "Process") -> None:
         last_chores = 0.0
         # The FIFOs never reach EOF (the supervisor holds both ends), so
         # QEMU's exit is watched through a pidfd: teardown (and the lock's
@@ -295,7 +377,7 @@ class Mux:
         except OSError:
             pidfd = -1
         else:
-            self.sel.register(pidfd, selectors.EVENT_READ)
+            self.sel.register(pidfd, EVENT_READ)
         try:
             self._loop(proc, pidfd, last_chores)
         finally:
@@ -303,7 +385,7 @@ class Mux:
                 self.sel.unregister(pidfd)
                 os.close(pidfd)
 
-    def _loop(self, proc: "subprocess.Popen[bytes]", pidfd: int, last_chores: float) -> None:
+    def _loop(self, proc: "Process", pidfd: int, last_chores: float) -> None:
         while True:
             now = time.monotonic()
             timeout = 0.5
@@ -331,9 +413,9 @@ class Mux:
                 assert isinstance(c, Client)
                 if c.sock.fileno() < 0 or c.sock.fileno() not in self.clients:
                     continue
-                if mask & selectors.EVENT_WRITE:
+                if mask & EVENT_WRITE:
                     self._flush(c)
-                if mask & selectors.EVENT_READ and c.sock.fileno() in self.clients:
+                if mask & EVENT_READ and c.sock.fileno() in self.clients:
                     self._from_client(c)
             now = time.monotonic()
             # The hot path is guest output alone: it keeps its own selector
@@ -381,31 +463,17 @@ class Mux:
 
 
 def select_readable(fd: int) -> bool:
-    import select
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def listen() -> socket.socket:
-    """Bind console.sock in the current directory (the VM directory)."""
-    try:
-        os.unlink(CONSOLE_SOCKET)
-    except FileNotFoundError:
-        pass
-    old = os.umask(0o077)
-    try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(CONSOLE_SOCKET)
-    finally:
-        os.umask(old)
-    s.listen(8)
-    return s
-
-
-def serve(serial_out: int, serial_in: int, listener: socket.socket,
-          proc: "subprocess.Popen[bytes]", path: str, limit: int) -> None:
-    """Multiplex the console until QEMU goes; the log is always kept."""
-    log = BoundedLog(path, limit)
-    mux = Mux(serial_out, serial_in, listener, log)
+def serve(serial_out: int, serial_in: int, listener: int, proc: "Process", path: str,
+          limit: int, log_fd: int = -1) -> None:
+    """Multiplex the console until QEMU goes; the log is always kept.
+    *listener*: the listening ``console.sock`` (a descriptor; this takes
+    it); *log_fd*: *path* opened by consolelog.open_new, if it was."""
+    log = BoundedLog(path, limit, log_fd)
+    mux = Mux(serial_out, serial_in,
+              _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, listener), log)
     try:
         mux.run(proc)
     finally:

@@ -1,11 +1,16 @@
 """Launch a VM: build QEMU's argv, start it under a per-VM supervisor.
 
 Steps, each explicit: lock, open files, limits, network up, spawn, wait
-for QMP, detach.  The supervisor is a small process of the VM user's own
-that outlives the SSH session: it holds the VM lock (on the VM directory,
-see common/runstate.py; QEMU holds one of its own), keeps the bounded
-console log, waits for QEMU and tears down what start set up, however
-QEMU ends.
+for QMP, detach.  The supervisor (:mod:`kvmshell.shell.supervisor`) is a
+process of the VM user's own that outlives the SSH session: it holds the
+VM lock (on the VM directory, see common/runstate.py; QEMU holds one of
+its own), keeps the bounded console log, waits for QEMU and tears down
+what start set up, however QEMU ends.
+
+Everything before QEMU's exec is the start's critical path, so nothing
+there loads what it need not: start lays out the run's files, forks the
+supervisor, which forks QEMU at once, and only once QEMU's monitor has
+answered does the supervisor exec its own small program for the VM's life.
 """
 
 from __future__ import annotations
@@ -22,24 +27,16 @@ from kvmshell.shell import useropts
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RefusedOption, RuntimeFailure, TreeError, UsageError
 from kvmshell.common.vmtree import VM
+from kvmshell.shell import supervisor
 
-if TYPE_CHECKING:
-    import subprocess
-
-# The serial line is a pair of FIFOs, serial.in and serial.out (QEMU's
-# "pipe" chardev).  Why not a socket: QEMU writes the UART byte by byte, and
-# a unix socket holds only a few hundred one-byte writes before QEMU stalls
-# the guest; a pipe packs them into 64 KiB, so the console never slows the
-# guest down unless it is really flooding.
-SERIAL_PIPE = "serial"
-CONSOLE_SOCKET = "console.sock"   # kvmshell.conmux serves clients here
-CONSOLE_LOG = "console.log"
-QEMU_LOG = "qemu.log"
-VNC_SOCKET = "vnc.sock"
-# What one run of a VM leaves in its directory, removed before and after.
-RUNTIME_FILES = ("qmp.sock", VNC_SOCKET, CONSOLE_SOCKET,
-                 SERIAL_PIPE + ".in", SERIAL_PIPE + ".out")
-READY_TIMEOUT = 60.0
+# The files of a run, named in one place (the supervisor's module).
+from kvmshell.shell.supervisor import CONSOLE_LOG as CONSOLE_LOG
+from kvmshell.shell.supervisor import CONSOLE_SOCKET as CONSOLE_SOCKET
+from kvmshell.shell.supervisor import QEMU_LOG as QEMU_LOG
+from kvmshell.shell.supervisor import QMP_SOCKET as QMP_SOCKET
+from kvmshell.shell.supervisor import RUNTIME_FILES as RUNTIME_FILES
+from kvmshell.shell.supervisor import SERIAL_PIPE as SERIAL_PIPE
+from kvmshell.shell.supervisor import VNC_SOCKET as VNC_SOCKET
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -67,11 +64,12 @@ def host_check(cfg: Config, vm: VM, plan: adminopts.AdminPlan) -> None:
         raise TreeError(f"VM {vm.name}: {exc.message} (admin: kvmadm set, or max_smp)") from exc
 
 
-def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None,
+def wrapper_argv(cfg: Config, vm: VM, qmp_fd: int, accels: list[str] | None = None,
                  plan: adminopts.AdminPlan | None = None) -> list[str]:
     """The wrapper's own options: sandbox, machine (the admin's -M, default
     pc), accelerators (*accels*, as :func:`kvmshell.shell.accel.choose`
-    picked them; default: the config's), monitor, console."""
+    picked them; default: the config's), monitor, console.  *qmp_fd*: the
+    monitor's listening socket, bound by the launcher (:func:`_layout`)."""
     argv = [cfg.qemu, "-name", f"guest={vm.name}",
             "-nodefaults", "-no-user-config",
             "-sandbox", SANDBOX,
@@ -86,7 +84,7 @@ def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None,
     # Relative paths: QEMU runs in the VM directory, whose absolute path may
     # be longer than a unix socket address allows.  No -pidfile: QEMU is
     # found by its lock on the VM directory (runstate.py), not by a file.
-    argv += ["-chardev", "socket,id=qmp,path=qmp.sock,server=on,wait=off",
+    argv += ["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control",
              "-chardev", f"pipe,id=serial0,path={SERIAL_PIPE}",
              "-serial", "chardev:serial0",
@@ -95,10 +93,10 @@ def wrapper_argv(cfg: Config, vm: VM, accels: list[str] | None = None,
 
 
 def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
-               opened: dict[str, useropts.Opened], tap_fds: list[int],
+               opened: dict[str, useropts.Opened], tap_fds: list[int], qmp_fd: int,
                accels: list[str] | None = None,
                fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
-    return (wrapper_argv(cfg, vm, accels, plan)
+    return (wrapper_argv(cfg, vm, qmp_fd, accels, plan)
             + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
             + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface, plan.machine))
 
@@ -185,10 +183,20 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
             passed += tap_fds
         placed, placing = placing, None
         cgclient.finish(placed)
-        argv = build_argv(cfg, vm, plan, req, opened, tap_fds, accels, fw_fds)
-        return _spawn(cfg, vm, argv, passed, len(plan.taps),
-                      limits.qemu_rlimits(cfg, plan.megs, _file_size_cap(cfg, vm, req, opened),
-                                         limits.image_limit(cfg, vm.uid)))
+        run = _layout(cfg, vm)
+        try:
+            try:
+                argv = build_argv(cfg, vm, plan, req, opened, tap_fds, run.qmp_listener,
+                                  accels, fw_fds)
+                rlimits = limits.qemu_rlimits(cfg, plan.megs,
+                                              _file_size_cap(cfg, vm, req, opened),
+                                              limits.image_limit(cfg, vm.uid))
+            except BaseException:
+                supervisor.teardown(cfg.path, vm.name, 0)   # nothing forked yet
+                raise
+            return _spawn(cfg, vm, argv, passed, run, len(plan.taps), rlimits)
+        finally:
+            run.close()
     finally:
         cgclient.cancel(placing)
         for fd in passed:
@@ -207,25 +215,36 @@ def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
     return limits.file_size_cap(cfg, vm, writable, 0)
 
 
-def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
-           rlimits: list[tuple[int, int, int]] | None = None) -> tuple[int, str | None]:
+def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: "_Run", taps: int,
+           rlimits: list[tuple[int, int, int]]) -> tuple[int, str | None]:
+    """Fork the supervisor (:func:`_supervise`), QEMU its child.  Return
+    QEMU's pid and its accelerator (QMP query-kvm: 'kvm' or 'tcg'; None if
+    it did not say) once the supervisor reports it ready; raise with QEMU's
+    reason otherwise, with nothing left running."""
     rfd, wfd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    me = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(rfd)
+        os.close(wfd)
+        supervisor.teardown(cfg.path, vm.name, 0)
+        raise RuntimeFailure(f"VM {vm.name} did not start: cannot fork: {exc.strerror}") from exc
     if pid == 0:  # the supervisor
-        code = 1
         try:
+            _watch_parent(me)
             os.close(rfd)
             os.setsid()
-            code = _supervise(cfg, vm, argv, fds, taps, wfd, rlimits or [])
+            _supervise(cfg, vm, argv, fds, run, taps, wfd, rlimits)
         except BaseException as exc:  # report, never unwind into the caller's code
             try:
                 os.write(wfd, f"fail supervisor: {exc}".encode())
             except OSError:
                 pass
         finally:
-            os._exit(code)
+            os._exit(1)
     os.close(wfd)
     chunks = []
     while True:
@@ -245,137 +264,244 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int,
     raise RuntimeFailure(f"VM {vm.name} did not start: {msg[5:] if msg.startswith('fail ') else msg or 'supervisor died'}")
 
 
-def _qemu_error(log: str, returncode: int | None = None) -> str:
-    """QEMU's reason for exiting, from its log (qemulog.reason), escaped."""
-    from kvmshell.common.text import printable
-    from kvmshell.shell import qemulog
-    how = "QEMU exited"
-    if returncode is not None and returncode < 0:
-        import signal
-        try:
-            how = f"QEMU was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"QEMU was killed by signal {-returncode}"
-    elif returncode:
-        how = f"QEMU exited with status {returncode}"
-    return printable(qemulog.reason(qemulog.read_lines(log), how), backslash=False)
+class _Run:
+    """The descriptors of one run of a VM, made by :func:`_layout`."""
+
+    def __init__(self) -> None:
+        self.devnull = self.log = self.console = self.qmp_listener = self.qmp = -1
+        self.console_log = -1
+        self.serial: list[int] = []      # serial.out (the guest's output), serial.in
+
+    def close(self) -> None:
+        for fd in (self.devnull, *self.serial, self.log, self.console_log, self.console,
+                   self.qmp_listener, self.qmp):
+            if fd >= 0:
+                os.close(fd)
+        self.devnull = self.log = self.console = self.qmp_listener = self.qmp = -1
+        self.console_log = -1
+        self.serial = []
 
 
-def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], taps: int, ready_fd: int,
-               rlimits: list[tuple[int, int, int]] | None = None) -> int:
-    import subprocess
-    import time
-
+def _layout(cfg: Config, vm: VM) -> _Run:
+    """Lay out the run's files in the VM directory, under the VM lock: the
+    last run's files removed, the serial FIFOs, qemu.log, this run's empty
+    console.log, console.sock (so that 'start; console' finds it) and
+    qmp.sock with a connection to it.
+    Done here, before the supervisor is forked, so that the forked
+    supervisor runs as little as possible before QEMU's exec.  The working
+    directory becomes the VM directory: socket paths are relative, as the
+    absolute one may be longer than a unix socket address allows."""
     os.chdir(vm.path)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    for leaf in RUNTIME_FILES:
-        try:
-            os.unlink(leaf)
-        except FileNotFoundError:
-            pass
-    serial = []
-    for leaf in (SERIAL_PIPE + ".out", SERIAL_PIPE + ".in"):
-        os.mkfifo(leaf, 0o600)
-        # O_RDWR: never blocks, and the pipe lives as long as the supervisor.
-        serial.append(os.open(leaf, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC))
-    log = os.open(QEMU_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    caps = list(rlimits or [])
-
-    def in_qemu() -> None:
-        # Why here: the caps are set before exec, so QEMU never runs
-        # uncapped; and QEMU's own share of the VM lock carries QEMU's pid.
-        limits.apply(caps)
-        runstate.take_own_share(fds[0])
-
-    proc = subprocess.Popen(argv, pass_fds=fds, env=clean_env(vm), cwd=vm.path,
-                            stdin=devnull, stdout=log, stderr=log, close_fds=True,
-                            preexec_fn=in_qemu)
-    for fd in fds:
-        if fd != fds[0]:  # the supervisor keeps the lock, QEMU keeps the rest
-            os.close(fd)
-    deadline = time.monotonic() + READY_TIMEOUT
+    run = _Run()
     try:
-        from kvmshell.shell import conmux
-        console = conmux.listen()   # before 'ok': 'start; console' must find it
-        _wait_qmp(vm, proc, deadline, incoming="-incoming" in argv)
-        from kvmshell.shell import accel
-        got = accel.running(vm)   # for start's fallback notice
+        run.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        for leaf in RUNTIME_FILES:
+            try:
+                os.unlink(leaf)
+            except FileNotFoundError:
+                pass
+        for leaf in (SERIAL_PIPE + ".out", SERIAL_PIPE + ".in"):
+            os.mkfifo(leaf, 0o600)
+            # O_RDWR: never blocks, and the pipe lives as long as the supervisor.
+            run.serial.append(os.open(leaf, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW
+                                      | os.O_CLOEXEC))
+        run.log = os.open(QEMU_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+        # The console log of this run, empty, there once start returns.
+        from kvmshell.shell import consolelog
+        run.console_log = consolelog.open_new(CONSOLE_LOG)
+        run.console = _unix_listener(CONSOLE_SOCKET)
+        run.qmp_listener, run.qmp = _qmp_sockets()
+    except BaseException:
+        run.close()
+        supervisor.teardown(cfg.path, vm.name, 0)
+        raise
+    return run
+
+
+_parent_pidfd = -1
+
+
+def _watch_parent(pid: int) -> None:
+    """In the forked supervisor: keep a pidfd of kvmshell (*pid*), if it
+    still runs, for :func:`_parent_gone`."""
+    global _parent_pidfd
+    if os.getppid() == pid:    # else kvmshell is already gone (we were re-parented)
         try:
-            os.write(ready_fd, f"ok {proc.pid} {got or '-'}".encode())
+            _parent_pidfd = os.pidfd_open(pid)
         except OSError:
-            pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
-        os.close(ready_fd)
-        ready_fd = -1
-        conmux.serve(serial[0], serial[1], console, proc, vm.file(CONSOLE_LOG),
-                     cfg.console_log_bytes)
-        proc.wait()
-        return 0
-    except RuntimeFailure as exc:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if ready_fd >= 0:
-            try:
-                os.write(ready_fd, f"fail {exc.message}".encode())
-            except OSError:
-                pass  # nobody is left to tell
-        return 1
-    finally:
-        if ready_fd >= 0:
-            os.close(ready_fd)
-        _teardown(cfg, vm, taps)
-
-
-def _wait_qmp(vm: VM, proc: "subprocess.Popen[bytes]", deadline: float,
-              incoming: bool = False) -> None:
-    """QMP answering query-status means machine init finished.  With
-    -loadvm (*incoming*), also wait until the saved state has been read, so
-    that a state QEMU cannot load fails the start with QEMU's reason, and
-    resume the guest: 'save' paused it, and the state carries that."""
-    import time
-
-    from kvmshell.common.errors import MonitorError
-    from kvmshell.shell.monitor import qmp_command
-
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeFailure(_qemu_error(QEMU_LOG, proc.returncode))
-        if time.monotonic() > deadline:
-            raise RuntimeFailure("QEMU did not answer on its monitor"
-                                 " (or did not finish loading the saved state)")
-        try:
-            status = qmp_command(vm, "query-status", timeout=2)
-        except MonitorError:
-            time.sleep(0.05)
-            continue
-        state = status.get("status") if isinstance(status, dict) else None
-        if state == "inmigrate":
-            time.sleep(0.05)
-            continue
-        if incoming and state == "paused":
-            try:
-                qmp_command(vm, "cont", timeout=10)
-            except MonitorError as exc:
-                raise RuntimeFailure(f"the saved state loaded but the VM did not resume: {exc}") from exc
-        return
-
-
-def _teardown(cfg: Config, vm: VM, taps: int) -> None:
-    for leaf in RUNTIME_FILES:
-        try:
-            os.unlink(leaf)
-        except FileNotFoundError:
             pass
-    if taps:
-        from kvmshell.shell import netclient
+
+
+def _parent_gone(timeout: float = 0.2) -> None:
+    """Wait (at most *timeout* s) until kvmshell, told 'ok', has exited.
+    Why: its last steps (print, exit) are the end of the user's wait, and
+    the supervisor's exec of a fresh interpreter should not compete with
+    them for the CPU.  Bounded: at the interactive prompt kvmshell stays,
+    and the console waits for the supervisor's program meanwhile."""
+    import select
+
+    if _parent_pidfd >= 0:
+        p = select.poll()
+        p.register(_parent_pidfd, select.POLLIN)
+        p.poll(int(timeout * 1000))
+        os.close(_parent_pidfd)
+
+
+def _unix_listener(path: str) -> int:
+    """A unix stream socket bound to *path* (mode 0600) and listening: its fd."""
+    import _socket
+
+    old = os.umask(0o077)
+    try:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
-            # The taps are not persistent: QEMU's exit closed the last
-            # descriptor and the kernel deleted them.  A root process runs
-            # only if one is still there (a descriptor leaked to another
-            # process, say), and then deletes it regardless of who holds it.
-            if netclient.remaining(cfg, vm, taps):
-                netclient.down(cfg, vm)
-        except RuntimeFailure:
-            pass  # logged by the helper; the next start's 'up' cleans up too
+            s.bind(path)
+            s.listen(supervisor.BACKLOG)
+        except BaseException:
+            s.close()
+            raise
+    finally:
+        os.umask(old)
+    return s.detach()
+
+
+def _qmp_sockets() -> tuple[int, int]:
+    """QMP's listening socket (QEMU gets it: ``fd=``) and a connection to it,
+    made now, before QEMU runs (the supervisor's): (listener, client).
+
+    Why: the supervisor learns that QEMU is ready from the greeting and the
+    answers on a connection that already waits in the backlog, with no
+    polling for the socket to appear and no connect retries."""
+    import _socket
+
+    lfd = _unix_listener(QMP_SOCKET)
+    c = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        c.connect(QMP_SOCKET)   # a listening unix socket queues it at once
+    except BaseException:
+        c.close()
+        os.close(lfd)
+        raise
+    return lfd, c.detach()
+
+
+def _close_all_but(keep: list[int]) -> None:
+    """Close every descriptor above 2 but *keep* (a close_range(2) per gap),
+    whatever this process inherited from its caller."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if low < fd:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 1 << 20)   # fs.nr_open's default: no descriptor is higher
+
+
+def _exec_qemu(argv: list[str], env: dict[str, str], keep: list[int], devnull: int, log: int,
+               rlimits: list[tuple[int, int, int]], report: int) -> None:
+    """In the forked child: cap, hand over exactly *keep*, exec QEMU.  Never
+    returns.  *report* (close-on-exec) carries the reason if the exec fails."""
+    try:
+        # As subprocess does (restore_signals): Python ignores SIGPIPE and
+        # SIGXFSZ, and an ignored signal stays ignored across exec.
+        import _signal  # type: ignore[import-not-found]  # 'signal' imports enum: ~3 ms before QEMU
+        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):
+            _signal.signal(sig, _signal.SIG_DFL)
+        # Why: the caps are set in the child before exec, so QEMU never runs
+        # uncapped (with a file-size cap, apply ignores SIGXFSZ again).
+        limits.apply(rlimits)
+        # QEMU's own share of the VM lock (keep[0]), whose pid is QEMU's:
+        # how runstate.py finds the VM's QEMU.
+        runstate.take_own_share(keep[0])
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        _close_all_but(keep + [report])   # nothing else reaches QEMU
+        os.execve(argv[0], argv, env)
+    except BaseException as exc:
+        try:
+            os.write(report, f"cannot run QEMU ({argv[0]}): {exc}".encode())
+        finally:
+            os._exit(127)
+
+
+def _fork_qemu(argv: list[str], env: dict[str, str], keep: list[int], devnull: int, log: int,
+               rlimits: list[tuple[int, int, int]]) -> int:
+    """Fork and exec QEMU (:func:`_exec_qemu`); return its pid once the exec
+    has happened.  Why wait for it: as subprocess does, an exec failure is
+    reported here, and while this process waits the child has the CPU to
+    itself, which counts on a busy host."""
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _exec_qemu(argv, env, keep, devnull, log, rlimits, wfd)
+        os.close(wfd)
+        wfd = -1
+        why = os.read(rfd, 4096)      # EOF: the exec closed the pipe
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        os.close(rfd)
+    if why:
+        os.waitpid(pid, 0)
+        raise RuntimeFailure(why.decode("utf-8", "replace"))
+    return pid
+
+
+def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, taps: int,
+               ready_fd: int, rlimits: list[tuple[int, int, int]]) -> None:
+    """The supervisor's start (in the forked child, in the VM directory):
+    fork QEMU, wait until its monitor answers, report ``ok PID ACCEL`` on
+    *ready_fd*, then exec the supervisor's program for the VM's life
+    (:mod:`kvmshell.shell.supervisor`).  Reports ``fail REASON`` (QEMU
+    killed, the run's files removed) if QEMU does not become ready."""
+    qemu: supervisor.Child | None = None
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(run.devnull, fd)
+        pid = _fork_qemu(argv, clean_env(vm), fds + [run.qmp_listener], run.devnull, run.log,
+                         rlimits)
+        qemu = supervisor.Child(pid)
+        for fd in fds[1:] + [run.qmp_listener, run.log]:   # QEMU's now; the lock (fds[0]) stays
+            os.close(fd)
+        kvm = supervisor.wait_ready(run.qmp, qemu, incoming="-incoming" in argv)
+    except BaseException as exc:
+        if qemu is not None:
+            qemu.kill()
+            qemu.wait()
+        supervisor.teardown(cfg.path, vm.name, taps)
+        if isinstance(exc, RuntimeFailure):
+            os.write(ready_fd, f"fail {exc.message}".encode())
+            os._exit(1)
+        raise
+    try:
+        # "ok PID ACCEL": ACCEL is QMP's answer (query-kvm, asked on the
+        # same connection), "-" if it gave none.
+        from kvmshell.shell import accel
+        got = accel.from_query_kvm(kvm) if kvm is not None else None
+        os.write(ready_fd, f"ok {pid} {got or '-'}".encode())
+    except OSError:
+        pass  # kvmshell (the SSH session) is gone: the VM runs on regardless
+    os.close(ready_fd)
+    _parent_gone()
+    fields = {"lock_fd": str(fds[0]), "serial_out_fd": str(run.serial[0]),
+              "serial_in_fd": str(run.serial[1]), "console_fd": str(run.console),
+              "console_log_fd": str(run.console_log),
+              "qemu_pid": str(pid),
+              "console_log_bytes": str(cfg.console_log_bytes), "taps": str(taps),
+              "config": cfg.path, "vm_name": vm.name}
+    keep = [fds[0], run.serial[0], run.serial[1], run.console, run.console_log]
+    for fd in keep:
+        os.set_inheritable(fd, True)
+    sup = supervisor.command(sys.executable or "/usr/bin/python3", fields)
+    _close_all_but(keep)      # what kvmshell inherited from its caller stays behind
+    try:
+        # Why a clean environment: a fresh interpreter takes nothing from
+        # the user's session (-I: no PYTHON* variables either).
+        os.execve(sup[0], sup, {"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    except OSError:
+        # The VM runs: supervise it from this (larger) process instead.
+        os._exit(supervisor.main(sup[len(sup) - len(fields):]))

@@ -183,20 +183,24 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
             passed += tap_fds
         placed, placing = placing, None
         cgclient.finish(placed)
-        run = _layout(cfg, vm)
+        here = _where()
         try:
+            run = _layout(cfg, vm)
             try:
-                argv = build_argv(cfg, vm, plan, req, opened, tap_fds, run.qmp_listener,
-                                  accels, fw_fds)
-                rlimits = limits.qemu_rlimits(cfg, plan.megs,
-                                              _file_size_cap(cfg, vm, req, opened),
-                                              limits.image_limit(cfg, vm.uid))
-            except BaseException:
-                supervisor.teardown(cfg.path, vm.name, 0)   # nothing forked yet
-                raise
-            return _spawn(cfg, vm, argv, passed, run, len(plan.taps), rlimits)
+                try:
+                    argv = build_argv(cfg, vm, plan, req, opened, tap_fds, run.qmp_listener,
+                                      accels, fw_fds)
+                    rlimits = limits.qemu_rlimits(cfg, plan.megs,
+                                                  _file_size_cap(cfg, vm, req, opened),
+                                                  limits.image_limit(cfg, vm.uid))
+                except BaseException:
+                    supervisor.teardown(cfg.path, vm.name, 0)   # nothing forked yet
+                    raise
+                return _spawn(cfg, vm, argv, passed, run, len(plan.taps), rlimits)
+            finally:
+                run.close()
         finally:
-            run.close()
+            _back(here)
     finally:
         cgclient.cancel(placing)
         for fd in passed:
@@ -280,6 +284,26 @@ class _Run:
         self.devnull = self.log = self.console = self.qmp_listener = self.qmp = -1
         self.console_log = -1
         self.serial = []
+
+
+def _where() -> int:
+    """The working directory, as an O_PATH descriptor (-1 if it is gone)."""
+    try:
+        return os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def _back(here: int) -> None:
+    """Back to the working directory :func:`_where` kept: :func:`_layout`
+    moves into the VM directory, which is start's business only (the
+    fuzzer and the tests call start inside their own process)."""
+    if here >= 0:
+        try:
+            os.fchdir(here)
+        except OSError:
+            pass
+        os.close(here)
 
 
 def _layout(cfg: Config, vm: VM) -> _Run:

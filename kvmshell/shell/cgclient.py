@@ -12,14 +12,13 @@ The request runs while ``start`` opens files and sets up the network
 
 from __future__ import annotations
 
-import socket
-
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RuntimeFailure
 from kvmshell.common.vmtree import VM
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     import subprocess
 
 SUDO = "/usr/bin/sudo"
@@ -29,7 +28,7 @@ TIMEOUT = 30.0
 class Pending:
     """A running ``attach`` request."""
 
-    def __init__(self, vm: VM, proc: "subprocess.Popen[bytes]", sock: socket.socket) -> None:
+    def __init__(self, vm: VM, proc: "subprocess.Popen[bytes]", sock: "socket.socket") -> None:
         self.vm = vm
         self.proc = proc
         self.sock = sock
@@ -42,6 +41,10 @@ def begin(cfg: Config, vm: VM) -> Pending | None:
     if cgroups.mode(cfg) == "off":
         return None
     import subprocess
+
+    # Imported here, not at the top: 'socket' costs ~7 ms (enum, selectors)
+    # and every start imports this module, with cgroup = off too.
+    import socket
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -186,6 +186,12 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
     return 0
 
 
+def _after_start() -> None:
+    """What the end of start needs, loaded while QEMU starts (see
+    launcher.start): the autostart record and the audit record."""
+    from kvmshell.shell import audit, autostart  # noqa: F401
+
+
 def cmd_start(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import launcher
     from kvmshell.shell import useropts
@@ -195,7 +201,7 @@ def cmd_start(ctx: Context, args: list[str]) -> int:
     vm = ctx.pick(name)
     from kvmshell.shell import accel
     choice = accel.choose(ctx.cfg, vm)      # accel_fallback = no refuses here
-    pid, got = launcher.start(ctx.cfg, vm, req, choice.accels)
+    pid, got = launcher.start(ctx.cfg, vm, req, choice.accels, meanwhile=_after_start)
     _out(f"{vm.name}: started (pid {pid}); 'console' attaches to its serial console")
     note = choice.notice(got)
     if note:

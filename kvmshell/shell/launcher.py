@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import sys
 TYPE_CHECKING = False  # not "from typing": that import alone costs ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 from kvmshell.shell import limits
 from kvmshell.common import adminopts
@@ -139,11 +141,15 @@ def clean_env(vm: VM) -> dict[str, str]:
 
 
 def start(cfg: Config, vm: VM, req: useropts.UserRequest,
-          accels: list[str] | None = None) -> tuple[int, str | None]:
+          accels: list[str] | None = None,
+          meanwhile: "Callable[[], None] | None" = None) -> tuple[int, str | None]:
     """Start *vm* with the accelerators *accels* (default: the config's);
     return QEMU's pid once QMP answers, and the accelerator QEMU reports
     (QMP query-kvm: 'kvm' or 'tcg'; None if it did not say).  Nothing is
-    left running or locked when this raises."""
+    left running or locked when this raises.  *meanwhile* runs while QEMU
+    starts (after the fork, before the wait): the caller's preparations
+    for what follows a start, off the start's critical path; what it
+    raises is ignored."""
     plan = admin_plan(vm)
     if req.has("-vnc") and plan.nographic:
         raise RefusedOption("-vnc: the administrator turned graphics off for this VM")
@@ -196,7 +202,8 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
                 except BaseException:
                     supervisor.teardown(cfg.path, vm.name, 0)   # nothing forked yet
                     raise
-                return _spawn(cfg, vm, argv, passed, run, len(plan.taps), rlimits)
+                return _spawn(cfg, vm, argv, passed, run, len(plan.taps), rlimits,
+                              meanwhile)
             finally:
                 run.close()
         finally:
@@ -220,7 +227,8 @@ def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
 
 
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: "_Run", taps: int,
-           rlimits: list[tuple[int, int, int]]) -> tuple[int, str | None]:
+           rlimits: list[tuple[int, int, int]],
+           meanwhile: "Callable[[], None] | None" = None) -> tuple[int, str | None]:
     """Fork the supervisor (:func:`_supervise`), QEMU its child.  Return
     QEMU's pid and its accelerator (QMP query-kvm: 'kvm' or 'tcg'; None if
     it did not say) once the supervisor reports it ready; raise with QEMU's
@@ -250,14 +258,24 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: "_Run", ta
         finally:
             os._exit(1)
     os.close(wfd)
-    chunks = []
+    # The supervisor's report: "exec\n" once QEMU runs, then "ok PID ACCEL"
+    # or "fail REASON"; only "fail ..." if QEMU never ran.
+    data = b""
     while True:
         chunk = os.read(rfd, 4096)
         if not chunk:
             break
-        chunks.append(chunk)
+        data += chunk
+        if meanwhile is not None and data.startswith(b"exec\n"):
+            # Now, not before: until QEMU's exec this would take the CPU
+            # from the supervisor.
+            try:
+                meanwhile()
+            except Exception:  # a preparation only: the real step reports it
+                pass
+            meanwhile = None
     os.close(rfd)
-    msg = b"".join(chunks).decode("utf-8", "replace")
+    msg = data.removeprefix(b"exec\n").decode("utf-8", "replace")
     if msg.startswith("ok "):
         # The supervisor stays behind; it is re-parented when we exit.
         # "ok PID ACCEL": ACCEL is QMP's answer, "-" if it gave none.
@@ -489,6 +507,7 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, 
         pid = _fork_qemu(argv, clean_env(vm), fds + [run.qmp_listener], run.devnull, run.log,
                          rlimits)
         qemu = supervisor.Child(pid)
+        os.write(ready_fd, b"exec\n")
         for fd in fds[1:] + [run.qmp_listener, run.log]:   # QEMU's now; the lock (fds[0]) stays
             os.close(fd)
         kvm = supervisor.wait_ready(run.qmp, qemu, incoming="-incoming" in argv)

@@ -5,11 +5,12 @@ the VM lock, relays the serial console and keeps its bounded log
 (:mod:`kvmshell.shell.conmux`), and tears down what start set up once QEMU
 is gone, however it ends.  Its life has two phases:
 
-1. **Start** (:func:`wait_ready`), in the process ``start`` forked
-   (:mod:`kvmshell.shell.launcher`): it lays out the run's files, forks
-   QEMU and waits for QEMU's monitor to answer, then reports ``ok PID`` (or
-   ``fail REASON``) on a pipe to ``start``.  Nothing new is loaded: this
-   is the critical path of every start.
+1. **Start** (:func:`wait_ready`), in the process ``start`` forked once
+   it had laid out the run's files (:mod:`kvmshell.shell.launcher`): it
+   forks QEMU, reports ``exec``, waits for QEMU's monitor to answer, then
+   reports ``ok PID ACCEL`` (or ``fail REASON``) on a pipe to ``start``.
+   Nothing new is loaded before QEMU's exec: this is the critical path of
+   every start.
 2. **Run** (:func:`main`): once QEMU is ready, that process execs this
    module as a program of its own, a fresh ``python3 -I -S`` that imports
    ``os`` and the console relay (and, at the very end, the network client),

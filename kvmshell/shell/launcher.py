@@ -507,7 +507,10 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, 
         pid = _fork_qemu(argv, clean_env(vm), fds + [run.qmp_listener], run.devnull, run.log,
                          rlimits)
         qemu = supervisor.Child(pid)
-        os.write(ready_fd, b"exec\n")
+        try:
+            os.write(ready_fd, b"exec\n")
+        except OSError:
+            pass  # kvmshell (the SSH session) is gone: the VM starts regardless
         for fd in fds[1:] + [run.qmp_listener, run.log]:   # QEMU's now; the lock (fds[0]) stays
             os.close(fd)
         kvm = supervisor.wait_ready(run.qmp, qemu, incoming="-incoming" in argv)

@@ -89,7 +89,7 @@ class Child:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
-                self.returncode = -1
+                self.returncode = 0   # reaped elsewhere: its status is unknown
             else:
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
@@ -100,7 +100,7 @@ class Child:
             try:
                 _, status = os.waitpid(self.pid, 0)
             except ChildProcessError:
-                self.returncode = -1
+                self.returncode = 0   # reaped elsewhere: its status is unknown
             except InterruptedError:
                 continue
             else:

@@ -795,6 +795,27 @@ def check_tree(h: Host) -> Result:
                   "of its user")
 
 
+def check_owner_view(h: Host) -> Result:
+    """TOP/.owners, the per-owner view users' commands find their VMs by
+    (admin/ownerview.py): fresh, or each user's list reads the whole tree
+    (correct, but its cost grows with the host)."""
+    from kvmshell.admin import ownerview
+    from kvmshell.common import vmtree
+    from kvmshell.common.errors import TreeError
+    top = h.cfg.vmdir
+    if not os.path.lexists(top):
+        return Result(PASS, f"{top} does not exist yet")
+    try:
+        why = ownerview.stale(h.cfg)
+    except TreeError:
+        return Result(PASS, "not used while the tree is broken (see the VM tree check)")
+    view = os.path.join(top, vmtree.OWNERS)
+    if why:
+        return Result(WARN, f"{view}: {why}: users' commands read the whole tree meanwhile",
+                      "kvmadm refresh")
+    return Result(PASS, f"{view} holds what the tree holds")
+
+
 def check_image_dirs(h: Host) -> Result:
     """The image_dirs exist and no user can write them (users read images there)."""
     if not h.cfg.image_dirs:
@@ -932,6 +953,7 @@ CHECKS: list[tuple[str, str, Callable[[Host], Result]]] = [
     ("sshd-match", "sshd Match for the group", check_sshd_match),
     ("pam", "PAM service", check_pam),
     ("tree", "VM tree", check_tree),
+    ("tree-owners", "VM tree's per-owner view", check_owner_view),
     ("image-dirs", "image directories", check_image_dirs),
     ("ovmf", "UEFI firmware (OVMF)", check_ovmf),
     ("cgroups", "cgroup controllers", check_cgroups),

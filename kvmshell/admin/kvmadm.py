@@ -44,11 +44,15 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "check": ("[--json] [--sysconfdir DIR]",
               "check the host, like virt-host-validate: one line per check, PASS, WARN or FAIL"),
     "autostart": ("", "start every VM marked 'autostart on', as its owner (run at boot)"),
+    "refresh": ("", "rebuild the tree's per-owner view (after changing the tree by hand)"),
     "usage": ("[--json]", "every VM owner's budgets, use and kernel limits"),
     "slices": ("[--dir DIR]", "write systemd user-slice drop-ins from the budgets (systemd hosts)"),
 }
 # Commands that change the tree or the users: each run leaves an audit record.
-CHANGES = frozenset({"create", "set", "remove", "adduser", "setkey"})
+CHANGES = frozenset({"create", "set", "remove", "adduser", "setkey", "refresh"})
+# Commands after which the per-owner view is rebuilt (admin/ownerview.py),
+# whatever their outcome: each may have changed the tree, if only half-way.
+TREE_CHANGES = frozenset({"create", "set", "remove"})
 
 USAGE = "\n".join(f"    kvmadm [--config PATH] {c} {syn}".rstrip()
                   for c, (syn, _) in COMMAND_HELP.items())
@@ -338,6 +342,45 @@ def cmd_check(cfg: Config, args: list[str]) -> int:
     return check.main(cfg, args)
 
 
+def cmd_refresh(cfg: Config, args: list[str]) -> int:
+    """Rebuild TOP/.owners from the tree (admin/ownerview.py): after a VM
+    directory was made, renamed or given to another owner by hand."""
+    from kvmshell.admin import ownerview
+    if args:
+        raise UsageError(f"{args[0]}: unexpected argument (usage: refresh)")
+    vmtree.check_top(cfg)
+    count = ownerview.refresh(cfg)
+    _out(f"{os.path.join(cfg.vmdir, vmtree.OWNERS)}: {count} entries")
+    return 0
+
+
+def _top_mtime(cfg: Config) -> int | None:
+    """The top directory's mtime (ns), None if there is none: it changes
+    with every entry made, renamed or removed in it."""
+    try:
+        return os.stat(cfg.vmdir).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _refresh_view(cfg: Config) -> None:
+    """After a change to the tree: rebuild the per-owner view.  A failure
+    is said, not fatal: the change stands, and until the view is rebuilt
+    users' commands scan the whole tree (correct, only slower)."""
+    from kvmshell.admin import ownerview
+    try:
+        vmtree.check_top(cfg)
+    except KvmshellError:
+        return                      # no tree, or one the command has refused already
+    try:
+        if ownerview.stamped(cfg):
+            return                  # nothing in the top directory changed
+        ownerview.refresh(cfg)
+    except (KvmshellError, OSError) as exc:
+        why = exc.message if isinstance(exc, KvmshellError) else exc.strerror
+        _err(f"the per-owner view was not rebuilt: {why} (fix it, then kvmadm refresh)")
+
+
 def _owners(cfg: Config) -> dict[int, list[vmtree.VM]]:
     """Every healthy VM, by owner (broken entries are 'list''s to report)."""
     out: dict[int, list[vmtree.VM]] = {}
@@ -482,6 +525,7 @@ def cmd_autostart(cfg: Config, args: list[str]) -> int:
     from kvmshell.common import autostart, runstate
     if args:
         raise UsageError(f"{args[0]}: unexpected argument (usage: autostart)")
+    _refresh_view(cfg)              # at boot: whatever changed by hand meanwhile
     failed = 0
     for name in [vm.name for vm in vmtree.scan_all(cfg).vms]:
         fields: dict[str, str] = {"vm": name}
@@ -621,7 +665,7 @@ COMMANDS: "dict[str, Callable[[Config, list[str]], int]]" = {
     "create": cmd_create, "set": cmd_set, "remove": cmd_remove,
     "list": cmd_list, "show": cmd_show, "adduser": cmd_adduser,
     "setkey": cmd_setkey, "check": cmd_check, "autostart": cmd_autostart,
-    "usage": cmd_usage, "slices": cmd_slices}
+    "usage": cmd_usage, "slices": cmd_slices, "refresh": cmd_refresh}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,7 +694,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.geteuid() != 0:
             raise UsageError("must be run as root")
         cfg = load(path)
-        status = cmd(cfg, args[1:])
+        before = _top_mtime(cfg) if cmd_name in TREE_CHANGES else None
+        try:
+            status = cmd(cfg, args[1:])
+        finally:
+            # Only if the command changed the tree: a refused one leaves
+            # the tree (the view included) as it was.
+            if cmd_name in TREE_CHANGES and _top_mtime(cfg) != before:
+                _refresh_view(cfg)
         if cmd_name in CHANGES:
             _record(cfg, cmd_name, {**_NOTE, "outcome": "ok", "status": status})
         return status

@@ -3,6 +3,8 @@
     TOP/                       root-owned, not group/world-writable
     TOP/<name> -> <name>.<id>  root-owned symlink: what users type
     TOP/<name>.<id>/           0700, owned by the VM user: images, sockets
+    TOP/.owners/<uid>/<name>.<id> -> ../../<name>.<id>
+                               root's per-owner view (derived, see below)
 
 Why the checks: users cannot rename anything in TOP, so a directory name
 there is the admin's word.  kvmshell refuses to act on a tree that does not
@@ -17,6 +19,21 @@ own directories are decoded and checked.  Another user's entry, broken or
 not, is never decoded and never named in a message (its directory name
 holds that VM's admin options).  ``kvmadm`` (root) sees everything: every
 healthy VM, and every broken entry with its reason.
+
+The per-owner view, ``TOP/.owners``, lets a user's command find that
+user's entries without an ``lstat`` of everyone else's, so ``list`` costs
+the same at 10,000 VMs as at one.  It is derived, never a source: kvmadm
+rebuilds it from the tree after each change it makes to the tree
+(``create``, ``set``, ``remove``; ``kvmadm refresh`` after changes by hand,
+``kvmadm autostart`` at boot; :mod:`kvmshell.admin.ownerview`), and stamps
+it with the top directory's mtime as it was when it read the tree.  A
+reader uses it only while that stamp still equals the top directory's
+mtime (any entry created, renamed or removed in TOP changes that), and
+otherwise scans the whole tree as before.  Each name it gives is checked
+against the real entry exactly as a scan checks it (its owner from one
+``lstat``), so a stale view can at worst leave a VM out, never show
+another user's.  What the stamp cannot see is a ``chown`` of a VM
+directory by hand: ``kvmadm refresh`` after that.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ from kvmshell.common.errors import NotYours, TreeError, UsageError
 from kvmshell.common.text import printable
 
 _TOP_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OWNERS = ".owners"     # the per-owner view: OWNERS/<uid>/<entry> (see above)
 
 
 class VM:
@@ -75,7 +93,9 @@ class Scan:
         return [*self.vms, *(b for b in self.broken if b.is_dir)]
 
 
-def _open_top(cfg: Config) -> int:
+def open_top(cfg: Config) -> int:
+    """A descriptor of the top directory, checked (TreeError if users
+    could change it, or it is missing)."""
     top = cfg.vmdir
     try:
         fd = os.open(top, _TOP_FLAGS)
@@ -95,7 +115,7 @@ def _open_top(cfg: Config) -> int:
 
 def check_top(cfg: Config) -> None:
     """Refuse to run on a top directory users could change."""
-    os.close(_open_top(cfg))
+    os.close(open_top(cfg))
 
 
 def _lstat(dfd: int, leaf: str) -> os.stat_result | None:
@@ -145,32 +165,88 @@ def _link_target(dfd: int, name: str) -> str | None:
         return None
 
 
+def is_entry(leaf: str) -> bool:
+    """May *leaf* (a name in the top directory) be a VM directory?  Not the
+    symlinks (what users type: no '.'), nor hidden entries (kvmadm's own:
+    .removed, .owners, .NAME.link)."""
+    return bool(leaf) and leaf[0] != "." and "." in leaf
+
+
+def _view_ok(fd: int) -> os.stat_result | None:
+    """fstat of a directory of the view if only root can change it."""
+    st = os.fstat(fd)
+    return st if st.st_uid == 0 and not st.st_mode & 0o022 else None
+
+
+def _viewed(dfd: int, uid: int) -> list[str] | None:
+    """The entries of *uid* by the per-owner view, if it is fresh (see the
+    module's docstring); None: no fresh view, scan the tree."""
+    flags = _TOP_FLAGS | os.O_NONBLOCK
+    try:
+        ofd = os.open(OWNERS, flags, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        st = _view_ok(ofd)
+        if st is None or st.st_mtime_ns != os.fstat(dfd).st_mtime_ns:
+            return None
+        try:
+            ufd = os.open(str(uid), flags, dir_fd=ofd)
+        except FileNotFoundError:
+            return []                   # fresh, and no entry of uid's
+        except OSError:
+            return None
+        try:
+            if _view_ok(ufd) is None:
+                return None
+            return [leaf for leaf in os.listdir(ufd) if is_entry(leaf)]
+        finally:
+            os.close(ufd)
+    finally:
+        os.close(ofd)
+
+
+def owner_map(dfd: int) -> dict[int, set[str]]:
+    """Every possible VM directory of the tree open as *dfd*, by the owner
+    its ``lstat`` gives: what the per-owner view holds (for kvmadm)."""
+    out: dict[int, set[str]] = {}
+    with os.scandir(dfd) as it:
+        leaves = [e.name for e in it if is_entry(e.name)]
+    for leaf in leaves:
+        st = _lstat(dfd, leaf)
+        if st is not None:
+            out.setdefault(st.st_uid, set()).add(leaf)
+    return out
+
+
 def scan(cfg: Config, uid: int) -> Scan:
     """The VM directories *uid* owns: healthy VMs and broken entries.
 
-    Cost: one ``scandir`` of the top directory and one ``lstat`` per VM
-    directory; only *uid*'s own entries are checked further (their symlink,
-    mode and identifier).  Entries of other users are skipped unread."""
-    dfd = _open_top(cfg)
+    Cost: *uid*'s own entries, found by the per-owner view while it is
+    fresh (else one ``scandir`` of the top directory and one ``lstat`` per
+    VM directory); only *uid*'s own entries are checked further (their
+    symlink, mode and identifier).  Entries of other users are skipped
+    unread."""
+    dfd = open_top(cfg)
     vms: list[VM] = []
     broken: list[Broken] = []
     try:
-        with os.scandir(dfd) as it:
-            for entry in it:
-                leaf = entry.name
-                # Symlinks (what users type) and hidden entries (kvmadm's
-                # own: .removed, .NAME.link) hold no VM directory.
-                if leaf[0] == "." or "." not in leaf:
-                    continue
-                st = _lstat(dfd, leaf)
-                if st is None or st.st_uid != uid:
-                    continue
-                try:
-                    vms.append(_check_dir(cfg, leaf, st,
-                                          _link_target(dfd, leaf.partition(".")[0])))
-                except TreeError as exc:
-                    broken.append(Broken(cfg.vmdir, leaf, uid, exc.message,
-                                         stat.S_ISDIR(st.st_mode)))
+        leaves = _viewed(dfd, uid)
+        if leaves is None:
+            with os.scandir(dfd) as it:
+                leaves = [e.name for e in it if is_entry(e.name)]
+        for leaf in leaves:
+            # The same check whichever way the name came: the owner is the
+            # real entry's, now.
+            st = _lstat(dfd, leaf)
+            if st is None or st.st_uid != uid:
+                continue
+            try:
+                vms.append(_check_dir(cfg, leaf, st,
+                                      _link_target(dfd, leaf.partition(".")[0])))
+            except TreeError as exc:
+                broken.append(Broken(cfg.vmdir, leaf, uid, exc.message,
+                                     stat.S_ISDIR(st.st_mode)))
     finally:
         os.close(dfd)
     return Scan(vms, broken)
@@ -180,7 +256,7 @@ def scan_all(cfg: Config) -> Scan:
     """Every entry of the tree, for root (kvmadm list): healthy VMs, and
     each broken entry (wrong type, owner or mode, undecodable name, a
     symlink that is not root's or points nowhere) with its reason."""
-    dfd = _open_top(cfg)
+    dfd = open_top(cfg)
     vms: list[VM] = []
     broken: list[Broken] = []
     try:
@@ -235,7 +311,7 @@ def resolve(cfg: Config, name: str, uid: int | None = None) -> VM:
     more is read or said about it) or TreeError (the entry is broken; the
     details, with the directory's path, only to its owner or root)."""
     vmid.check_name(name)
-    dfd = _open_top(cfg)
+    dfd = open_top(cfg)
     try:
         link = os.path.join(cfg.vmdir, name)
         st = _lstat(dfd, name)

@@ -322,13 +322,15 @@ def test_root_commands_open_nothing_in_the_vm_directory(host: Host, alice: User,
                     assert "AT_FDCWD" not in call and "O_NOFOLLOW" in call \
                         and "O_NONBLOCK" in call, (what, call)
                     continue
-                # the top's own entries (VM directories, .removed) and the
-                # directories held in .removed; deeper only a directory that
-                # the usage walk opens as one, never following a link (other
+                # the top's own entries (VM directories, .removed, .owners),
+                # the directories held in .removed and root's per-owner
+                # directories in .owners; deeper only a directory that the
+                # usage walk opens as one, never following a link (other
                 # modules' VMs in the session's tree may hold subdirectories):
                 # never a file inside
-                assert len(rel) == 1 or (rel[0] == ".removed" and len(rel) == 2) or (
-                    "O_DIRECTORY" in call and "O_NOFOLLOW" in call) or "F_DUPFD" in call, (what, call)
+                assert len(rel) == 1 or (rel[0] in (".removed", ".owners") and len(rel) == 2) \
+                    or ("O_DIRECTORY" in call and "O_NOFOLLOW" in call) or "F_DUPFD" in call, \
+                    (what, call)
                 assert os.path.isdir(got) or not os.path.lexists(got), (what, got)
     drop_kept(host, name)
 

@@ -50,8 +50,9 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
 }
 # Commands that change the tree or the users: each run leaves an audit record.
 CHANGES = frozenset({"create", "set", "remove", "adduser", "setkey", "refresh"})
-# Commands after which the per-owner view is rebuilt (admin/ownerview.py),
-# whatever their outcome: each may have changed the tree, if only half-way.
+# Commands after which the per-owner view is rebuilt (admin/ownerview.py)
+# if the top directory changed, whatever their outcome (a half-done change
+# counts too).
 TREE_CHANGES = frozenset({"create", "set", "remove"})
 
 USAGE = "\n".join(f"    kvmadm [--config PATH] {c} {syn}".rstrip()

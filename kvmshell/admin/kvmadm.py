@@ -28,6 +28,7 @@ from kvmshell.common.text import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Callable
 
 # The commands, as data: command -> (synopsis, summary).
@@ -490,7 +491,9 @@ def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, 
     """Run ``kvmshell start VM WORDS...`` as the VM's owner: the installed
     kvmshell (``shell`` in kvmshell.conf) through runuser, so the start takes
     the same validator, budgets and PAM limits as one over SSH.  Returns
-    (started, kvmshell's one line)."""
+    (started, kvmshell's one line).  Takes at most START_TIMEOUT seconds
+    (plus :data:`DRAIN_SECONDS`) and :data:`KEEP_BYTES` of each output,
+    whatever the owner's code does to the pipes (see :func:`_collect`)."""
     import pwd
     import signal
     import subprocess
@@ -502,21 +505,70 @@ def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, 
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
     try:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, errors="replace",
-                                start_new_session=True, cwd="/")
+                                stderr=subprocess.PIPE, start_new_session=True, cwd="/")
     except OSError as exc:
         return False, f"cannot run {RUNUSER}: {exc.strerror}"
     try:
-        out, err = proc.communicate(timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        out_b, err_b, timed_out = _collect(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    if timed_out:
         return False, f"no answer from kvmshell start in {START_TIMEOUT} s"
+    out = out_b.decode("utf-8", "replace")
+    err = err_b.decode("utf-8", "replace")
     lines = (err.strip() or out.strip()).splitlines() if proc.returncode else out.strip().splitlines()
     line = lines[-1] if lines else f"exit status {proc.returncode}"
     if line.startswith("kvmshell: "):
         line = line[len("kvmshell: "):]
     return proc.returncode == 0, _printable(line)
+
+
+# What autostart keeps of a start's stdout and stderr (the last bytes: the
+# answer is the last line), and how long it reads on once the start exited.
+KEEP_BYTES = 65536
+DRAIN_SECONDS = 1.0
+
+
+def _collect(proc: "subprocess.Popen[bytes]") -> tuple[bytes, bytes, bool]:
+    """Read *proc*'s stdout and stderr until both end or the start is over:
+    (stdout, stderr, timed out).  Why not communicate(): the pipes' writing
+    ends are the owner's to copy (pidfd_getfd, ptrace), so they may never
+    end, or pour out without end; root keeps the last KEEP_BYTES of each and
+    stops reading DRAIN_SECONDS after the start exited, or at START_TIMEOUT."""
+    import selectors
+    import time
+    start = time.monotonic()
+    deadline = start + START_TIMEOUT
+    assert proc.stdout is not None and proc.stderr is not None
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            now = time.monotonic()
+            if proc.poll() is not None:
+                deadline = min(deadline, now + DRAIN_SECONDS)
+            if now >= deadline:
+                break
+            for key, _ in sel.select(min(deadline - now, 0.1)):
+                try:
+                    data = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                buf += data
+                del buf[:-KEEP_BYTES]
+    timed_out = proc.poll() is None and time.monotonic() >= start + START_TIMEOUT
+    return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), timed_out
 
 
 def cmd_autostart(cfg: Config, args: list[str]) -> int:

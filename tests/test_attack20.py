@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KVMADM, Host, User
+from test_network import Net, net  # noqa: F401  (the fixture)
 from test_uid_attacker import as_user_py
 
 pytestmark = pytest.mark.security
@@ -89,3 +90,92 @@ def test_autostart_is_not_held_by_the_owners_copy_of_its_pipes(host: Host, alice
     finally:
         grab.kill()
         grab.wait()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+# The user's code: a terminal of its own (a pty it opened), the network
+# helper's 'up' run through sudo as the terminal's foreground job (its
+# stdout a socket, as kvmshell gives it), and the terminal's stop key typed
+# when told (a line on stdin): the kernel, not the user, then stops the root
+# process.  argv: helper, VM.
+PTY_JOB = """import fcntl, os, signal, socket, sys, termios, time
+master, slave = os.openpty()
+mine, theirs = socket.socketpair()
+r, w = os.pipe()
+if os.fork() == 0:                       # the session leader, a shell's part
+    os.setsid()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    job = os.fork()
+    if job == 0:
+        os.setpgid(0, 0)
+        for fd in (0, 2):
+            os.dup2(slave, fd)
+        os.dup2(theirs.fileno(), 1)
+        while os.tcgetpgrp(0) != os.getpid():
+            time.sleep(0.001)
+        os.execv('/usr/bin/sudo', ['sudo', '-n', '--', sys.argv[1], 'up', sys.argv[2]])
+    os.setpgid(job, job)
+    os.tcsetpgrp(slave, job)             # the job in the foreground: ^Z reaches it
+    os.write(w, b'%d\\n' % job)
+    time.sleep(3600)
+os.close(slave)
+print(int(os.read(r, 32)), flush=True)
+sys.stdin.readline()
+os.write(master, b'\\x1a')               # ^Z
+time.sleep(3600)
+"""
+
+
+def posix_locked_by(pid: int) -> bool:
+    return any(l.split()[1:2] == ["POSIX"] and l.split()[4:5] == [str(pid)]
+               for l in Path("/proc/locks").read_text().splitlines())
+
+
+@pytest.mark.network
+def test_a_helper_stopped_from_the_users_terminal_still_ends(net: Net, host: Host,
+                                                             alice: User) -> None:
+    """The user's code runs the network helper as the foreground job of a
+    pty of its own and types the stop key (^Z) once the helper runs its
+    verb (it holds its per-user slot): the kernel would stop the root
+    process, whose deadline (a Python handler) then never runs, and the
+    taps it made would stay with it.  The helper does not stop: it is gone
+    by its deadline (10 s, plus 2 of grace)."""
+    import signal
+    import time
+
+    from conftest import NETHELPER, wait_for
+    name = f"a20s{secrets.token_hex(2)}"
+    host.create_vm(name, alice, "-net", "nic", "-net", "tap,ip=10.80.0.1/24")
+    user = subprocess.Popen(net.as_user(alice, "/usr/bin/python3", "-I", "-c", PTY_JOB, NETHELPER,
+                                        name),
+                            env=alice.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    helper = 0
+    try:
+        assert user.stdout is not None and user.stdin is not None
+        helper = int(user.stdout.readline())
+        wait_for(lambda: posix_locked_by(helper) or proc_state(helper) in ("gone", "Z"), 10,
+                 "the helper to take its slot")
+        user.stdin.write("go\n")
+        user.stdin.flush()
+        time.sleep(13)            # the deadline (10 s) and its 2 s of grace
+        assert proc_state(helper) in ("gone", "Z"), proc_state(helper)
+    finally:
+        if helper and proc_state(helper) not in ("gone", "Z"):
+            os.kill(helper, signal.SIGKILL)
+        user.kill()
+        user.wait()

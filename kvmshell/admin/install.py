@@ -22,6 +22,11 @@ import os
 _STUB = """#!/usr/bin/python3 {flags}
 # kvmshell's {what} (sudo runs this; see
 # kvmshell/privileged/{module}.py).  Root-owned, written at install time.
+# First, before any import: the caller's terminal cannot stop this root
+# process (^Z and the background-job stops; see privileged/guard.py).
+import signal
+for _sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+    signal.signal(_sig, signal.SIG_IGN)
 import sys
 {path_line}from kvmshell.privileged.{module} import main
 sys.exit(main({config!r}))

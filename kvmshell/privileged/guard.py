@@ -8,6 +8,11 @@ caller likes.  So, whatever the verb does (:func:`main`):
 
 * **a deadline**: after :data:`DEADLINE` seconds SIGALRM unwinds the verb
   (so that it can undo what it made), and 2 seconds later kills it;
+* **no stops**: the job-control stop signals (SIGTSTP, SIGTTIN, SIGTTOU)
+  are ignored, so a caller that runs the helper as the foreground job of a
+  terminal of its own cannot have the kernel stop it (^Z), which would
+  keep the deadline's handler from ever running (the stub ignores them
+  before its first import; only the interpreter's own start is earlier);
 * **stdout and stderr set aside**, ``/dev/null`` in their place: nothing
   (a library's warning, say) writes to the caller's descriptors but the
   verb's reply and the one stderr line, and neither waits (:func:`say`);
@@ -101,6 +106,8 @@ def main(prog: str, verb: "Callable[[int], int]") -> int:
     """Run *verb* (given the caller's stdout, set aside) as helper *prog*;
     the exit status.  Refused and Failed become one line on stderr and in
     syslog; anything else too, never a traceback."""
+    for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
     syslog.openlog(prog, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
     signal.signal(signal.SIGALRM, _past_deadline)
     signal.alarm(DEADLINE)

@@ -110,8 +110,9 @@ def proc_state(pid: int) -> str:
 # helper's 'up' run through sudo as the terminal's foreground job (its
 # stdout a socket, as kvmshell gives it), and the terminal's stop key typed
 # when told (a line on stdin): the kernel, not the user, then stops the root
-# process.  argv: helper, VM.
-PTY_JOB = """import fcntl, os, signal, socket, sys, termios, time
+# process.  argv: helper, VM, the key.
+PTY_JOB = """import fcntl, os, resource, signal, socket, sys, termios, time
+resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 master, slave = os.openpty()
 mine, theirs = socket.socketpair()
 r, w = os.pipe()
@@ -135,7 +136,7 @@ if os.fork() == 0:                       # the session leader, a shell's part
 os.close(slave)
 print(int(os.read(r, 32)), flush=True)
 sys.stdin.readline()
-os.write(master, b'\\x1a')               # ^Z
+os.write(master, sys.argv[3].encode('latin-1'))
 time.sleep(3600)
 """
 
@@ -161,7 +162,7 @@ def test_a_helper_stopped_from_the_users_terminal_still_ends(net: Net, host: Hos
     name = f"a20s{secrets.token_hex(2)}"
     host.create_vm(name, alice, "-net", "nic", "-net", "tap,ip=10.80.0.1/24")
     user = subprocess.Popen(net.as_user(alice, "/usr/bin/python3", "-I", "-c", PTY_JOB, NETHELPER,
-                                        name),
+                                        name, "\x1a"),
                             env=alice.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     helper = 0
@@ -179,3 +180,4 @@ def test_a_helper_stopped_from_the_users_terminal_still_ends(net: Net, host: Hos
             os.kill(helper, signal.SIGKILL)
         user.kill()
         user.wait()
+

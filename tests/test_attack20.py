@@ -181,3 +181,53 @@ def test_a_helper_stopped_from_the_users_terminal_still_ends(net: Net, host: Hos
         user.kill()
         user.wait()
 
+
+
+# The user's code: the network helper's 'up' for its VM, run by itself
+# (not by kvmshell, so no supervisor cleans up after it), the taps kept in
+# the reply's socket for as long as it likes.  argv: helper, VM.
+HOLD_TAPS = """import socket, subprocess, sys, time
+mine, theirs = socket.socketpair()
+r = subprocess.run(['/usr/bin/sudo', '-n', '--', sys.argv[1], 'up', sys.argv[2]],
+                   stdout=theirs.fileno(), stdin=subprocess.DEVNULL)
+theirs.close()
+print(r.returncode, flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("change", ["remove", "remove --purge", "set"])
+def test_kvmadm_remove_and_set_delete_the_taps_the_user_holds(net: Net, host: Host,
+                                                              alice: User, change: str) -> None:
+    """The user's code asks the network helper for its VM's tap and keeps
+    it (no QEMU, so the VM is stopped and its lock free).  When the admin
+    removes the VM, or sets options giving it another network, the tap
+    (on its bridge, or with its host-side address) must not stay with the
+    user: kvmadm deletes the VM's taps."""
+    import time
+
+    from conftest import KVMADM, NETHELPER
+    name = f"a20t{secrets.token_hex(2)}"
+    host.create_vm(name, alice, "-net", "nic", "-net", "tap,ip=10.82.0.1/24")
+    user = subprocess.Popen(net.as_user(alice, "/usr/bin/python3", "-I", "-c", HOLD_TAPS,
+                                        NETHELPER, name),
+                            env=alice.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert user.stdout is not None and user.stdout.readline() == "0\n"
+        (tap,) = net.taps()
+        args = change.split() if change != "set" else ["set", "--", "-net", "nic", "-net",
+                                                          "tap,ip=10.83.0.1/24"]
+        args = args[:1] + [name] + args[1:]
+        r = subprocess.run(["ip", "netns", "exec", net.ns, KVMADM, "--config", str(host.conf),
+                            *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.2)
+        assert tap not in net.taps()
+        assert "10.82.0.1/24" not in " ".join(net.addrs())
+    finally:
+        user.kill()
+        user.wait()
+    for leaf in os.listdir(host.vmdir / ".removed"):
+        if leaf.startswith(name + "."):
+            subprocess.run(["rm", "-rf", str(host.vmdir / ".removed" / leaf)])

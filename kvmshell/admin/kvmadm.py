@@ -142,6 +142,46 @@ def _lock(vm: vmtree.VM) -> int:
                              "(stop it first)") from exc
 
 
+def _drop_taps(cfg: Config, vm: vmtree.VM) -> None:
+    """Delete the taps of *vm* that exist (called with its lock held, so no
+    kvmshell-run QEMU has them).  Why: the user's own code can ask the
+    network helper for them and keep them without any QEMU or supervisor;
+    a VM removed, or given another network, must not leave the user on
+    its bridge or with its host-side address.  A link of a tap's name that
+    is not a tap is left alone (the network helper refuses it too)."""
+    import socket
+    from kvmshell.common.errors import KvmshellError
+    try:
+        taps = adminopts.taps_of(cfg.vmdir, vm.name, adminopts.parse_admin(vm.admin_words))
+    except KvmshellError:
+        return                  # options kvmshell would not run: no taps were made
+    present = []
+    for tap in taps:
+        try:
+            socket.if_nametoindex(tap.ifname)
+        except OSError:
+            continue
+        present.append(tap.ifname)
+    if not present:
+        return                  # the usual case: no netlink library to load
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        for ifname in present:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                continue
+            kind = ipr.get_links(found[0])[0].get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+            if kind != "tun":
+                _err(f"{vm.name}: {ifname} is not a tap ({kind or 'unknown kind'}): left alone")
+                continue
+            try:
+                ipr.link("del", index=found[0])
+            except OSError as exc:     # pyroute2's NetlinkError; ENODEV: gone meanwhile
+                if exc.errno != 19:
+                    raise
+            _out(f"{vm.name}: deleted its tap {ifname}")
+
+
 def cmd_set(cfg: Config, args: list[str]) -> int:
     head, words = _split_dashdash(args)
     if len(head) != 1:
@@ -154,6 +194,7 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     lock = _lock(vm)
     try:
         if dirname != vm.dirname:
+            _drop_taps(cfg, vm)
             os.rename(vm.path, os.path.join(cfg.vmdir, dirname))
             _replace_link(cfg, vm.name, dirname)
     finally:
@@ -196,6 +237,7 @@ def cmd_remove(cfg: Config, args: list[str]) -> int:
     _NOTE["owner"] = _user(vm.uid)
     lock = _lock(vm)
     try:
+        _drop_taps(cfg, vm)
         # Out of the user's reach first (the directory keeps our lock), then
         # the name; the purge then works on a tree nobody else can find.
         dest = os.path.join(keep, f"{vm.dirname[:200]}.{time.time_ns()}"

@@ -231,3 +231,30 @@ def test_kvmadm_remove_and_set_delete_the_taps_the_user_holds(net: Net, host: Ho
     for leaf in os.listdir(host.vmdir / ".removed"):
         if leaf.startswith(name + "."):
             subprocess.run(["rm", "-rf", str(host.vmdir / ".removed" / leaf)])
+
+
+def test_kvmadm_names_what_holds_a_vm_busy(host: Host, alice: User) -> None:
+    """The owner's code holds its VM's lock with a process that is no QEMU
+    (status 'busy'), for as long as it likes: kvmadm set and remove refuse,
+    naming the holding process, so the admin knows what to end; once it is
+    ended, remove works."""
+    name = f"a20b{secrets.token_hex(2)}"
+    path = host.create_vm(name, alice, "-m", "32")
+    holder = subprocess.Popen(as_user_py(alice, "import fcntl, os, sys, time\n"
+                                         "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+                                         "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+                                         "print('held', flush=True)\n"
+                                         "time.sleep(120)\n", str(path)),
+                              env=alice.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        pid = [int(p) for p in subprocess.run(["pgrep", "-u", str(alice.uid), "-f", "time.sleep"],
+                                              capture_output=True, text=True).stdout.split()]
+        for args in (("set", name, "--", "-m", "48"), ("remove", name, "--purge")):
+            r = host.kvmadm(*args, check=False)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert any(f"pid {p} (/usr/bin/python3" in r.stderr for p in pid), (pid, r.stderr)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert host.kvmadm("remove", name, "--purge", check=False).returncode == 0

@@ -138,8 +138,21 @@ def _lock(vm: vmtree.VM) -> int:
     try:
         return runstate.lock(vm)
     except AlreadyRunning as exc:
+        # Why name the holders: the owner's code can hold the lock with any
+        # process of its own, for ever; the admin must know what to end.
+        held = sorted({pid for pid, _ in runstate.holders(vm)})
+        who = ", ".join(f"pid {pid} ({_exe(pid)})" for pid in held[:8])
         raise RuntimeFailure(f"{vm.name}: refused while the VM runs, starts or stops "
-                             "(stop it first)") from exc
+                             f"(stop it first{'; its lock is held by ' + who if who else ''})"
+                             ) from exc
+
+
+def _exe(pid: int) -> str:
+    """What process *pid* runs, for the admin (root may read any /proc/PID/exe)."""
+    try:
+        return printable(os.readlink(f"/proc/{pid}/exe"), backslash=False)
+    except OSError:
+        return "exited; its descriptor lives on in another process"
 
 
 def _drop_taps(cfg: Config, vm: vmtree.VM) -> None:

@@ -140,11 +140,41 @@ def _lock(vm: vmtree.VM) -> int:
     except AlreadyRunning as exc:
         # Why name the holders: the owner's code can hold the lock with any
         # process of its own, for ever; the admin must know what to end.
-        held = sorted({pid for pid, _ in runstate.holders(vm)})
+        held = sorted({pid for pid, _ in runstate.holders(vm)
+                       if os.path.lexists(f"/proc/{pid}")} | _opened_by(vm))
         who = ", ".join(f"pid {pid} ({_exe(pid)})" for pid in held[:8])
         raise RuntimeFailure(f"{vm.name}: refused while the VM runs, starts or stops "
                              f"(stop it first{'; its lock is held by ' + who if who else ''})"
                              ) from exc
+
+
+def _opened_by(vm: vmtree.VM) -> set[int]:
+    """The owner's processes with a descriptor of *vm*'s directory (the
+    lock's pid in /proc/locks is its taker's, which may have passed the
+    descriptor on and exited)."""
+    try:
+        st = os.lstat(vm.path)
+    except OSError:
+        return set()
+    out = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != vm.uid:
+                continue
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                got = os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
+                out.add(int(name))
+                break
+    return out
 
 
 def _exe(pid: int) -> str:
@@ -152,7 +182,7 @@ def _exe(pid: int) -> str:
     try:
         return printable(os.readlink(f"/proc/{pid}/exe"), backslash=False)
     except OSError:
-        return "exited; its descriptor lives on in another process"
+        return "gone"
 
 
 def _drop_taps(cfg: Config, vm: vmtree.VM) -> None:

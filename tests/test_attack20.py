@@ -267,3 +267,62 @@ def test_kvmadm_names_what_holds_a_vm_busy(host: Host, alice: User) -> None:
         holder.wait()
     wait_for(lambda: host.kvmadm("remove", name, "--purge", check=False).returncode == 0, 10,
              "the VM to be removed")
+
+
+# The user's code: stop every 'kvmshell start' of its own the moment it
+# appears (SIGSTOP: the same uid may), as a QEMU of its first autostarted
+# VM could do to the starts of its others.
+STOP_STARTS = """import os, signal, time
+me = os.getuid()
+print('ready', flush=True)
+done = set()
+while True:
+    for p in os.listdir('/proc'):
+        if not p.isdigit() or p in done:
+            continue
+        try:
+            if os.stat('/proc/' + p).st_uid != me:
+                continue
+            cmd = open('/proc/%s/cmdline' % p, 'rb').read().split(b'\\0')
+        except OSError:
+            continue
+        if b'start' in cmd and any(c.endswith(b'kvmshell') for c in cmd):
+            os.kill(int(p), signal.SIGSTOP)
+            done.add(p)
+    time.sleep(0.001)
+"""
+
+
+def test_an_owner_whose_starts_hang_holds_back_only_itself(host: Host, alice: User,
+                                                           bob: User) -> None:
+    """The owner's code stops each of its autostarted VMs' starts: the first
+    runs out of time (2 s here, in place of 300), and the owner's other
+    marked VMs are not tried (each would cost the same), so the VMs of
+    other owners after them start at once."""
+    from test_security import own_host, put
+    from test_uid_attacker import LIB
+    h = own_host(host, f"a20hang-{secrets.token_hex(2)}",
+                 shell=str(Path(KVMADM).with_name("kvmshell")))
+    a, b = User(alice.name, h), User(bob.name, h)
+    for vm, u in (("h1", a), ("h2", a), ("h3", b)):
+        path = h.create_vm(vm, u, "-m", "32")
+        put(path / "autostart", u, b"")
+        put(path / "start-options", u, b"-hda\nnosuch.img\n")
+    stopper = subprocess.Popen(as_user_py(alice, STOP_STARTS), env=alice.env(),
+                               stdout=subprocess.PIPE, text=True)
+    code = (f"import sys; sys.path.insert(0, {LIB!r})\n"
+            "from kvmshell.admin import kvmadm\n"
+            "kvmadm.START_TIMEOUT = 2\n"
+            f"sys.exit(kvmadm.main(['kvmadm', '--config', {str(h.conf)!r}, 'autostart']))\n")
+    try:
+        assert stopper.stdout is not None and stopper.stdout.readline() == "ready\n"
+        r = subprocess.run(["/usr/bin/python3", "-I", "-c", code], capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        stopper.kill()
+        stopper.wait()
+        subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", "kvmshell"])
+    lines = r.stdout.splitlines()
+    assert lines[0] == "h1: failed: no answer from kvmshell start in 2 s", r.stdout
+    assert lines[1].startswith("h2: failed: not tried: a start of another VM"), r.stdout
+    assert lines[2].startswith("h3: failed: ") and "nosuch.img" in lines[2], r.stdout

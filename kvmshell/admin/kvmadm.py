@@ -572,12 +572,12 @@ def _printable(text: str) -> str:
     return "".join(c if 0x20 <= ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in text)
 
 
-def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, str]:
+def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, str, bool]:
     """Run ``kvmshell start VM WORDS...`` as the VM's owner: the installed
     kvmshell (``shell`` in kvmshell.conf) through runuser, so the start takes
     the same validator, budgets and PAM limits as one over SSH.  Returns
-    (started, kvmshell's one line).  Takes at most START_TIMEOUT seconds
-    (plus :data:`DRAIN_SECONDS`) and :data:`KEEP_BYTES` of each output,
+    (started, kvmshell's one line, answered: False if it ran out of time).
+    Takes at most START_TIMEOUT seconds (plus :data:`DRAIN_SECONDS`) and :data:`KEEP_BYTES` of each output,
     whatever the owner's code does to the pipes (see :func:`_collect`)."""
     import pwd
     import signal
@@ -585,14 +585,14 @@ def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, 
     try:
         owner = pwd.getpwuid(vm.uid).pw_name
     except KeyError:
-        return False, f"its owner (uid {vm.uid}) has no account"
+        return False, f"its owner (uid {vm.uid}) has no account", True
     argv = [RUNUSER, "-u", owner, "--", cfg.shell, "--config", cfg.path, "start", vm.name, *words]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
     try:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, cwd="/")
     except OSError as exc:
-        return False, f"cannot run {RUNUSER}: {exc.strerror}"
+        return False, f"cannot run {RUNUSER}: {exc.strerror}", True
     try:
         out_b, err_b, timed_out = _collect(proc)
     finally:
@@ -603,14 +603,14 @@ def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, 
         proc.stdout.close()
         proc.stderr.close()
     if timed_out:
-        return False, f"no answer from kvmshell start in {START_TIMEOUT} s"
+        return False, f"no answer from kvmshell start in {START_TIMEOUT} s", False
     out = out_b.decode("utf-8", "replace")
     err = err_b.decode("utf-8", "replace")
     lines = (err.strip() or out.strip()).splitlines() if proc.returncode else out.strip().splitlines()
     line = lines[-1] if lines else f"exit status {proc.returncode}"
     if line.startswith("kvmshell: "):
         line = line[len("kvmshell: "):]
-    return proc.returncode == 0, _printable(line)
+    return proc.returncode == 0, _printable(line), True
 
 
 # What autostart keeps of a start's stdout and stderr (the last bytes: the
@@ -665,6 +665,10 @@ def cmd_autostart(cfg: Config, args: list[str]) -> int:
         raise UsageError(f"{args[0]}: unexpected argument (usage: autostart)")
     _refresh_view(cfg)              # at boot: whatever changed by hand meanwhile
     failed = 0
+    # Owners one of whose starts did not answer: their other VMs are not
+    # tried (each try could take START_TIMEOUT, and the owner's code can
+    # stop its own starts: it must not hold back everyone's VMs).
+    hung: set[int] = set()
     for name in [vm.name for vm in vmtree.scan_all(cfg).vms]:
         fields: dict[str, str] = {"vm": name}
         try:
@@ -679,9 +683,14 @@ def cmd_autostart(cfg: Config, args: list[str]) -> int:
                 outcome, line = "skipped", why_not
             elif runstate.state(vm, cfg.qemu)[0] != runstate.STOPPED:
                 outcome, line = "skipped", "already running (or being started or stopped)"
+            elif vm.uid in hung:
+                outcome, line = "failed", (f"not tried: a start of another VM of "
+                                           f"{fields['owner']}'s did not answer")
             else:
-                ok, line = start_as_owner(cfg, vm, words)
+                ok, line, answered = start_as_owner(cfg, vm, words)
                 outcome = "ok" if ok else "failed"
+                if not answered:
+                    hung.add(vm.uid)
         except KvmshellError as exc:
             outcome, line = "failed", exc.message
         failed += outcome == "failed"

@@ -572,29 +572,32 @@ def _printable(text: str) -> str:
     return "".join(c if 0x20 <= ord(c) < 0x7F else f"\\x{ord(c):02x}" for c in text)
 
 
-def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, str, bool]:
+def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str],
+                   timeout: float | None = None) -> tuple[bool, str]:
     """Run ``kvmshell start VM WORDS...`` as the VM's owner: the installed
     kvmshell (``shell`` in kvmshell.conf) through runuser, so the start takes
     the same validator, budgets and PAM limits as one over SSH.  Returns
-    (started, kvmshell's one line, answered: False if it ran out of time).
-    Takes at most START_TIMEOUT seconds (plus :data:`DRAIN_SECONDS`) and :data:`KEEP_BYTES` of each output,
-    whatever the owner's code does to the pipes (see :func:`_collect`)."""
+    (started, kvmshell's one line).  Takes at most *timeout* seconds
+    (default START_TIMEOUT; plus :data:`DRAIN_SECONDS`) and
+    :data:`KEEP_BYTES` of each output, whatever the owner's code does to
+    the pipes (see :func:`_collect`)."""
     import pwd
     import signal
     import subprocess
     try:
         owner = pwd.getpwuid(vm.uid).pw_name
     except KeyError:
-        return False, f"its owner (uid {vm.uid}) has no account", True
+        return False, f"its owner (uid {vm.uid}) has no account"
     argv = [RUNUSER, "-u", owner, "--", cfg.shell, "--config", cfg.path, "start", vm.name, *words]
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
     try:
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, cwd="/")
     except OSError as exc:
-        return False, f"cannot run {RUNUSER}: {exc.strerror}", True
+        return False, f"cannot run {RUNUSER}: {exc.strerror}"
+    limit = START_TIMEOUT if timeout is None else timeout
     try:
-        out_b, err_b, timed_out = _collect(proc)
+        out_b, err_b, timed_out = _collect(proc, limit)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -603,14 +606,14 @@ def start_as_owner(cfg: Config, vm: vmtree.VM, words: list[str]) -> tuple[bool, 
         proc.stdout.close()
         proc.stderr.close()
     if timed_out:
-        return False, f"no answer from kvmshell start in {START_TIMEOUT} s", False
+        return False, f"no answer from kvmshell start in {round(limit)} s"
     out = out_b.decode("utf-8", "replace")
     err = err_b.decode("utf-8", "replace")
     lines = (err.strip() or out.strip()).splitlines() if proc.returncode else out.strip().splitlines()
     line = lines[-1] if lines else f"exit status {proc.returncode}"
     if line.startswith("kvmshell: "):
         line = line[len("kvmshell: "):]
-    return proc.returncode == 0, _printable(line), True
+    return proc.returncode == 0, _printable(line)
 
 
 # What autostart keeps of a start's stdout and stderr (the last bytes: the
@@ -619,16 +622,17 @@ KEEP_BYTES = 65536
 DRAIN_SECONDS = 1.0
 
 
-def _collect(proc: "subprocess.Popen[bytes]") -> tuple[bytes, bytes, bool]:
+def _collect(proc: "subprocess.Popen[bytes]", limit: float) -> tuple[bytes, bytes, bool]:
     """Read *proc*'s stdout and stderr until both end or the start is over:
     (stdout, stderr, timed out).  Why not communicate(): the pipes' writing
     ends are the owner's to copy (pidfd_getfd, ptrace), so they may never
     end, or pour out without end; root keeps the last KEEP_BYTES of each and
-    stops reading DRAIN_SECONDS after the start exited, or at START_TIMEOUT."""
+    stops reading DRAIN_SECONDS after the start exited, or *limit* seconds
+    after it began."""
     import selectors
     import time
     start = time.monotonic()
-    deadline = start + START_TIMEOUT
+    deadline = start + limit
     assert proc.stdout is not None and proc.stderr is not None
     bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     with selectors.DefaultSelector() as sel:
@@ -652,7 +656,7 @@ def _collect(proc: "subprocess.Popen[bytes]") -> tuple[bytes, bytes, bool]:
                 buf = bufs[key.fd]
                 buf += data
                 del buf[:-KEEP_BYTES]
-    timed_out = proc.poll() is None and time.monotonic() >= start + START_TIMEOUT
+    timed_out = proc.poll() is None and time.monotonic() >= start + limit
     return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), timed_out
 
 
@@ -665,10 +669,12 @@ def cmd_autostart(cfg: Config, args: list[str]) -> int:
         raise UsageError(f"{args[0]}: unexpected argument (usage: autostart)")
     _refresh_view(cfg)              # at boot: whatever changed by hand meanwhile
     failed = 0
-    # Owners one of whose starts did not answer: their other VMs are not
-    # tried (each try could take START_TIMEOUT, and the owner's code can
-    # stop its own starts: it must not hold back everyone's VMs).
-    hung: set[int] = set()
+    # The seconds each owner's starts took.  Why: the owner's code can
+    # stop (and resume) its own starts, so the owner's VMs share one
+    # START_TIMEOUT between them; past it, the rest are not tried, and one
+    # owner holds back everyone else's VMs by that much at most.
+    import time
+    spent: dict[int, float] = {}
     for name in [vm.name for vm in vmtree.scan_all(cfg).vms]:
         fields: dict[str, str] = {"vm": name}
         try:
@@ -683,14 +689,14 @@ def cmd_autostart(cfg: Config, args: list[str]) -> int:
                 outcome, line = "skipped", why_not
             elif runstate.state(vm, cfg.qemu)[0] != runstate.STOPPED:
                 outcome, line = "skipped", "already running (or being started or stopped)"
-            elif vm.uid in hung:
-                outcome, line = "failed", (f"not tried: a start of another VM of "
-                                           f"{fields['owner']}'s did not answer")
+            elif spent.get(vm.uid, 0.0) >= START_TIMEOUT:
+                outcome, line = "failed", (f"not tried: the starts of {fields['owner']}'s VMs "
+                                           f"took their {START_TIMEOUT} s")
             else:
-                ok, line, answered = start_as_owner(cfg, vm, words)
+                began = time.monotonic()
+                ok, line = start_as_owner(cfg, vm, words, START_TIMEOUT - spent.get(vm.uid, 0.0))
+                spent[vm.uid] = spent.get(vm.uid, 0.0) + time.monotonic() - began
                 outcome = "ok" if ok else "failed"
-                if not answered:
-                    hung.add(vm.uid)
         except KvmshellError as exc:
             outcome, line = "failed", exc.message
         failed += outcome == "failed"

@@ -328,3 +328,49 @@ def test_an_owner_whose_starts_hang_holds_back_only_itself(host: Host, alice: Us
     assert lines[1] == f"h2: failed: not tried: the starts of {alice.name}'s VMs took their 2 s", \
         r.stdout
     assert lines[2].startswith("h3: failed: ") and "nosuch.img" in lines[2], r.stdout
+
+
+# The user's code: SIGSTOP every process that becomes its own among the
+# next pids the kernel hands out (kill() succeeds once a process runs as
+# the user, e.g. root's child the moment it has dropped to the user).
+STOP_NEW = """import os, signal
+first = os.getpid()
+second = os.fork() or first         # two of them: one may be off the CPU
+me = (first, second if second != first else os.getpid())
+if second == first:
+    print('ready', flush=True)
+while True:
+    last = int(open('/proc/sys/kernel/ns_last_pid').read())
+    for p in range(last - 2, last + 40):
+        if p not in me:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except OSError:
+                pass
+"""
+
+
+def test_kvmadm_check_is_not_held_by_its_child_dropped_to_the_user(alice: User) -> None:
+    """kvmadm check tries /dev/kvm as each VM user in a child that drops to
+    the user: from then on the user may signal it, and its code stops it
+    (SIGSTOP) the moment it can.  Root's check must still answer (the
+    child is given a few seconds, then killed), naming the user."""
+    from test_uid_attacker import LIB
+    code = (f"import pwd, sys; sys.path.insert(0, {LIB!r})\n"
+            "from kvmshell.admin import check\n"
+            f"print(check._open_as(pwd.getpwnam({alice.name!r})))\n")
+    stopper = subprocess.Popen(as_user_py(alice, STOP_NEW), env=alice.env(),
+                               stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert stopper.stdout is not None and stopper.stdout.readline() == "ready\n"
+        for _ in range(20):      # the stoppers may miss a child: it lives for a moment
+            r = subprocess.run(["/usr/bin/python3", "-I", "-c", code], capture_output=True,
+                               text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            if "could not be tried" in r.stdout:
+                break
+        assert "could not be tried" in r.stdout, r.stdout
+    finally:
+        os.killpg(stopper.pid, 9)
+        stopper.wait()
+        subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", "kvmshell.admin"])

@@ -221,6 +221,9 @@ def _which(tool: str) -> str | None:
     return shutil.which(tool, path=TOOL_PATH)
 
 
+OPEN_AS_SECONDS = 5     # how long a child dropped to a VM user may take to open /dev/kvm
+
+
 def _open_as(pw: pwd.struct_passwd) -> str | None:
     """Try /dev/kvm as *pw* would after logging in (its groups from the
     group database): None if it opens, else the reason."""
@@ -239,11 +242,30 @@ def _open_as(pw: pwd.struct_passwd) -> str | None:
         finally:
             os._exit(code)
     os.close(wfd)
+    # Why a deadline: once the child runs as the user, the user's code may
+    # signal it (SIGSTOP) and would hold root's check for ever.
+    import select
+    import signal
+    import time
     chunks = []
-    while chunk := os.read(rfd, 4096):
-        chunks.append(chunk)
-    os.close(rfd)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + OPEN_AS_SECONDS
+    answered = False
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([rfd], [], [], left)[0]:
+                break
+            chunk = os.read(rfd, 4096)
+            if not chunk:
+                answered = True
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+        if not answered:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    if not answered:
+        return f"could not be tried (no answer in {OPEN_AS_SECONDS} s as the user)"
     if status != 0:
         return "could not be tried (dropping to the user failed)"
     return b"".join(chunks).decode("utf-8", "replace") or None

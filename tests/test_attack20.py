@@ -180,6 +180,8 @@ def test_a_helper_stopped_from_the_users_terminal_still_ends(net: Net, host: Hos
             os.kill(helper, signal.SIGKILL)
         user.kill()
         user.wait()
+        # the job's session leader (a session of its own) keeps the taps it got
+        subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", "TIOCSCTTY"])
 
 
 

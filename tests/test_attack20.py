@@ -376,3 +376,43 @@ def test_kvmadm_check_is_not_held_by_its_child_dropped_to_the_user(alice: User) 
         os.killpg(stopper.pid, 9)
         stopper.wait()
         subprocess.run(["pkill", "-KILL", "-u", str(alice.uid), "-f", "kvmshell.admin"])
+
+
+@pytest.mark.web
+def test_the_web_servers_run_is_not_flooded_by_the_users_copy_of_its_pipe(host: Host,
+                                                                          alice: User) -> None:
+    """The web server runs 'kvmshell list --json' as the user (sudo) and
+    reads its output.  The user's code copies that process's stdout
+    (pidfd_getfd) and pours into it without end: the web server (here its
+    runner, as the web user, with 1 GiB of address space) keeps a bounded
+    part and answers within its timeout, instead of reading everything."""
+    from test_uid_attacker import LIB
+    from webrig import WebRig
+    rig = WebRig(host.root, KVMSHELL_PATH(), host.conf, host.root / "lib")
+    grab = None
+    try:
+        rig.add_user(alice.name, "Pw-" + secrets.token_hex(8))
+        grab = subprocess.Popen(as_user_py(alice, GRAB.replace("b'start'", "b'list'"), "flood"),
+                                env=alice.env(), stdout=subprocess.PIPE, text=True)
+        assert grab.stdout is not None and grab.stdout.readline() == "ready\n"
+        code = (f"import asyncio, resource, sys; sys.path.insert(0, {LIB!r})\n"
+                "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+                "from kvmshell.common.config import load\n"
+                "from kvmshell.web import runner\n"
+                f"cfg = load({str(rig.conf)!r})\n"
+                f"r = asyncio.run(runner.run(cfg, {alice.name!r}, ['list', '--json'], 5.0))\n"
+                "print(r.status, len(r.stdout), r.message[:80])\n")
+        r = subprocess.run(rig.as_web_user("/usr/bin/python3", "-I", "-c", code),
+                           capture_output=True, text=True, timeout=60, cwd="/")
+        assert grab.stdout.readline() == "got 2\n"
+        assert r.returncode == 0 and "MemoryError" not in r.stderr, (r.stdout, r.stderr[-500:])
+    finally:
+        if grab is not None:
+            grab.kill()
+            grab.wait()
+        rig.close()
+
+
+def KVMSHELL_PATH() -> str:
+    from conftest import KVMSHELL
+    return KVMSHELL

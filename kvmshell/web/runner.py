@@ -20,6 +20,8 @@ from kvmshell.common.config import Config
 SUDO = "/usr/bin/sudo"
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
 OUTPUT_MAX = 1 << 20
+ERROR_MAX = 1 << 16        # the end of kvmshell's stderr kept (its last line is the message)
+DRAIN_SECONDS = 1.0        # how long output is read once kvmshell has exited
 HELPER_SECONDS = 30.0
 # At most this many login checks run at once (each is a root process).
 _helpers = asyncio.Semaphore(4)
@@ -71,18 +73,44 @@ async def _run(cfg: Config, user: str, words: list[str], timeout: float) -> Resu
     proc = await asyncio.create_subprocess_exec(
         *argv(cfg, user, words), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV)
+    # Why not communicate(): the pipes' writing ends are the user's to copy
+    # out of kvmshell (pidfd_getfd) and to keep or pour into; the server
+    # keeps OUTPUT_MAX of stdout and the end of stderr, and reads on for
+    # at most DRAIN_SECONDS once kvmshell has exited.
+    out_buf, err_buf = bytearray(), bytearray()
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [asyncio.ensure_future(_read_capped(proc.stdout, out_buf, OUTPUT_MAX, False)),
+               asyncio.ensure_future(_read_capped(proc.stderr, err_buf, ERROR_MAX, True))]
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return Result(1, "", f"kvmshell-web: '{words[0]}' took longer than {timeout:.0f} s")
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return Result(1, "", f"kvmshell-web: '{words[0]}' took longer than {timeout:.0f} s")
+        await asyncio.wait(readers, timeout=DRAIN_SECONDS)
+    finally:
+        for task in readers:
+            task.cancel()
+    out, err = bytes(out_buf), bytes(err_buf)
     status = proc.returncode if proc.returncode is not None else 1
     message = last_line(err)
     if status != 0 and not message.startswith("kvmshell: "):
         # sudo's own refusal (e.g. the user left the group): not for the page.
         message = "kvmshell-web: not allowed to act as this user"
     return Result(status, out[:OUTPUT_MAX].decode("utf-8", "replace"), message)
+
+
+async def _read_capped(stream: asyncio.StreamReader, buf: bytearray, cap: int,
+                       tail: bool) -> None:
+    """Read *stream* to its end into *buf*, keeping at most *cap* bytes:
+    the first ones, or the last ones if *tail*."""
+    while chunk := await stream.read(65536):
+        if tail:
+            buf += chunk
+            del buf[:-cap]
+        elif len(buf) < cap:
+            buf += chunk[:cap - len(buf)]
 
 
 async def spawn(cfg: Config, user: str, words: list[str]) -> asyncio.subprocess.Process:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KVMADM, Host, User, wait_for
-from test_network import Net, net  # noqa: F401  (the fixture)
+import test_network
+from conftest import KVMADM, KVMSHELL, NETHELPER, Host, User, wait_for
+from test_network import Net
 from test_uid_attacker import as_user_py
 
 pytestmark = pytest.mark.security
+net = test_network.net    # the network fixture: a namespace, users in a sudoers group
 
 
 # The user's code: wait for a 'kvmshell start' of its own (the one root's
@@ -158,7 +160,6 @@ def test_a_helper_stopped_from_the_users_terminal_still_ends(net: Net, host: Hos
     import signal
     import time
 
-    from conftest import NETHELPER, wait_for
     name = f"a20s{secrets.token_hex(2)}"
     host.create_vm(name, alice, "-net", "nic", "-net", "tap,ip=10.80.0.1/24")
     user = subprocess.Popen(net.as_user(alice, "/usr/bin/python3", "-I", "-c", PTY_JOB, NETHELPER,
@@ -209,7 +210,6 @@ def test_kvmadm_remove_and_set_delete_the_taps_the_user_holds(net: Net, host: Ho
     user: kvmadm deletes the VM's taps."""
     import time
 
-    from conftest import KVMADM, NETHELPER
     name = f"a20t{secrets.token_hex(2)}"
     host.create_vm(name, alice, "-net", "nic", "-net", "tap,ip=10.82.0.1/24")
     user = subprocess.Popen(net.as_user(alice, "/usr/bin/python3", "-I", "-c", HOLD_TAPS,
@@ -388,7 +388,7 @@ def test_the_web_servers_run_is_not_flooded_by_the_users_copy_of_its_pipe(host: 
     part and answers within its timeout, instead of reading everything."""
     from test_uid_attacker import LIB
     from webrig import WebRig
-    rig = WebRig(host.root, KVMSHELL_PATH(), host.conf, host.root / "lib")
+    rig = WebRig(host.root, KVMSHELL, host.conf, host.root / "lib")
     grab = None
     try:
         rig.add_user(alice.name, "Pw-" + secrets.token_hex(8))
@@ -411,8 +411,3 @@ def test_the_web_servers_run_is_not_flooded_by_the_users_copy_of_its_pipe(host: 
             grab.kill()
             grab.wait()
         rig.close()
-
-
-def KVMSHELL_PATH() -> str:
-    from conftest import KVMSHELL
-    return KVMSHELL

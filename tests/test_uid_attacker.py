@@ -582,6 +582,9 @@ def test_config_only_from_the_admins_places(host: Host, alice: User) -> None:
         started_pid(u.ssh_command("start u5a"))
         for conf, why in ((elsewhere / "k.conf", "takes a config only from"),
                           (Path("/dev/null"), "takes a config only from"),
+                          # root-owned, config-shaped, but not a host config
+                          (Path("/etc/kvmshell/budgets/groups/g.conf"), "takes only a *.conf"),
+                          (Path("/etc/kvmshell/kvmshell.conf.d/x.conf"), "takes only a *.conf"),
                           (Path(f"{h.root}/../{h.root.name}/k.conf"), "takes a config only from"),
                           (writable / "k.conf", "must be a directory owned by root and not")):
             r = subprocess.run(u.argv(KVMSHELL, "--config", str(conf), "start", "u5b"),

@@ -13,7 +13,8 @@ import stat
 
 from kvmshell.common.errors import ConfigError
 
-DEFAULT_PATH = "/etc/kvmshell/kvmshell.conf"
+DEFAULT_DIR = "/etc/kvmshell"
+DEFAULT_PATH = DEFAULT_DIR + "/kvmshell.conf"
 # Where kvmshell (run by the VM user, whose code may pick its argv) takes a
 # config from: the admin's directory, and the place of the test suite's and
 # the benchmarks' own trees.  Only root can create either (/etc and /run are
@@ -246,6 +247,13 @@ def check_place(path: str, dirs: tuple[str, ...] = USER_CONFIG_DIRS) -> None:
             or not any(path.startswith(d + "/") for d in dirs)):
         raise ConfigError(f"config {path}: kvmshell takes a config only from "
                           + " or ".join(d + "/" for d in dirs))
+    # Why: /etc/kvmshell also holds other root files whose keys are config
+    # keys (budgets/groups/G.conf): in the admin's place only a *.conf file
+    # directly in it is a host config.
+    if path.startswith(DEFAULT_DIR + "/") and (os.path.dirname(path) != DEFAULT_DIR
+                                               or not path.endswith(".conf")):
+        raise ConfigError(f"config {path}: in {DEFAULT_DIR}/ kvmshell takes only a *.conf "
+                          "file directly in it")
     parent = "/"
     for comp in path.split("/")[1:-1]:
         parent = os.path.join(parent, comp)

@@ -12,16 +12,19 @@ BASHCOMP := $(PREFIX)/share/bash-completion/completions
 PIP     := $(PYTHON) -m pip install --break-system-packages --disable-pip-version-check -q
 
 APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 openssh-server \
-               openssh-client libpam-modules socat ovmf util-linux man-db
+               openssh-client libpam-modules socat ovmf util-linux man-db \
+               python3-yaml
 # Build: the man pages are made from the code's tables by docutils' rst2man.
 APT_BUILD   := python3-docutils
 APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux strace \
                xz-utils zstd groff-base systemd
-PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2
+PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2 \
+               pycdlib
 # The web front door's browser test: Debian's Chromium and its chromedriver
 # (never a browser downloaded at install time); openssl for the proxy test.
 APT_TEST    += chromium chromium-driver openssl
-PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes selenium httpx
+PIP_TEST    := pytest hypothesis mypy vncdotool atheris import-linter pyflakes selenium httpx \
+               types-PyYAML
 # vncdotool's twisted needs service_identity, and a pyOpenSSL that matches
 # pip's cryptography (Debian's python3-openssl, if present, does not).
 PIP_TEST_UPGRADE := pyopenssl service_identity
@@ -68,6 +71,7 @@ install-files: deps web-assets
 	install -d -m 755 $(BIN) $(SBIN) $(LIBEXEC) $(CONF)
 	install -m 755 bin/kvmshell $(BIN)/kvmshell
 	install -m 755 bin/kvmshell-vncviewer $(BIN)/kvmshell-vncviewer
+	install -m 755 bin/kvmshell-ssh-config $(BIN)/kvmshell-ssh-config
 	install -m 755 bin/kvmadm $(SBIN)/kvmadm
 	$(PYTHON) -I -m kvmshell.admin.install $(LIBEXEC) >/dev/null
 	mkdir -p build

@@ -6,6 +6,7 @@ namespace via ``ip netns exec``."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import os
 import secrets
@@ -89,8 +90,11 @@ class Net:
                               stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="module")
-def net(alice: User, bob: User) -> Iterator[Net]:
+@contextlib.contextmanager
+def net_rig(alice: User, bob: User) -> Iterator[Net]:
+    """A network namespace with bridge BRIDGE (HOST_IP/24), and a sudoers drop-in
+    letting *alice* and *bob* (through a group of the rig's own) run the helper.
+    Also used by tests/test_guest_tap.py."""
     tag = secrets.token_hex(3)
     ns, group = f"kvtnet{tag}", f"kvtg{tag}"
     drop_in = Path(f"/etc/sudoers.d/kvmshell-test-{tag}")
@@ -121,6 +125,12 @@ def net(alice: User, bob: User) -> Iterator[Net]:
         drop_in.unlink(missing_ok=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["groupdel", group], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def net(alice: User, bob: User) -> Iterator[Net]:
+    with net_rig(alice, bob) as n:
+        yield n
 
 
 @pytest.fixture(scope="module")

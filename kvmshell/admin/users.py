@@ -30,14 +30,10 @@ import sys
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RuntimeFailure, TreeError, UsageError
 from kvmshell.common.kvmdev import KVM_DEVICE
+from kvmshell.common.sshkeys import KEY_TYPES, MAX_KEYS
 
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
-KEY_TYPES = frozenset({
-    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com"})
 KEY_OPTIONS = "restrict,pty"
-MAX_KEYS = 32
 
 
 def check_user(name: str) -> str:

@@ -37,7 +37,7 @@ USB_DEVICES = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kb
 _NET_KEYS = {
     "nic": ("macaddr", "model"),
     "user": ("hostname",),
-    "tap": ("br", "ip"),
+    "tap": ("br", "ip", "guest"),
     "socket": ("listen", "connect", "mcast"),
     "none": (),
 }
@@ -124,6 +124,31 @@ def check_cidr(value: str) -> str:
     return str(iface)
 
 
+def check_guest_addr(value: str, host_cidr: str | None) -> str:
+    """The guest's own address on a tap (``guest=``), as kvmshell's
+    ``connect`` and cloud-init seed use it: a plain unicast address; on a
+    routed tap (*host_cidr*, the ``ip=`` value) inside that subnet and
+    neither the host's address nor the subnet's network or broadcast
+    address."""
+    import ipaddress
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise RefusedOption(f"-net tap: invalid guest address {value!r}") from exc
+    if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
+        raise RefusedOption(f"-net tap: {value!r} cannot be a guest address")
+    if host_cidr is not None:
+        iface = ipaddress.ip_interface(host_cidr)
+        net = iface.network
+        special = {iface.ip}
+        if net.num_addresses > 2:
+            special |= {net.network_address, net.broadcast_address}
+        if addr not in net or addr in special:
+            raise RefusedOption(f"-net tap: guest={value} is not a guest address in {net} "
+                                f"(the tap's subnet, host {iface.ip})")
+    return str(addr)
+
+
 def _check_hostport(key: str, value: str) -> str:
     host, colon, port = value.rpartition(":")
     ok = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"
@@ -164,6 +189,8 @@ def _parse_net(value: str) -> NetSpec:
             params["ip"] = check_cidr(params["ip"])
         if ("br" in params) == ("ip" in params):
             raise RefusedOption("-net tap: needs either br=BRIDGE or ip=ADDR/PREFIX, not both")
+        if "guest" in params:
+            params["guest"] = check_guest_addr(params["guest"], params.get("ip"))
     elif kind == "socket":
         if len(params) != 1:
             raise RefusedOption("-net socket: needs exactly one of listen=, connect=, mcast=")

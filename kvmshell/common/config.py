@@ -65,6 +65,7 @@ _DEFAULTS: dict[str, str] = {
     "cgroup": "auto",
     "cgroup_name": "kvmshell",
     "cgroup_helper": "/usr/local/libexec/kvmshell/kvmshell-cgrouphelper",
+    "connect_ports": "all",
 }
 
 _ACCELS = ("kvm", "tcg")
@@ -97,6 +98,8 @@ class Config:
         self.max_running = _int(values, "max_running", path)
         self.max_image_bytes = _int(values, "max_image_bytes", path)
         self.upload_max_bytes = _int(values, "upload_max_bytes", path)
+        # Guest TCP ports 'connect' may reach: None is all of them.
+        self.connect_ports = _ports(values["connect_ports"], path)
         self._hardware(values, path)
         self.log_socket = _abs(values, "log_socket")
         self.autostart = _bool(values, "autostart", path)
@@ -264,6 +267,23 @@ def check_place(path: str, dirs: tuple[str, ...] = USER_CONFIG_DIRS) -> None:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
             raise ConfigError(f"config {path}: {parent} must be a directory owned by root "
                               "and not group/world-writable")
+
+
+def _ports(text: str, path: str) -> "frozenset[int] | None":
+    """``all``, or space-separated ports and ranges (``22 80 8000-8080``)."""
+    words = text.split()
+    if words == ["all"]:
+        return None
+    out: set[int] = set()
+    for word in words:
+        lo, dash, hi = word.partition("-")
+        if not (lo.isdigit() and lo.isascii() and (not dash or (hi.isdigit() and hi.isascii()))):
+            raise ConfigError(f"{path}: connect_ports: {word!r} is not a port or range")
+        a, b = int(lo), int(hi) if dash else int(lo)
+        if not 1 <= a <= b <= 65535:
+            raise ConfigError(f"{path}: connect_ports: {word!r} is not within 1-65535")
+        out.update(range(a, b + 1))
+    return frozenset(out)
 
 
 def load(path: str = DEFAULT_PATH, *, require_root: bool = True,

@@ -56,9 +56,16 @@ REDIR = "redir"          # a port redirection
 BALLOON = "balloon"      # a balloon device
 DISKIF = "diskif"        # the bus of the user's hard disks: ide or virtio
 WRAPPER = "wrapper"      # owned by kvmshell itself; never given by anyone
+CLOUDINIT = "cloudinit"  # kvmshell's NoCloud seed: no value, or "new"
+USERDATA = "userdata"    # a cloud-init user-data file, read by kvmshell (never QEMU)
 ANY = "any"              # unused options: value never looked at
 
-FILE_KINDS = (DISK, CDROM, BLOB, STATE)
+FILE_KINDS = (DISK, CDROM, BLOB, STATE, USERDATA)
+
+# Arity of an option whose value is optional: it takes the next word when
+# there is one that does not start with '-' (VM names come before options,
+# so the word cannot be anything else).
+OPTIONAL = -1
 
 SEED = "seed"
 EXTENSION = "extension"
@@ -170,6 +177,16 @@ TABLE: tuple[Option, ...] = (
            help="turn on the VNC display (reach it with the 'vnc' verb)", example=":0"),
     Option("-option-rom", 1, BLOB, USER, ("-option-rom", "/proc/self/fd/{fd}"),
            help="load FILE into the option ROM space", example="rom.bin"),
+    # ---- kvmshell's extensions beyond the seed (user class) --------------
+    # The NoCloud seed is a wrapper-owned drive: its argv comes from
+    # kvmshell.shell.cloudinit, not from this table.
+    Option("-cloud-init", OPTIONAL, CLOUDINIT, USER, (),
+           help="[new] (kvmshell extension) attach a cloud-init NoCloud seed: your SSH keys,"
+                " hostname = VM name; 'new' gives the guest a new instance-id (first boot again)",
+           example="new", origin=EXTENSION),
+    Option("-user-data", 1, USERDATA, USER, (),
+           help="(kvmshell extension) add FILE, a '#cloud-config' YAML file, to the seed;"
+                " needs -cloud-init", example="user-data.yaml", origin=EXTENSION),
     # ---- Options that users are not allowed to set (admin) ---------------
     Option("-m", 1, MEGS, ADMIN, ("-m", "{megs}"),
            help="guest RAM size in MiB", example="256"),
@@ -181,7 +198,7 @@ TABLE: tuple[Option, ...] = (
     Option("-usbdevice", 1, USBDEV, ADMIN, ("-usb", "-device", "{usbdevice}"),
            help="emulated USB device: tablet, mouse or keyboard", example="tablet"),
     Option("-net", 1, NET, ADMIN, ("-netdev", "{netdev}", "-device", "{nic}"),
-           help="nic[,macaddr=M][,model=T] | user[,hostname=H] | tap,br=BRIDGE | tap,ip=A/N"
+           help="nic[,macaddr=M][,model=T] | user[,hostname=H] | tap,br=BRIDGE[,guest=G] | tap,ip=A/N[,guest=G]"
                 " | socket,listen=H:P|connect=H:P|mcast=A:P | none",
            example="nic,model=virtio"),
     Option("-tftp", 1, DIR, ADMIN, ("tftp={dir}",),
@@ -273,6 +290,10 @@ def refuse_class(token: str, opt: Option, want: str) -> None:
 def take_value(words: list[str], i: int, token: str, opt: Option) -> tuple[str | None, int]:
     if opt.arity == 0:
         return None, i + 1
+    if opt.arity == OPTIONAL:
+        if i + 1 < len(words) and not words[i + 1].startswith("-"):
+            return words[i + 1], i + 2
+        return None, i + 1
     if i + 1 >= len(words):
         raise RefusedOption(f"{token}: missing value")
     value = words[i + 1]
@@ -314,6 +335,6 @@ def user_help() -> str:
     lines = []
     for o in TABLE:
         if o.cls == USER:
-            arg = {0: ""}.get(o.arity, " " + o.kind.upper())
+            arg = {0: "", OPTIONAL: ""}.get(o.arity, " " + o.kind.upper())
             lines.append(f"  {o.name}{arg:<10} {o.help}")
     return "\n".join(lines)

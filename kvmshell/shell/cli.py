@@ -372,12 +372,17 @@ def cmd_snapshot(ctx: Context, args: list[str]) -> int:
     return 0
 
 
+def cmd_connect(ctx: Context, args: list[str]) -> int:
+    from kvmshell.shell import connect
+    return connect.main(ctx, args)
+
+
 HANDLERS = {
     "help": cmd_help, "list": cmd_list, "status": cmd_status,
     "start": cmd_start, "stop": cmd_stop, "kill": cmd_kill, "reset": cmd_reset,
     "save": cmd_save,
     "upload": cmd_upload, "images": cmd_images, "rm": cmd_rm, "quota": cmd_quota,
-    "console": cmd_console, "vnc": cmd_vnc,
+    "console": cmd_console, "vnc": cmd_vnc, "connect": cmd_connect,
     "autostart": cmd_autostart,
     "disk": cmd_disk, "snapshot": cmd_snapshot,
 }

@@ -38,6 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
     "autostart": ("[VM] [on|off]", "start the VM at boot with its last start's options, or not"),
+    "connect": ("[VM] PORT", "carry one TCP connection to the guest's PORT over stdin/stdout"),
 }
 
 # Verbs that print one JSON document (docs/json.md) when given --json, in

@@ -50,8 +50,10 @@ RECHECK = 16 << 20
 # targets, never removable by 'rm', not listed as images.  'lock' and
 # 'qemu.pid' are what older kvmshell kept there (the lock and the pid now
 # live in the kernel: common/runstate.py).
+# "cloud-init.instance-id" is cloudinit.INSTANCE_ID, spelled here: images
+# has no other business with that module.
 RESERVED = frozenset({CONSOLE_LOG, CONSOLE_LOG + ".1", QEMU_LOG, *RUNTIME_FILES,
-                      *AUTOSTART_FILES, "lock", "qemu.pid"})
+                      *AUTOSTART_FILES, "lock", "qemu.pid", "cloud-init.instance-id"})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

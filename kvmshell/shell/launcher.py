@@ -97,10 +97,15 @@ def wrapper_argv(cfg: Config, vm: VM, qmp_fd: int, accels: list[str] | None = No
 def build_argv(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
                opened: dict[str, useropts.Opened], tap_fds: list[int], qmp_fd: int,
                accels: list[str] | None = None,
-               fw_fds: tuple[int, list[int]] | None = None) -> list[str]:
-    return (wrapper_argv(cfg, vm, qmp_fd, accels, plan)
+               fw_fds: tuple[int, list[int]] | None = None,
+               seed: useropts.Opened | None = None) -> list[str]:
+    argv = (wrapper_argv(cfg, vm, qmp_fd, accels, plan)
             + adminopts.admin_argv(plan, vm.name, tap_fds, fw_fds)
             + useropts.user_argv(req, opened, VNC_SOCKET, plan.disk_interface, plan.machine))
+    if seed is not None:
+        from kvmshell.shell import cloudinit
+        argv += cloudinit.seed_argv(seed, plan.machine)
+    return argv
 
 
 def open_files(cfg: Config, vm: VM, req: useropts.UserRequest) -> dict[str, useropts.Opened]:
@@ -167,12 +172,30 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
     try:
         # Files next: a refused file must leave the VM directory untouched.
         opened = open_files(cfg, vm, req)
+        # The seed (cloudinit.py) takes -user-data's descriptor out of
+        # *opened* and closes it: kvmshell's to read, never QEMU's.
+        seed: useropts.Opened | None = None
+        iid, store = "", False
+        try:
+            seed, iid, store = _cloud_init(cfg, vm, plan, req, opened)
+        except BaseException:
+            for of in opened.values():
+                for fd in of.all_fds():
+                    os.close(fd)
+            raise
         passed += [fd for of in opened.values() for fd in of.all_fds()]
+        files = passed[1:]
+        passed += seed.fds if seed else []
         # Limits (limits.py), with the VM locked and its files open: every
         # concurrent start of the user sees this one, and the files QEMU
-        # gets are counted from their descriptors.
-        limits.admit(cfg, vm, passed[0], passed[1:])
+        # gets are counted from their descriptors (the seed is kvmshell's
+        # sealed memfd, not the user's file: not counted).
+        limits.admit(cfg, vm, passed[0], files)
         runstate.share(passed[0])
+        if store:
+            # Only now: a refused or concurrent start leaves the old id.
+            from kvmshell.shell import cloudinit
+            cloudinit.store_iid(vm, iid)
         # The kernel's budget (cgclient.py): this process joins the user's
         # cgroup before it forks the supervisor; the request overlaps with
         # the firmware and network set-up below.
@@ -195,7 +218,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
             try:
                 try:
                     argv = build_argv(cfg, vm, plan, req, opened, tap_fds, run.qmp_listener,
-                                      accels, fw_fds)
+                                      accels, fw_fds, seed)
                     rlimits = limits.qemu_rlimits(cfg, plan.megs,
                                                   _file_size_cap(cfg, vm, req, opened),
                                                   limits.image_limit(cfg, vm.uid))
@@ -224,6 +247,25 @@ def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
         return None
     writable = [(of.fmt, os.fstat(of.fd)) for of in opened.values() if not of.readonly]
     return limits.file_size_cap(cfg, vm, writable, 0)
+
+
+def _cloud_init(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.UserRequest,
+                opened: dict[str, useropts.Opened]) -> tuple[useropts.Opened | None, str, bool]:
+    """The ``-cloud-init`` seed (or None), its instance-id and whether that
+    id is new and must be stored.  The ``-user-data`` descriptor is taken
+    out of *opened* and closed here: it is kvmshell's to read, never QEMU's."""
+    ud = opened.pop("-user-data", None)
+    try:
+        if not req.has("-cloud-init"):
+            return None, "", False
+        from kvmshell.shell import cloudinit
+        extra = cloudinit.parse_user_data(ud.fd, req.values["-user-data"] or "") if ud else None
+        iid, store = cloudinit.instance_id(vm, req.values["-cloud-init"] == "new")
+        return cloudinit.seed(cfg, vm, plan, iid, extra), iid, store
+    finally:
+        if ud is not None:
+            for fd in ud.all_fds():
+                os.close(fd)
 
 
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: "_Run", taps: int,

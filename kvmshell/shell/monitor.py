@@ -45,10 +45,11 @@ def qmp_command(vm: VM, command: str, timeout: float = 5.0) -> object:
             pass
 
 
-def query(vm: VM, command: str, timeout: float = 2.0) -> object:
-    """Run one argument-less QMP query within *timeout* seconds in all;
-    return its "return" value (a dict for query-* commands).  Raises
-    :class:`MonitorError`.
+def query(vm: VM, command: str, timeout: float = 2.0,
+          arguments: dict[str, object] | None = None) -> object:
+    """Run one QMP command (with *arguments*, if any) within *timeout*
+    seconds in all; return its "return" value (a dict for query-* commands,
+    a string for human-monitor-command).  Raises :class:`MonitorError`.
 
     Why not qemu.qmp, as :func:`qmp_command` uses: importing it (asyncio)
     costs ~65 ms, more than the rest of ``status`` together, and ``status``
@@ -92,7 +93,10 @@ def query(vm: VM, command: str, timeout: float = 2.0) -> object:
         if "QMP" not in reply():
             raise EOFError("no QMP greeting")
         for cmd in ("qmp_capabilities", command):
-            sock.sendall(json.dumps({"execute": cmd}).encode() + b"\n")
+            req: dict[str, object] = {"execute": cmd}
+            if cmd == command and arguments is not None:
+                req["arguments"] = arguments
+            sock.sendall(json.dumps(req).encode() + b"\n")
             msg = reply()
             if "return" not in msg:
                 raise EOFError(f"{cmd}: {msg.get('error', msg)}")

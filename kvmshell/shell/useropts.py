@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from kvmshell.common.errors import RefusedOption
 from kvmshell.common.optable import (
-    BLOB, BOOT, BY_NAME, CDROM, CMDLINE, DISK, FILE_KINDS, GEOMETRY, STATE, USER, VNC,
-    Option, check_file_name, lookup, refuse_class, take_value)
+    BLOB, BOOT, BY_NAME, CDROM, CLOUDINIT, CMDLINE, DISK, FILE_KINDS, GEOMETRY, STATE, USER,
+    USERDATA, VNC, Option, check_file_name, lookup, refuse_class, take_value)
 
 
 def _check_boot(token: str, value: str) -> str:
@@ -100,9 +100,13 @@ def parse_user(words: list[str]) -> UserRequest:
                 _check_geometry(token, value)
             elif opt.kind == VNC:
                 value = _check_vnc(token, value)
+            elif opt.kind == CLOUDINIT and value != "new":
+                raise RefusedOption(f"{token}: unexpected value {value!r} (nothing, or 'new')")
         req.values[opt.name] = value
     if req.has("-hdachs") and not req.has("-hda"):
         raise RefusedOption("-hdachs: needs -hda")
+    if req.has("-user-data") and not req.has("-cloud-init"):
+        raise RefusedOption("-user-data: needs -cloud-init")
     if (req.has("-append") or req.has("-initrd")) and not req.has("-kernel"):
         raise RefusedOption(("-append" if req.has("-append") else "-initrd") + ": needs -kernel")
     return req
@@ -236,6 +240,8 @@ def user_argv(req: UserRequest, opened: dict[str, Opened], vnc_socket: str,
         elif opt.kind == VNC:
             argv += [opt.qemu[0], opt.qemu[1].format(vnc_socket=vnc_socket),
                      "-device", "VGA"]
+        elif opt.kind in (CLOUDINIT, USERDATA):
+            continue  # the seed drive is the launcher's (kvmshell.shell.cloudinit)
         elif opt.qemu and opt.qemu[0] == "-machine":
             machine_opts.append(opt.qemu[1])
         else:

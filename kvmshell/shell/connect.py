@@ -1,0 +1,367 @@
+"""``connect [VM] PORT``: one TCP connection to the guest's PORT over stdin/stdout.
+
+Like ``vnc``, this makes SSH the transport; sshd itself still forwards
+nothing.  From the user's machine:
+
+    ssh -o ProxyCommand='ssh vmuser@host connect myvm %p' debian@myvm
+
+The route depends on the VM's network, as the admin gave it:
+
+* **A tap with ``guest=ADDR``** (routed ``ip=``, or bridged ``br=``):
+  kvmshell, as the user, opens a TCP connection to ADDR:PORT bound
+  (``SO_BINDTODEVICE``, unprivileged since Linux 5.7) to the VM's own tap
+  (routed) or its bridge, so the connection leaves through that interface
+  or not at all.
+* **User-mode (slirp) networking**: QEMU 7.2 can forward only an IPv4 TCP
+  port of the host to the guest (``hostfwd``; it calls libslirp's
+  ``slirp_add_hostfwd``, so libslirp 4.7's unix-socket forwards are out of
+  reach; a unix-socket ``hostfwd`` came to QEMU years later).  So the
+  forward lives only for this one connection: kvmshell adds
+  ``127.0.0.1:R -> guest:PORT`` (R random) through QMP
+  (``human-monitor-command hostfwd_add``), checks that the listening socket
+  is QEMU's (its inode among QEMU's descriptors), connects, waits until
+  QEMU has accepted that very connection (again by inode), and removes the
+  forward, all with SIGINT/SIGTERM/SIGHUP held off.  The port is open for
+  those few milliseconds only.  Then it checks ``/proc/net/tcp`` for any
+  other connection that came through R; if one did (another local user
+  won the race), it says so, logs it (authpriv, with that socket's uid)
+  and closes its own.  SECURITY.md states this residual risk.
+
+Refusals (exit 2, before anything is touched): PORT not a number from 1 to
+65535 (decimal, no sign, no leading zero); a port outside the admin's
+``connect_ports``; a VM that is not the caller's.  Failures (exit 1): the
+VM is not running, or has no route kvmshell can use.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+from kvmshell.common.errors import MonitorError, RuntimeFailure, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kvmshell.common.adminopts import AdminPlan
+    from kvmshell.common.config import Config
+    from kvmshell.common.vmtree import VM
+
+CONNECT_TIMEOUT = 10.0
+ACCEPT_TIMEOUT = 5.0
+# Forwarded host ports are drawn from here: below Linux's default ephemeral
+# range (32768-60999), so they rarely collide with outgoing connections.
+FWD_PORTS = (20000, 32000)
+FWD_TRIES = 8
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE)
+_LISTEN, _ESTABLISHED = "0A", "01"
+
+
+def parse_port(word: str) -> int:
+    """A TCP port: 1 to 65535 in plain decimal.  Raises UsageError naming *word*."""
+    if (not word.isascii() or not word.isdigit() or len(word) > 5 or word[0] == "0"
+            or not 1 <= int(word) <= 65535):
+        raise UsageError(f"{word}: not a port (a number from 1 to 65535)")
+    return int(word)
+
+
+def parse_args(args: list[str]) -> tuple[str | None, int]:
+    """``[VM] PORT`` -> (VM name or None, port)."""
+    if len(args) == 1:
+        return None, parse_port(args[0])
+    if len(args) == 2:
+        if args[0].startswith("-"):
+            raise UsageError(f"{args[0]}: unexpected option to 'connect'")
+        return args[0], parse_port(args[1])
+    if not args:
+        raise UsageError("connect: missing PORT (connect [VM] PORT)")
+    raise UsageError(f"{args[2]}: unexpected argument to 'connect'")
+
+
+def check_allowed(cfg: "Config", port: int) -> None:
+    if cfg.connect_ports is not None and port not in cfg.connect_ports:
+        raise UsageError(f"{port}: guest port not allowed here (admin: connect_ports)")
+
+
+# ---- taps ------------------------------------------------------------------------
+
+def tap_route(cfg: "Config", vm: "VM", plan: "AdminPlan") -> tuple[str, str] | None:
+    """(guest address, interface to bind to) of the first tap with
+    ``guest=``: its own tap when routed, its bridge when bridged."""
+    from kvmshell.common.adminopts import taps_of
+    specs = [b for b in plan.backends if b.kind == "tap"]
+    for spec, tap in zip(specs, taps_of(cfg.vmdir, vm.name, plan)):
+        if "guest" in spec.params:
+            return spec.params["guest"], tap.bridge or tap.ifname
+    return None
+
+
+def tap_connect(addr: str, ifname: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        # Why: whatever the routing table says, only the VM's interface.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect((addr, port))
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeFailure(f"connect: {addr} port {port} via {ifname}: "
+                             f"{exc.strerror or exc}") from exc
+    return sock
+
+
+# ---- user-mode networking --------------------------------------------------------
+
+def _hex_v4(addr: str, port: int) -> str:
+    """/proc/net/tcp's spelling of an IPv4 address and port (host byte order)."""
+    return socket.inet_aton(addr)[::-1].hex().upper() + f":{port:04X}"
+
+
+def tcp_table() -> list[tuple[str, str, str, int, int]]:
+    """/proc/net/tcp and tcp6 of this network namespace: (local, remote,
+    state, uid, inode) each, addresses as the kernel spells them."""
+    rows = []
+    for leaf in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{leaf}", encoding="ascii") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            w = line.split()
+            if len(w) >= 10:
+                rows.append((w[1], w[2], w[3], int(w[7]), int(w[9])))
+    return rows
+
+
+def qemu_sockets(pid: int) -> set[int]:
+    """Inodes of the sockets QEMU (*pid*, the caller's own process) holds."""
+    out = set()
+    base = f"/proc/{pid}/fd"
+    try:
+        leaves = os.listdir(base)
+    except OSError as exc:
+        raise RuntimeFailure(f"connect: cannot look at QEMU's descriptors: {exc.strerror}") from exc
+    for leaf in leaves:
+        try:
+            target = os.readlink(f"{base}/{leaf}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def _listener(hport: int) -> int | None:
+    """Inode of the one socket listening on 127.0.0.1:hport, or None."""
+    found = [ino for (l, _r, st, _u, ino) in tcp_table()
+             if l == _hex_v4("127.0.0.1", hport) and st == _LISTEN]
+    return found[0] if len(found) == 1 else None
+
+
+def _hmp(vm: "VM", line: str) -> str:
+    from kvmshell.shell.monitor import query
+    out = query(vm, "human-monitor-command", timeout=5.0, arguments={"command-line": line})
+    return out if isinstance(out, str) else ""
+
+
+def user_netdev(plan: "AdminPlan") -> str | None:
+    """QEMU's id of the VM's first user-mode backend (admin_argv's naming)."""
+    for index, backend in enumerate(plan.backends):
+        if backend.kind == "user":
+            return f"net{index}"
+    return None
+
+
+def _wait_accepted(pid: int, hport: int, lport: int) -> None:
+    """Until QEMU has taken our connection off the forward's accept queue.
+
+    A connection still queued shows in /proc/net/tcp as the server end
+    (127.0.0.1:hport -> 127.0.0.1:lport) with inode 0; accepted, it has
+    QEMU's inode; if the guest refused it, slirp has already closed it, and
+    our own end is no longer ESTABLISHED.  (Which listener our connection
+    reached was checked before and after connect(): QEMU's.)  Raises
+    RuntimeFailure if another process holds the server end, or on timeout.
+    """
+    local, remote = _hex_v4("127.0.0.1", hport), _hex_v4("127.0.0.1", lport)
+    deadline = time.monotonic() + ACCEPT_TIMEOUT
+    while True:
+        rows = tcp_table()
+        server = [ino for (l, r, _st, _uid, ino) in rows if l == local and r == remote]
+        mine = [st for (l, r, st, _uid, _ino) in rows if l == remote and r == local]
+        if any(server):
+            held = qemu_sockets(pid)
+            if any(ino and ino not in held for ino in server):
+                raise RuntimeFailure(f"connect: 127.0.0.1:{hport} was answered by a process "
+                                     "other than the VM's QEMU")
+            return
+        if mine and mine[0] != _ESTABLISHED:
+            return   # accepted and already closed by slirp: the guest refused
+        if time.monotonic() > deadline:
+            raise RuntimeFailure("connect: QEMU did not take the connection")
+        time.sleep(0.0005)
+
+
+def _v6(v4: str) -> str:
+    return "0000000000000000FFFF0000" + v4  # ::ffff:a.b.c.d, as tcp6 spells it
+
+
+def port_rows(hport: int) -> set[tuple[str, str]]:
+    """(local, remote) of every TCP socket on 127.0.0.1:hport, either end."""
+    fwd = _hex_v4("127.0.0.1", hport)
+    return {(l, r) for (l, r, _s, _u, _i) in tcp_table() if fwd in (l, r) or _v6(fwd) in (l, r)}
+
+
+def intruders(hport: int, lport: int, before: set[tuple[str, str]]) -> list[int]:
+    """uids of connections through 127.0.0.1:hport other than ours (lport),
+    leaving out sockets that were there *before* the forward (TIME_WAIT of
+    an earlier connection on the same port)."""
+    fwd, ours = _hex_v4("127.0.0.1", hport), _hex_v4("127.0.0.1", lport)
+    v6fwd = _v6(fwd)
+    out = []
+    for local, remote, state, uid, _ino in tcp_table():
+        if state == _LISTEN or (local, remote) in before:
+            continue
+        if local == fwd and remote != ours:
+            out.append(uid)            # QEMU's end of someone else's connection
+        elif remote in (fwd, v6fwd) and local != ours:
+            out.append(uid)            # their end: the uid is theirs
+    return out
+
+
+def slirp_connect(vm: "VM", pid: int, netdev: str, port: int) -> socket.socket:
+    """One connection to guest *port* through a forward that lives only
+    until QEMU has accepted it (see the module docstring)."""
+    import secrets
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        for _ in range(FWD_TRIES):
+            hport = FWD_PORTS[0] + secrets.randbelow(FWD_PORTS[1] - FWD_PORTS[0])
+            before = port_rows(hport)
+            try:
+                said = _hmp(vm, f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}")
+            except MonitorError as exc:
+                raise RuntimeFailure(f"connect: {exc.message}") from exc
+            if not said.strip():
+                break
+            if "Could not set up" not in said:
+                raise RuntimeFailure(f"connect: QEMU: {said.strip().splitlines()[0]}")
+        else:
+            raise RuntimeFailure("connect: no free port on 127.0.0.1 for the forward")
+        sock = None
+        try:
+            listener = _listener(hport)
+            if listener is None or listener not in qemu_sockets(pid):
+                raise RuntimeFailure(f"connect: 127.0.0.1:{hport} is not QEMU's")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(("127.0.0.1", hport))
+            sock.settimeout(None)
+            lport = sock.getsockname()[1]
+            # The same listener before and after connect(): ours is in QEMU's queue.
+            if _listener(hport) != listener:
+                raise RuntimeFailure(f"connect: the listener on 127.0.0.1:{hport} changed")
+            _wait_accepted(pid, hport, lport)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        finally:
+            try:
+                _hmp(vm, f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}")
+            except MonitorError:
+                pass  # QEMU is gone, and its forward with it
+        others = intruders(hport, lport, before)
+        if others:
+            sock.close()
+            import syslog
+            syslog.openlog("kvmshell", 0, syslog.LOG_AUTHPRIV)
+            syslog.syslog(syslog.LOG_WARNING, f"connect {vm.name} {port}: another connection "
+                          f"(uid {sorted(set(others))}) came through 127.0.0.1:{hport}")
+            raise RuntimeFailure(f"connect: another local connection (uid {others[0]}) came through "
+                                 f"the VM's temporary forward 127.0.0.1:{hport}; yours was closed "
+                                 "(logged; see SECURITY.md)")
+        return sock
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# ---- the relay ---------------------------------------------------------------------
+
+def relay(sock: socket.socket, rfd: int = 0, wfd: int = 1, bufsize: int = 65536) -> None:
+    """Copy *rfd* -> *sock* and *sock* -> *wfd* until the socket closes.
+
+    The end of *rfd* is passed on as a half-close (``shutdown(SHUT_WR)``),
+    as ``nc -N`` and socat do, so ``echo x | connect VM 7`` still reads the
+    answer.  poll(2), not epoll: stdin may be a file or /dev/null, which
+    epoll refuses.
+    """
+    import select
+
+    poller = select.poll()
+    sfd = sock.fileno()
+    poller.register(sfd, select.POLLIN)
+    poller.register(rfd, select.POLLIN)
+    stdin_open = True
+    while True:
+        for fd, _ev in poller.poll():
+            if fd == sfd:
+                data = sock.recv(bufsize)
+                if not data:
+                    return
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(wfd, view):]
+            elif stdin_open:
+                data = os.read(rfd, bufsize)
+                if data:
+                    sock.sendall(data)
+                else:
+                    stdin_open = False
+                    poller.unregister(rfd)
+                    sock.shutdown(socket.SHUT_WR)
+
+
+# ---- the verb ---------------------------------------------------------------------
+
+def open_connection(cfg: "Config", vm: "VM", pid: int, port: int) -> socket.socket:
+    from kvmshell.shell import launcher
+    plan = launcher.admin_plan(vm)
+    route = tap_route(cfg, vm, plan)
+    if route is not None:
+        return tap_connect(route[0], route[1], port)
+    netdev = user_netdev(plan)
+    if netdev is not None:
+        return slirp_connect(vm, pid, netdev, port)
+    raise RuntimeFailure(f"connect: VM {vm.name} has no network kvmshell can reach the guest "
+                         "through (user-mode, or a tap with guest=; admin: kvmadm set)")
+
+
+def main(ctx: object, args: list[str]) -> int:
+    from kvmshell.common import vmtree
+    from kvmshell.shell import monitor
+    from kvmshell.shell.context import Context
+
+    assert isinstance(ctx, Context)
+    name, port = parse_args(args)
+    check_allowed(ctx.cfg, port)
+    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    pid = monitor.qemu_pid(vm)
+    if pid is None:
+        raise RuntimeFailure(f"VM {vm.name!r} is not running")
+    if os.isatty(1):
+        raise UsageError("connect: stdout is a terminal; this verb is a transport "
+                         "(e.g. ssh's ProxyCommand; see the README)")
+    sock = open_connection(ctx.cfg, vm, pid, port)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        relay(sock)
+    except (BrokenPipeError, ConnectionResetError):
+        pass   # either side hung up: the connection is over
+    finally:
+        sock.close()
+    return 0

@@ -1,9 +1,8 @@
 """Helpers for the tests that boot the real Debian guest with ``-cloud-init``
 and reach it with ``connect`` (tests/test_guest_ssh.py, tests/test_guest_tap.py).
 
-Until the disks issue gives kvmshell golden images and ``disk clone``, a
-"clone" is a plain copy of debianrig's image into the VM directory, owned
-by the VM user: restarts must keep what the first boot wrote.
+The golden image is debianrig's, in an image directory; each test VM
+boots a ``disk clone`` of it, so restarts keep what the first boot wrote.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,11 +24,11 @@ USER_DATA = "#cloud-config\nssh_deletekeys: true\nssh_genkeytypes: [ed25519]\n"
 GUEST_USER = "debian"   # Debian's cloud-init default user
 
 
-def clone(src: Path, vm_path: Path, user: User, leaf: str = "debian.qcow2") -> None:
-    dst = vm_path / leaf
-    subprocess.run(["cp", "--sparse=always", str(src / debianrig.IMAGE), str(dst)], check=True)
-    os.chown(dst, user.uid, user.gid)
-    os.chmod(dst, 0o600)
+def clone_words(vm: str, debian: Path, leaf: str = "debian.qcow2") -> str:
+    """``disk clone``: the user's copy-on-write clone of the golden image
+    (debianrig's image, in an image directory), so that restarts keep what
+    the first boot wrote."""
+    return f"disk clone {vm} {leaf} {debian / debianrig.IMAGE}"
 
 
 def put_user_data(vm_path: Path, user: User, leaf: str = "ud.yaml") -> None:
@@ -78,7 +76,7 @@ def forget_console(vm_path: Path) -> None:
 
 
 def wait_ready(vm_path: Path, qemu_alive: "callable[[], bool]",  # type: ignore[valid-type]
-               timeout: float = 2 * debianrig.BOOT_TIMEOUT) -> float:
+               timeout: float = debianrig.BOOT_TIMEOUT) -> float:
     """Wait for READY in this run's console log (see :func:`forget_console`);
     return the seconds taken."""
     t0 = time.monotonic()

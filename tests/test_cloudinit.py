@@ -124,19 +124,24 @@ def test_seed_holds_keys_hostname_and_network(keyed: tuple[Host, list[str]], ali
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_seed_argv_uses_a_slot_no_user_option_uses() -> None:
-    argv = cloudinit.seed_argv(useropts.Opened(7, "raw", True))
-    assert argv == ["-add-fd", "fd=7,set=64",
-                    "-drive", "if=none,id=cidata,media=cdrom,readonly=on,format=raw,"
-                              "file=/dev/fdset/64",
-                    "-device", "ide-cd,drive=cidata,bus=ide.1,unit=1"]
-    # Every user drive option: index 0-2 of IDE (ide.0 0/1, ide.1 0) and floppies.
+@pytest.mark.parametrize("machine,slot", [("pc", "bus=ide.1,unit=1"), ("q35", "bus=ide.3")])
+def test_seed_argv_uses_a_slot_no_user_option_uses(machine: str, slot: str) -> None:
+    import json
+    argv = cloudinit.seed_argv(useropts.Opened(7, "raw", True), machine)
+    assert argv[:2] == ["-add-fd", "fd=7,set=64"]
+    nodes = [json.loads(argv[i + 1]) for i, w in enumerate(argv) if w == "-blockdev"]
+    assert nodes == [{"driver": "file", "node-name": "cidata-file",
+                      "filename": "/dev/fdset/64", "read-only": True},
+                     {"driver": "raw", "node-name": "cidata", "file": "cidata-file",
+                      "read-only": True}]
+    assert argv[-2:] == ["-device", f"ide-cd,id=cidata,{slot},drive=cidata"]
+    # Every user drive option at once: none of them takes that slot or fdset.
     req = useropts.parse_user(["-hda", "a.img", "-hdb", "b.img", "-cdrom", "c.iso",
                                "-fda", "f.img", "-fdb", "g.img", "-cloud-init"])
     opened = {n: useropts.Opened(10 + i, "raw", False) for i, n in
               enumerate(("-hda", "-hdb", "-cdrom", "-fda", "-fdb"))}
-    text = " ".join(useropts.user_argv(req, opened, "vnc.sock"))
-    assert "index=3" not in text and "ide.1,unit=1" not in text and "set=64" not in text
+    text = " ".join(useropts.user_argv(req, opened, "vnc.sock", "ide", machine))
+    assert slot not in text and "set=64" not in text and "cidata" not in text
 
 
 def test_authorized_keys_lines() -> None:
@@ -292,13 +297,18 @@ def _qmp(sock_dir: Path, command: str) -> object:
     return msg["return"]
 
 
+@pytest.mark.parametrize("machine", ["pc", "q35"])
 def test_seed_with_every_drive_option_on_real_qemu(keyed: tuple[Host, list[str]], alice: User,
-                                                   guest: Path) -> None:
+                                                   guest: Path, machine: str) -> None:
     """QEMU 7.2 takes the seed next to all five user drives (no slot clash),
-    read-only, as a CD-ROM with its medium in; the instance-id is stored,
-    alice's, mode 0600; -user-data's descriptor never reaches QEMU."""
+    read-only, as a CD-ROM with its medium in, on either machine; the
+    instance-id is stored, alice's, mode 0600; -user-data's descriptor never
+    reaches QEMU."""
     host, _ = keyed
-    path = host.vm_path(VM)
+    admin = ["-m", "128", "-net", "nic,model=virtio", "-net", "user"]
+    if machine == "q35":
+        host.kvmadm("set", VM, "--", *admin, "-M", "q35")
+    path = host.vm_path(VM)   # set renames the directory: the identifier changed
     made = []
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path / "d.qcow2"), "64M"],
                    check=True)
@@ -338,6 +348,8 @@ def test_seed_with_every_drive_option_on_real_qemu(keyed: tuple[Host, list[str]]
         alice.ssh_command(f"kill {VM}")
         for p in made + [path / cloudinit.INSTANCE_ID]:
             p.unlink(missing_ok=True)
+        if machine == "q35":
+            host.kvmadm("set", VM, "--", *admin)
 
 
 def test_connect_user_mode_leaves_no_forward(host: Host, alice: User, guest: Path) -> None:

@@ -32,9 +32,11 @@ def test_table_holds_every_seed_option_once() -> None:
     seed_user = {"-fda", "-fdb", "-hda", "-hdb", "-cdrom", "-boot", "-snapshot", "-localtime",
                  "-kernel", "-append", "-initrd", "-hdachs", "-no-acpi", "-no-reboot",
                  "-loadvm", "-vnc", "-option-rom"}
-    assert {o.name for o in optable.TABLE if o.cls == optable.USER and not o.extension} == seed_user
-    # kvmshell's own options beyond the seed are marked as such.
-    assert {o.name for o in optable.TABLE if o.extension} == {"-cloud-init", "-user-data"}
+    assert {o.name for o in optable.TABLE
+            if o.cls == optable.USER and o.origin == optable.SEED} == seed_user
+    # kvmshell's own user options beyond the seed are marked as such.
+    assert {o.name for o in optable.TABLE if o.cls == optable.USER
+            and o.origin == optable.EXTENSION} == {"-cloud-init", "-user-data"}
     assert {o.cls for o in optable.TABLE} == {optable.USER, optable.ADMIN, optable.UNUSED}
 
 

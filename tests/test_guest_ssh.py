@@ -91,9 +91,11 @@ def rig() -> Iterator[Rig]:
         host.kvmadm("adduser", name, "--key", f"{key}.pub")
         user = User(name, host)
         host.create_vm(VM, user, *ADMIN)
-        guestrig.clone(debian, host.vm_path(VM), user)
         guestrig.put_user_data(host.vm_path(VM), user)
-        yield Rig(host, sshd, user, key, debian, root / "known_hosts")
+        rig = Rig(host, sshd, user, key, debian, root / "known_hosts")
+        r = rig.ssh(guestrig.clone_words(VM, debian))   # through the front door too
+        assert r.returncode == 0, r.stderr
+        yield rig
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
         sshd.stop()

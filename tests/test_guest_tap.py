@@ -43,7 +43,8 @@ def rig(host: Host, alice: User, bob: User) -> Iterator[tuple[Net, Path, Path]]:
     try:
         with net_rig(alice, bob) as net:
             host.create_vm(VM, alice, *ADMIN)
-            guestrig.clone(debian, host.vm_path(VM), alice)
+            r = net.kvmshell(alice, guestrig.clone_words(VM, debian))
+            assert r.returncode == 0, r.stderr
             # The ProxyCommand: kvmshell as alice, in the namespace, as sshd would run it.
             proxy = d / "proxy"
             args = net.as_user(alice, "env", "-i", "PATH=/usr/bin:/bin")

@@ -47,10 +47,13 @@ def test_table_marks_extensions_and_reclassified_seed_rows() -> None:
     assert {o.name for o in changed} == {"-smp", "-M"}
     for o in changed:
         assert o.reason and "\n" not in o.reason
-    assert [o.name for o in optable.TABLE if o.origin == optable.EXTENSION] == ["-cpu", "-firmware"]
+    assert [o.name for o in optable.TABLE if o.origin == optable.EXTENSION] == [
+        "-cloud-init", "-user-data", "-cpu", "-firmware"]
     for o in optable.TABLE:
         if o.origin == optable.EXTENSION:
-            assert o.cls == optable.ADMIN and o.help and o.example
+            # The user class's two are issue 12's (the cloud-init seed).
+            assert o.cls == (optable.USER if o.name in ("-cloud-init", "-user-data")
+                             else optable.ADMIN) and o.help and o.example
 
 
 @pytest.mark.parametrize("words,token", [

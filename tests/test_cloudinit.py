@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from conftest import Host, User, assert_refused
+from conftest import Host, User, _drop_user, _make_user, assert_refused
 from kvmshell.common import adminopts, config, sshkeys
 from kvmshell.common.errors import ConfigError, RefusedOption, UsageError
 from kvmshell.shell import cloudinit, connect, useropts
@@ -32,6 +32,32 @@ def _keygen(path: Path, comment: str) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f",
                     str(path)], check=True)
     return path.with_name(path.name + ".pub").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def pair(host: Host) -> Iterator[tuple[User, User]]:
+    """Two users of this module's own (the session's alice and bob are
+    expected by other modules to own a known set of VMs); their VMs are
+    removed again at the end."""
+    names = [_make_user("c"), _make_user("d")]
+    try:
+        yield User(names[0], host), User(names[1], host)
+    finally:
+        for vm in ("ci", "cib", "cu"):
+            if (host.vmdir / vm).is_symlink():
+                host.kvmadm("remove", vm, "--purge", check=False)
+        for name in names:
+            _drop_user(name)
+
+
+@pytest.fixture(scope="module")
+def alice(pair: tuple[User, User]) -> User:
+    return pair[0]
+
+
+@pytest.fixture(scope="module")
+def bob(pair: tuple[User, User]) -> User:
+    return pair[1]
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,12 @@ def rig(host: Host, alice: User, bob: User) -> Iterator[tuple[Net, Path, Path]]:
                              + f' "SSH_ORIGINAL_COMMAND=connect {VM} $1"'
                              + f" {KVMSHELL} --config {host.conf}\n")
             os.chmod(proxy, 0o755)
-            yield net, key, proxy
-            kill_all(alice)
+            try:
+                yield net, key, proxy
+            finally:
+                kill_all(alice)
+                # Other modules count alice's VMs: leave none of ours behind.
+                host.kvmadm("remove", VM, "--purge", check=False)
     finally:
         host.write_conf()
         shutil.rmtree(d, ignore_errors=True)

@@ -44,7 +44,10 @@ from kvmshell.common.errors import MonitorError, RuntimeFailure, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable
+
     from kvmshell.common.adminopts import AdminPlan
+    from kvmshell.shell.monitor import Session
     from kvmshell.common.config import Config
     from kvmshell.common.vmtree import VM
 
@@ -162,12 +165,6 @@ def _listener(hport: int) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def _hmp(vm: "VM", line: str) -> str:
-    from kvmshell.shell.monitor import query
-    out = query(vm, "human-monitor-command", timeout=5.0, arguments={"command-line": line})
-    return out if isinstance(out, str) else ""
-
-
 def user_netdev(plan: "AdminPlan") -> str | None:
     """QEMU's id of the VM's first user-mode backend (admin_argv's naming)."""
     for index, backend in enumerate(plan.backends):
@@ -176,33 +173,24 @@ def user_netdev(plan: "AdminPlan") -> str | None:
     return None
 
 
-def _wait_accepted(pid: int, hport: int, lport: int) -> None:
-    """Until QEMU has taken our connection off the forward's accept queue.
-
-    A connection still queued shows in /proc/net/tcp as the server end
-    (127.0.0.1:hport -> 127.0.0.1:lport) with inode 0; accepted, it has
-    QEMU's inode; if the guest refused it, slirp has already closed it, and
-    our own end is no longer ESTABLISHED.  (Which listener our connection
-    reached was checked before and after connect(): QEMU's.)  Raises
-    RuntimeFailure if another process holds the server end, or on timeout.
-    """
+def _wait_accepted(hport: int, lport: int) -> None:
+    """Until QEMU has taken our connection off the forward's accept queue:
+    removing the forward earlier would reset it.  A connection still queued
+    shows in /proc/net/tcp as the server end (127.0.0.1:hport ->
+    127.0.0.1:lport) with inode 0; accepted, it has an inode (QEMU's: the
+    listener was QEMU's); if the guest refused it, slirp has closed it
+    already and our end is no longer ESTABLISHED.  RuntimeFailure on timeout."""
     local, remote = _hex_v4("127.0.0.1", hport), _hex_v4("127.0.0.1", lport)
     deadline = time.monotonic() + ACCEPT_TIMEOUT
     while True:
         rows = tcp_table()
         server = [ino for (l, r, _st, _uid, ino) in rows if l == local and r == remote]
         mine = [st for (l, r, st, _uid, _ino) in rows if l == remote and r == local]
-        if any(server):
-            held = qemu_sockets(pid)
-            if any(ino and ino not in held for ino in server):
-                raise RuntimeFailure(f"connect: 127.0.0.1:{hport} was answered by a process "
-                                     "other than the VM's QEMU")
+        if any(server) or (mine and mine[0] != _ESTABLISHED) or (not server and not mine):
             return
-        if mine and mine[0] != _ESTABLISHED:
-            return   # accepted and already closed by slirp: the guest refused
         if time.monotonic() > deadline:
             raise RuntimeFailure("connect: QEMU did not take the connection")
-        time.sleep(0.0005)
+        time.sleep(0.0002)
 
 
 def _v6(v4: str) -> str:
@@ -232,62 +220,114 @@ def intruders(hport: int, lport: int, before: set[tuple[str, str]]) -> list[int]
     return out
 
 
+def _connect_as_soon_as_listening(hport: int, qmp: "Session", deadline: float
+                                  ) -> tuple[socket.socket | None, dict[str, object]]:
+    """Connect to 127.0.0.1:hport the moment it listens, while QEMU's answer
+    to ``hostfwd_add`` is on its way: the forward is open to others only
+    from QEMU's listen() to our connect(), not for the QMP round trip and
+    our checks after it.  Returns (our socket or None, QEMU's reply).
+    Nothing is sent on the socket before the caller has checked whose
+    listener it reached."""
+    import errno
+    import select
+
+    sock = None
+    reply: dict[str, object] | None = None
+    poller = select.poll()
+    poller.register(qmp.fileno(), select.POLLIN)
+    while sock is None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        err = s.connect_ex(("127.0.0.1", hport))
+        if err == 0:
+            sock = s
+            break
+        s.close()
+        if err != errno.ECONNREFUSED:
+            raise RuntimeFailure(f"connect: 127.0.0.1:{hport}: {os.strerror(err)}")
+        if reply is None and (qmp.pending() or poller.poll(0)):
+            reply = qmp.reply(deadline)
+            said = reply.get("return")
+            if not isinstance(said, str) or said.strip():
+                return None, reply     # QEMU did not set the forward up
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(f"connect: 127.0.0.1:{hport} never listened")
+    if reply is None:
+        reply = qmp.reply(deadline)
+    return sock, reply
+
+
 def slirp_connect(vm: "VM", pid: int, netdev: str, port: int) -> socket.socket:
     """One connection to guest *port* through a forward that lives only
     until QEMU has accepted it (see the module docstring)."""
     import secrets
 
+    from kvmshell.shell.monitor import Session
+
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
-        for _ in range(FWD_TRIES):
-            hport = FWD_PORTS[0] + secrets.randbelow(FWD_PORTS[1] - FWD_PORTS[0])
-            before = port_rows(hport)
-            try:
-                said = _hmp(vm, f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}")
-            except MonitorError as exc:
-                raise RuntimeFailure(f"connect: {exc.message}") from exc
-            if not said.strip():
-                break
-            if "Could not set up" not in said:
-                raise RuntimeFailure(f"connect: QEMU: {said.strip().splitlines()[0]}")
-        else:
-            raise RuntimeFailure("connect: no free port on 127.0.0.1 for the forward")
-        sock = None
         try:
-            listener = _listener(hport)
-            if listener is None or listener not in qemu_sockets(pid):
-                raise RuntimeFailure(f"connect: 127.0.0.1:{hport} is not QEMU's")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(CONNECT_TIMEOUT)
-            sock.connect(("127.0.0.1", hport))
-            sock.settimeout(None)
-            lport = sock.getsockname()[1]
-            # The same listener before and after connect(): ours is in QEMU's queue.
-            if _listener(hport) != listener:
-                raise RuntimeFailure(f"connect: the listener on 127.0.0.1:{hport} changed")
-            _wait_accepted(pid, hport, lport)
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
+            qmp = Session(vm)
+        except MonitorError as exc:
+            raise RuntimeFailure(f"connect: {exc.message}") from exc
+        try:
+            return _through_forward(vm, pid, netdev, port, qmp, secrets.randbelow)
+        except MonitorError as exc:
+            raise RuntimeFailure(f"connect: {exc.message}") from exc
         finally:
-            try:
-                _hmp(vm, f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}")
-            except MonitorError:
-                pass  # QEMU is gone, and its forward with it
-        others = intruders(hport, lport, before)
-        if others:
-            sock.close()
-            import syslog
-            syslog.openlog("kvmshell", 0, syslog.LOG_AUTHPRIV)
-            syslog.syslog(syslog.LOG_WARNING, f"connect {vm.name} {port}: another connection "
-                          f"(uid {sorted(set(others))}) came through 127.0.0.1:{hport}")
-            raise RuntimeFailure(f"connect: another local connection (uid {others[0]}) came through "
-                                 f"the VM's temporary forward 127.0.0.1:{hport}; yours was closed "
-                                 "(logged; see SECURITY.md)")
-        return sock
+            qmp.close()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
+                     randbelow: "Callable[[int], int]") -> socket.socket:
+    hmp = "human-monitor-command"
+    for _ in range(FWD_TRIES):
+        hport = FWD_PORTS[0] + randbelow(FWD_PORTS[1] - FWD_PORTS[0])
+        before = port_rows(hport)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
+        sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)
+        said = reply.get("return")
+        if isinstance(said, str) and not said.strip():
+            break
+        if sock is not None:
+            sock.close()   # someone else's listener: nothing was sent to it
+        if not isinstance(said, str) or "Could not set up" not in said:
+            raise RuntimeFailure(f"connect: QEMU: {str(said or reply).strip().splitlines()[0]}")
+    else:
+        raise RuntimeFailure("connect: no free port on 127.0.0.1 for the forward")
+    try:
+        assert sock is not None
+        lport = sock.getsockname()[1]
+        # Whose listener did we reach?  QEMU's, if the one listening on the
+        # port now is among QEMU's descriptors: nobody else can listen there
+        # while QEMU does, and QEMU listened before QMP said so.
+        listener = _listener(hport)
+        if listener is None or listener not in qemu_sockets(pid):
+            raise RuntimeFailure(f"connect: 127.0.0.1:{hport} is not QEMU's")
+        _wait_accepted(hport, lport)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
+    finally:
+        try:
+            qmp.send(hmp, {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"})
+            qmp.result(time.monotonic() + CONNECT_TIMEOUT)
+        except MonitorError:
+            pass  # QEMU is gone, and its forward with it
+    others = intruders(hport, lport, before)
+    if others:
+        sock.close()
+        import syslog
+        syslog.openlog("kvmshell", 0, syslog.LOG_AUTHPRIV)
+        syslog.syslog(syslog.LOG_WARNING, f"connect {vm.name} {port}: another connection "
+                      f"(uid {sorted(set(others))}) came through 127.0.0.1:{hport}")
+        raise RuntimeFailure(f"connect: another local connection (uid {others[0]}) came through "
+                             f"the VM's temporary forward 127.0.0.1:{hport}; yours was closed "
+                             "(logged; see SECURITY.md)")
+    return sock
 
 
 # ---- the relay ---------------------------------------------------------------------
@@ -350,6 +390,7 @@ def main(ctx: object, args: list[str]) -> int:
     name, port = parse_args(args)
     check_allowed(ctx.cfg, port)
     vm = vmtree.pick(ctx.cfg, ctx.uid, name)
+    ctx.audit["vm"] = vm.name
     pid = monitor.qemu_pid(vm)
     if pid is None:
         raise RuntimeFailure(f"VM {vm.name!r} is not running")

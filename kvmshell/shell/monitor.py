@@ -194,3 +194,83 @@ def kill(vm: VM, pid: int) -> None:
     except ProcessLookupError:
         pass
     wait_gone(vm, 10)
+
+
+class Session:
+    """One QMP connection kept open for several commands, with the protocol
+    of :func:`query` (greeting, ``qmp_capabilities``, one JSON object per
+    line; events skipped).  ``connect`` uses it to add a forward, connect
+    and remove the forward without reconnecting in between.  Raises
+    :class:`MonitorError`."""
+
+    def __init__(self, vm: VM, timeout: float = 5.0) -> None:
+        import socket
+
+        self.vm = vm
+        self.buf = b""
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock.settimeout(timeout)
+            os.chdir(vm.path)  # relative socket name, as in qmp_command
+            self.sock.connect(QMP_SOCKET)
+            if "QMP" not in self.reply(deadline):
+                raise MonitorError(f"{vm.name}: no QMP greeting")
+            self.send("qmp_capabilities")
+            self.result(deadline)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, command: str, arguments: dict[str, object] | None = None) -> None:
+        import json
+        req: dict[str, object] = {"execute": command}
+        if arguments is not None:
+            req["arguments"] = arguments
+        try:
+            self.sock.sendall(json.dumps(req).encode() + b"\n")
+        except OSError as exc:
+            raise MonitorError(f"{self.vm.name}: QMP {command} failed: {exc}") from exc
+
+    def pending(self) -> bool:
+        """Whether a whole line is already buffered."""
+        return b"\n" in self.buf
+
+    def reply(self, deadline: float) -> dict[str, object]:
+        """The next message that is not an event."""
+        import json
+        while True:
+            line, nl, rest = self.buf.partition(b"\n")
+            if nl:
+                self.buf = rest
+                try:
+                    msg = json.loads(line)
+                except ValueError as exc:
+                    raise MonitorError(f"{self.vm.name}: QMP sent no JSON") from exc
+                if isinstance(msg, dict) and "event" not in msg:
+                    return msg
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MonitorError(f"{self.vm.name}: QMP timed out")
+            try:
+                self.sock.settimeout(left)
+                chunk = self.sock.recv(65536)
+            except OSError as exc:
+                raise MonitorError(f"{self.vm.name}: QMP failed: {exc}") from exc
+            if not chunk:
+                raise MonitorError(f"{self.vm.name}: QEMU closed the monitor")
+            self.buf += chunk
+
+    def result(self, deadline: float) -> object:
+        """The ``return`` of the next reply; MonitorError for an ``error``."""
+        msg = self.reply(deadline)
+        if "return" not in msg:
+            raise MonitorError(f"{self.vm.name}: QMP: {msg.get('error', msg)}")
+        return msg["return"]
+
+    def close(self) -> None:
+        self.sock.close()

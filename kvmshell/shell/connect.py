@@ -16,16 +16,17 @@ The route depends on the VM's network, as the admin gave it:
   port of the host to the guest (``hostfwd``; it calls libslirp's
   ``slirp_add_hostfwd``, so libslirp 4.7's unix-socket forwards are out of
   reach; a unix-socket ``hostfwd`` came to QEMU years later).  So the
-  forward lives only for this one connection: kvmshell adds
-  ``127.0.0.1:R -> guest:PORT`` (R random) through QMP
-  (``human-monitor-command hostfwd_add``), checks that the listening socket
-  is QEMU's (its inode among QEMU's descriptors), connects, waits until
-  QEMU has accepted that very connection (again by inode), and removes the
-  forward, all with SIGINT/SIGTERM/SIGHUP held off.  The port is open for
-  those few milliseconds only.  Then it checks ``/proc/net/tcp`` for any
-  other connection that came through R; if one did (another local user
-  won the race), it says so, logs it (authpriv, with that socket's uid)
-  and closes its own.  SECURITY.md states this residual risk.
+  forward lives only for this one connection, over one QMP session:
+  kvmshell sends ``hostfwd_add 127.0.0.1:R -> guest:PORT`` (R random) and,
+  without waiting for QEMU's answer, keeps trying to connect to R, so its
+  connection is made the moment QEMU listens; then it checks that the
+  listener is QEMU's (its inode among QEMU's descriptors; nothing was sent
+  yet), waits until QEMU has accepted the connection, and removes the
+  forward, with SIGINT/SIGTERM/SIGHUP held off throughout.  Then it checks
+  ``/proc/net/tcp`` for any other connection that came through R; if one
+  did (another local user won the race), it says so, logs it (authpriv,
+  with that socket's uid) and closes its own.  SECURITY.md states this
+  residual risk.
 
 Refusals (exit 2, before anything is touched): PORT not a number from 1 to
 65535 (decimal, no sign, no leading zero); a port outside the admin's

@@ -159,13 +159,6 @@ def qemu_sockets(pid: int) -> set[int]:
     return out
 
 
-def _listener(hport: int) -> int | None:
-    """Inode of the one socket listening on 127.0.0.1:hport, or None."""
-    found = [ino for (l, _r, st, _u, ino) in tcp_table()
-             if l == _hex_v4("127.0.0.1", hport) and st == _LISTEN]
-    return found[0] if len(found) == 1 else None
-
-
 def user_netdev(plan: "AdminPlan") -> str | None:
     """QEMU's id of the VM's first user-mode backend (admin_argv's naming)."""
     for index, backend in enumerate(plan.backends):
@@ -222,11 +215,10 @@ def intruders(hport: int, lport: int, before: set[tuple[str, str]]) -> list[int]
 
 
 def _connect_as_soon_as_listening(hport: int, qmp: "Session", deadline: float
-                                  ) -> tuple[socket.socket | None, dict[str, object]]:
+                                  ) -> tuple[socket.socket | None, dict[str, object] | None]:
     """Connect to 127.0.0.1:hport the moment it listens, while QEMU's answer
-    to ``hostfwd_add`` is on its way: the forward is open to others only
-    from QEMU's listen() to our connect(), not for the QMP round trip and
-    our checks after it.  Returns (our socket or None, QEMU's reply).
+    to ``hostfwd_add`` is on its way.  Returns (our socket, None) once
+    connected, or (None, QEMU's reply) if QEMU said the forward failed.
     Nothing is sent on the socket before the caller has checked whose
     listener it reached."""
     import errno
@@ -252,8 +244,6 @@ def _connect_as_soon_as_listening(hport: int, qmp: "Session", deadline: float
                 return None, reply     # QEMU did not set the forward up
         if time.monotonic() > deadline:
             raise RuntimeFailure(f"connect: 127.0.0.1:{hport} never listened")
-    if reply is None:
-        reply = qmp.reply(deadline)
     return sock, reply
 
 
@@ -282,42 +272,53 @@ def slirp_connect(vm: "VM", pid: int, netdev: str, port: int) -> socket.socket:
 
 def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
                      randbelow: "Callable[[int], int]") -> socket.socket:
+    """The forward's life: ``hostfwd_add``; connect the moment QEMU listens;
+    ``hostfwd_remove`` sent at once (QEMU's main loop runs slirp's accept
+    of a connection already queued before it reads the next monitor
+    command, so ours is taken first and the listener closes right after);
+    then whose connection it was, and who else came in."""
     hmp = "human-monitor-command"
+    sock: socket.socket | None = None
     for _ in range(FWD_TRIES):
         hport = FWD_PORTS[0] + randbelow(FWD_PORTS[1] - FWD_PORTS[0])
         before = port_rows(hport)
         deadline = time.monotonic() + CONNECT_TIMEOUT
         qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
         sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)
+        if sock is not None:
+            # Sent before anything else happens: this is the window's end.
+            qmp.send(hmp, {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"})
+            reply = qmp.reply(deadline)
+            removed = qmp.reply(deadline)
+        assert reply is not None
         said = reply.get("return")
         if isinstance(said, str) and not said.strip():
             break
         if sock is not None:
-            sock.close()   # someone else's listener: nothing was sent to it
+            sock.close()   # not QEMU's forward: nothing was sent on it
+            sock = None
         if not isinstance(said, str) or "Could not set up" not in said:
             raise RuntimeFailure(f"connect: QEMU: {str(said or reply).strip().splitlines()[0]}")
     else:
         raise RuntimeFailure("connect: no free port on 127.0.0.1 for the forward")
+    assert sock is not None
     try:
-        assert sock is not None
+        said = removed.get("return")
+        # QEMU 7.2 (net/slirp.c): "host forwarding rule for ... removed", or "... not found".
+        if not isinstance(said, str) or not said.strip().endswith("removed"):
+            raise RuntimeFailure(f"connect: QEMU did not remove the forward: {said or removed}")
         lport = sock.getsockname()[1]
-        # Whose listener did we reach?  QEMU's, if the one listening on the
-        # port now is among QEMU's descriptors: nobody else can listen there
-        # while QEMU does, and QEMU listened before QMP said so.
-        listener = _listener(hport)
-        if listener is None or listener not in qemu_sockets(pid):
-            raise RuntimeFailure(f"connect: 127.0.0.1:{hport} is not QEMU's")
         _wait_accepted(hport, lport)
+        # Whose end is it?  A live server end must be one of QEMU's sockets
+        # (an end that is gone was closed: nothing can be sent to anyone).
+        ends = [ino for (l, r, _st, _u, ino) in tcp_table()
+                if l == _hex_v4("127.0.0.1", hport) and r == _hex_v4("127.0.0.1", lport) and ino]
+        if ends and not set(ends) <= qemu_sockets(pid):
+            raise RuntimeFailure(f"connect: 127.0.0.1:{hport} was answered by a process "
+                                 "other than the VM's QEMU")
     except BaseException:
-        if sock is not None:
-            sock.close()
+        sock.close()
         raise
-    finally:
-        try:
-            qmp.send(hmp, {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"})
-            qmp.result(time.monotonic() + CONNECT_TIMEOUT)
-        except MonitorError:
-            pass  # QEMU is gone, and its forward with it
     others = intruders(hport, lport, before)
     if others:
         sock.close()

@@ -120,8 +120,10 @@ def tap_connect(addr: str, ifname: str, port: int) -> socket.socket:
 # ---- user-mode networking --------------------------------------------------------
 
 def _hex_v4(addr: str, port: int) -> str:
-    """/proc/net/tcp's spelling of an IPv4 address and port (host byte order)."""
-    return socket.inet_aton(addr)[::-1].hex().upper() + f":{port:04X}"
+    """/proc/net/tcp's spelling of an IPv4 address and port: the address's
+    four bytes as one native-endian %08X, the port as %04X."""
+    import sys
+    return f"{int.from_bytes(socket.inet_aton(addr), sys.byteorder):08X}:{port:04X}"
 
 
 def tcp_table() -> list[tuple[str, str, str, int, int]]:

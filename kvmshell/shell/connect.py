@@ -219,8 +219,9 @@ def intruders(hport: int, lport: int, before: set[tuple[str, str]]) -> list[int]
 def _connect_as_soon_as_listening(hport: int, qmp: "Session", deadline: float
                                   ) -> tuple[socket.socket | None, dict[str, object] | None]:
     """Connect to 127.0.0.1:hport the moment it listens, while QEMU's answer
-    to ``hostfwd_add`` is on its way.  Returns (our socket, None) once
-    connected, or (None, QEMU's reply) if QEMU said the forward failed.
+    to ``hostfwd_add`` is on its way.  Returns (our socket, QEMU's reply if
+    it was read meanwhile, else None) once connected, or (None, QEMU's
+    reply) if QEMU said the forward failed.
     Nothing is sent on the socket before the caller has checked whose
     listener it reached."""
     import errno
@@ -290,7 +291,8 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
         if sock is not None:
             # Sent before anything else happens: this is the window's end.
             qmp.send(hmp, {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"})
-            reply = qmp.reply(deadline)
+            if reply is None:   # QEMU's answer to the add, unless read while connecting
+                reply = qmp.reply(deadline)
             removed = qmp.reply(deadline)
         assert reply is not None
         said = reply.get("return")

@@ -165,30 +165,41 @@ def test_no_exposure_while_connected(rig: Rig, bob: User) -> None:
 RACER = r"""
 import json, socket, sys, time
 uid, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
-got, seen, held = [], set(), []
+seen, held = set(), []
 while time.monotonic() < end:
-    for table in ("/proc/net/tcp",):
-        for line in open(table).read().splitlines()[1:]:
-            w = line.split()
-            if w[3] != "0A" or int(w[7]) != uid or w[1] in seen:
-                continue
-            seen.add(w[1])
-            port = int(w[1].split(":")[1], 16)
-            s = socket.socket()
-            try:
-                s.connect(("127.0.0.1", port)); got.append(port); held.append(s)
-            except OSError:
-                s.close()
-print(json.dumps({"seen": len(seen), "got": got}))
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        w = line.split()
+        if w[3] != "0A" or int(w[7]) != uid or w[1] in seen:
+            continue
+        seen.add(w[1])
+        port = int(w[1].split(":")[1], 16)
+        s = socket.socket()
+        try:
+            s.connect(("127.0.0.1", port))
+            held.append((port, s))
+        except OSError:
+            s.close()
+# Reached the guest = bytes from it (sshd's banner, or its MaxStartups
+# refusal).  A handshake alone is not: a connection still queued when the
+# forward goes is reset, and never reaches the guest.
+got = []
+for port, s in held:
+    s.settimeout(20)
+    try:
+        if s.recv(64):
+            got.append(port)
+    except OSError:
+        pass
+print(json.dumps({"seen": len(seen), "handshakes": len(held), "got": got}))
 """
 
 
 def test_racing_local_user_is_detected(rig: Rig, bob: User) -> None:
     """bob watches /proc/net/tcp for the user's forward and connects at once.
-    Whatever the race gives, every connection bob got through a forward
-    made one of the user's connects fail, naming that port; connects bob
-    did not get into succeed."""
-    racer = subprocess.Popen(bob.argv(sys.executable, "-c", RACER, str(rig.user.uid), "25"),
+    Whatever the race gives, every connection through which bob reached the
+    guest made one of the user's connects fail, naming that port (and
+    logged); the user's other connects succeed."""
+    racer = subprocess.Popen(bob.argv(sys.executable, "-c", RACER, str(rig.user.uid), "22"),
                              stdout=subprocess.PIPE, text=True)
     failures, ok = [], 0
     t_end = time.monotonic() + 20
@@ -204,14 +215,15 @@ def test_racing_local_user_is_detected(rig: Rig, bob: User) -> None:
             assert "came through the VM's temporary forward" in r.stderr, r.stderr
             failures.append(r.stderr)
         time.sleep(0.1)
-    out, _ = racer.communicate(timeout=60)
+    out, _ = racer.communicate(timeout=120)
     result = json.loads(out)
     print(f"connects: {ok} clean, {len(failures)} raced; bob saw {result['seen']} forwards, "
-          f"got into {len(result['got'])}")
+          f"completed {result['handshakes']} handshakes, reached the guest {len(result['got'])} times")
     assert ok + len(failures) >= 5
     for port in result["got"]:
         assert any(f"127.0.0.1:{port};" in f for f in failures), (port, failures)
-    assert len(failures) == len(set(result["got"]))
+    # Each refusal names a forward bob came through (a handshake at least).
+    assert len(failures) <= result["handshakes"]
 
 
 def test_restart_keeps_instance(rig: Rig) -> None:

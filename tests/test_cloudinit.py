@@ -308,8 +308,12 @@ def _qmp(sock_dir: Path, command: str) -> object:
     import json
     import socket
     s = socket.socket(socket.AF_UNIX)
-    os.chdir(sock_dir)
-    s.connect("qmp.sock")
+    # The path may be longer than sun_path: connect through the directory's descriptor.
+    dfd = os.open(sock_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        s.connect(f"/proc/self/fd/{dfd}/qmp.sock")
+    finally:
+        os.close(dfd)
     f = s.makefile("rwb")
     f.readline()
     for cmd in ("qmp_capabilities", command):
@@ -399,8 +403,11 @@ def test_connect_user_mode_leaves_no_forward(host: Host, alice: User, guest: Pat
         import json
         import socket
         s = socket.socket(socket.AF_UNIX)
-        os.chdir(path)
-        s.connect("qmp.sock")
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            s.connect(f"/proc/self/fd/{dfd}/qmp.sock")   # path may exceed sun_path
+        finally:
+            os.close(dfd)
         f = s.makefile("rwb")
         f.readline()
         for cmd in ({"execute": "qmp_capabilities"},

@@ -315,9 +315,12 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
         _wait_accepted(hport, lport)
         # Whose end is it?  A live server end must be one of QEMU's sockets
         # (an end that is gone was closed: nothing can be sent to anyone).
+        # QEMU's sockets first, then the table: an end QEMU closes in between
+        # shows inode 0 (no file any more), never an inode missing from *held*.
+        held = qemu_sockets(pid)
         ends = [ino for (l, r, _st, _u, ino) in tcp_table()
                 if l == _hex_v4("127.0.0.1", hport) and r == _hex_v4("127.0.0.1", lport) and ino]
-        if ends and not set(ends) <= qemu_sockets(pid):
+        if ends and not set(ends) <= held:
             raise RuntimeFailure(f"connect: 127.0.0.1:{hport} was answered by a process "
                                  "other than the VM's QEMU")
     except BaseException:

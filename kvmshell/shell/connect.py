@@ -391,18 +391,19 @@ def open_connection(cfg: "Config", vm: "VM", pid: int, port: int) -> socket.sock
 
 
 def main(ctx: object, args: list[str]) -> int:
-    from kvmshell.common import vmtree
-    from kvmshell.shell import monitor
+    from kvmshell.common import runstate
     from kvmshell.shell.context import Context
 
     assert isinstance(ctx, Context)
     name, port = parse_args(args)
     check_allowed(ctx.cfg, port)
-    vm = vmtree.pick(ctx.cfg, ctx.uid, name)
-    ctx.audit["vm"] = vm.name
-    pid = monitor.qemu_pid(vm)
+    vm = ctx.pick(name)
+    # Running as stop/kill decide it (runstate.py): a QEMU of the user's
+    # holding the VM directory's lock, found from /proc.
+    state, pid = runstate.state(vm, ctx.cfg.qemu)
     if pid is None:
-        raise RuntimeFailure(f"VM {vm.name!r} is not running")
+        raise RuntimeFailure(f"VM {vm.name!r} is " + ("being started or stopped: try again"
+                                                      if state == runstate.BUSY else "not running"))
     if os.isatty(1):
         raise UsageError("connect: stdout is a terminal; this verb is a transport "
                          "(e.g. ssh's ProxyCommand; see the README)")

@@ -193,6 +193,16 @@ def test_connect_ports_setting(text: str, tmp_path: Path) -> None:
                                   range(int(w.split("-")[0]), int(w.split("-")[-1]) + 1))
 
 
+@pytest.mark.parametrize("text,want", [("yes", True), ("no", False)])
+def test_connect_user_mode_setting(text: str, want: bool, tmp_path: Path) -> None:
+    p = tmp_path / "k.conf"
+    p.write_text(f"connect_user_mode = {text}\n")
+    assert config.load(str(p), require_root=False).connect_user_mode is want
+    p.write_text("connect_user_mode = off\n")
+    with pytest.raises(ConfigError, match="connect_user_mode"):
+        config.load(str(p), require_root=False)
+
+
 @pytest.mark.parametrize("text", ["0", "65536", "ssh", "22,80", "80-22", "-5", "all 22"])
 def test_connect_ports_setting_refused(text: str, tmp_path: Path) -> None:
     p = tmp_path / "c.conf"
@@ -382,6 +392,32 @@ def test_seed_with_every_drive_option_on_real_qemu(keyed: tuple[Host, list[str]]
             host.kvmadm("set", VM, "--", *admin)
 
 
+def _usernet(path: Path) -> str:
+    """HMP 'info usernet' of the VM in *path*: slirp's sockets, one line
+    each (a host forward shows as TCP[HOST_FORWARD])."""
+    import json
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        s.connect(f"/proc/self/fd/{dfd}/qmp.sock")   # path may exceed sun_path
+    finally:
+        os.close(dfd)
+    f = s.makefile("rwb")
+    f.readline()
+    for cmd in ({"execute": "qmp_capabilities"},
+                {"execute": "human-monitor-command",
+                 "arguments": {"command-line": "info usernet"}}):
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        while "event" in (msg := json.loads(f.readline())):
+            pass
+    s.close()
+    out = msg["return"]
+    assert isinstance(out, str), msg
+    return out
+
+
 def test_connect_user_mode_leaves_no_forward(host: Host, alice: User, guest: Path) -> None:
     """connect on user-mode networking, against the tiny guest (its port 22
     is closed, so each connection is refused by the guest and ends): every
@@ -399,25 +435,39 @@ def test_connect_user_mode_leaves_no_forward(host: Host, alice: User, guest: Pat
             r = alice.ssh_command("connect cu 22", timeout=60)
             assert r.returncode == 0 and r.stdout == "", r.stderr
             assert qemu_listeners(pid) == []
-        path = host.vm_path("cu")
-        import json
-        import socket
-        s = socket.socket(socket.AF_UNIX)
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            s.connect(f"/proc/self/fd/{dfd}/qmp.sock")   # path may exceed sun_path
-        finally:
-            os.close(dfd)
-        f = s.makefile("rwb")
-        f.readline()
-        for cmd in ({"execute": "qmp_capabilities"},
-                    {"execute": "human-monitor-command",
-                     "arguments": {"command-line": "info usernet"}}):
-            f.write(json.dumps(cmd).encode() + b"\n")
-            f.flush()
-            while "event" in (msg := json.loads(f.readline())):
-                pass
-        s.close()
-        assert "HOST_FORWARD" not in msg["return"], msg
+        assert "HOST_FORWARD" not in _usernet(host.vm_path("cu"))
     finally:
         alice.ssh_command("kill cu")
+
+
+@pytest.mark.security
+def test_connect_user_mode_off(host: Host, alice: User, guest: Path) -> None:
+    """connect_user_mode = no: connect to a user-mode VM is refused (exit 2,
+    one kvmshell: line naming the VM and the setting), stopped or running,
+    before QEMU is asked anything: QEMU listens on no TCP port and slirp
+    holds no forward.  With the setting back at yes the same connect runs
+    (the tiny guest's port 22 is closed: exit 0, nothing carried)."""
+    from guestrig import qemu_listeners
+    keys = str(config.load(str(host.conf)).authorized_keys)
+    host.create_vm("cn", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
+                   guest=guest)
+    host.write_conf(authorized_keys=keys, connect_user_mode="no")
+    try:
+        err = assert_refused(host, alice, "connect cn 22", "VM cn has user-mode networking")
+        assert "connect_user_mode = no" in err, err
+        r = alice.ssh_command("start cn -kernel vmlinuz -initrd initrd.img "
+                              "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
+        assert r.returncode == 0, r.stderr
+        pid = alice.qemu_pids()[0]
+        r = alice.ssh_command("connect cn 22", timeout=60)
+        assert (r.returncode, r.stdout) == (2, ""), r
+        assert r.stderr.startswith("kvmshell: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "VM cn has user-mode networking" in r.stderr and "Traceback" not in r.stderr
+        assert qemu_listeners(pid) == []
+        assert "HOST_FORWARD" not in _usernet(host.vm_path("cn"))
+        host.write_conf(authorized_keys=keys)
+        r = alice.ssh_command("connect cn 22", timeout=60)
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
+    finally:
+        host.write_conf(authorized_keys=keys)
+        alice.ssh_command("kill cn")

@@ -39,7 +39,9 @@ def rig(host: Host, alice: User, bob: User) -> Iterator[tuple[Net, Path, Path]]:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     (keys / alice.name).write_text("restrict,pty " + Path(f"{key}.pub").read_text())
     os.chmod(keys / alice.name, 0o644)
-    host.write_conf(authorized_keys=str(keys), image_dirs=str(debian), stop_timeout="150")
+    # connect_user_mode = no closes only user-mode VMs: a tap is still reached.
+    host.write_conf(authorized_keys=str(keys), image_dirs=str(debian), stop_timeout="150",
+                    connect_user_mode="no")
     try:
         with net_rig(alice, bob) as net:
             host.create_vm(VM, alice, *ADMIN)

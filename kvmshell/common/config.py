@@ -66,6 +66,7 @@ _DEFAULTS: dict[str, str] = {
     "cgroup_name": "kvmshell",
     "cgroup_helper": "/usr/local/libexec/kvmshell/kvmshell-cgrouphelper",
     "connect_ports": "all",
+    "connect_user_mode": "yes",
 }
 
 _ACCELS = ("kvm", "tcg")
@@ -100,6 +101,9 @@ class Config:
         self.upload_max_bytes = _int(values, "upload_max_bytes", path)
         # Guest TCP ports 'connect' may reach: None is all of them.
         self.connect_ports = _ports(values["connect_ports"], path)
+        # May 'connect' reach user-mode VMs, through a short-lived loopback
+        # forward (connect.py; SECURITY.md states the race)?
+        self.connect_user_mode = _bool(values, "connect_user_mode", path)
         self._hardware(values, path)
         self.log_socket = _abs(values, "log_socket")
         self.autostart = _bool(values, "autostart", path)

@@ -13,9 +13,13 @@ The route depends on the VM's network, as the admin gave it:
   (routed) or its bridge, so the connection leaves through that interface
   or not at all.
 * **User-mode (slirp) networking**: QEMU 7.2 can forward only an IPv4 TCP
-  port of the host to the guest (``hostfwd``; it calls libslirp's
-  ``slirp_add_hostfwd``, so libslirp 4.7's unix-socket forwards are out of
-  reach; a unix-socket ``hostfwd`` came to QEMU years later).  So the
+  or UDP port of the host to the guest: its ``hostfwd`` parser knows
+  ``tcp`` and ``udp`` only (``hostfwd=unix:...`` and ``hostfwd_add
+  unix:...`` answer "Bad protocol name"; tried on Debian 12's 7.2.22), and
+  Debian's build calls libslirp's IPv4 ``slirp_add_hostfwd``, so libslirp
+  4.7's unix-socket forwards are out of reach.  QEMU's ``hostfwd=unix:``
+  came with the pull of 2025-10-05 (for QEMU 10.2).  The admin can turn
+  this route off (``connect_user_mode = no``).  Otherwise the
   forward lives only for this one connection, over one QMP session:
   kvmshell sends ``hostfwd_add 127.0.0.1:R -> guest:PORT`` (R random) and,
   without waiting for QEMU's answer, keeps trying to connect to R, so its
@@ -30,7 +34,8 @@ The route depends on the VM's network, as the admin gave it:
 
 Refusals (exit 2, before anything is touched): PORT not a number from 1 to
 65535 (decimal, no sign, no leading zero); a port outside the admin's
-``connect_ports``; a VM that is not the caller's.  Failures (exit 1): the
+``connect_ports``; a VM that is not the caller's; a user-mode VM when the
+admin set ``connect_user_mode = no``.  Failures (exit 1): the
 VM is not running, or has no route kvmshell can use.
 """
 
@@ -377,17 +382,34 @@ def relay(sock: socket.socket, rfd: int = 0, wfd: int = 1, bufsize: int = 65536)
 
 # ---- the verb ---------------------------------------------------------------------
 
-def open_connection(cfg: "Config", vm: "VM", pid: int, port: int) -> socket.socket:
+def route(cfg: "Config", vm: "VM") -> tuple[str, str] | str:
+    """How ``connect`` reaches *vm*'s guest, from the admin's options: (guest
+    address, interface) for a tap with ``guest=``, or the user-mode
+    backend's QEMU id.  Raises UsageError if that backend is user-mode and
+    the admin set ``connect_user_mode = no``, RuntimeFailure if there is
+    no route."""
     from kvmshell.shell import launcher
     plan = launcher.admin_plan(vm)
-    route = tap_route(cfg, vm, plan)
-    if route is not None:
-        return tap_connect(route[0], route[1], port)
+    tap = tap_route(cfg, vm, plan)
+    if tap is not None:
+        return tap
     netdev = user_netdev(plan)
     if netdev is not None:
-        return slirp_connect(vm, pid, netdev, port)
+        if not cfg.connect_user_mode:
+            raise UsageError(f"connect: VM {vm.name} has user-mode networking, which the "
+                             "administrator closed to connect (connect_user_mode = no; "
+                             "a tap with guest= is reachable)")
+        return netdev
     raise RuntimeFailure(f"connect: VM {vm.name} has no network kvmshell can reach the guest "
                          "through (user-mode, or a tap with guest=; admin: kvmadm set)")
+
+
+def open_connection(vm: "VM", pid: int, port: int, via: tuple[str, str] | str) -> socket.socket:
+    """One TCP connection to the guest's *port* by :func:`route`'s *via*;
+    *pid* is the VM's QEMU.  Raises RuntimeFailure."""
+    if isinstance(via, tuple):
+        return tap_connect(via[0], via[1], port)
+    return slirp_connect(vm, pid, via, port)
 
 
 def main(ctx: object, args: list[str]) -> int:
@@ -398,6 +420,7 @@ def main(ctx: object, args: list[str]) -> int:
     name, port = parse_args(args)
     check_allowed(ctx.cfg, port)
     vm = ctx.pick(name)
+    via = route(ctx.cfg, vm)
     # Running as stop/kill decide it (runstate.py): a QEMU of the user's
     # holding the VM directory's lock, found from /proc.
     state, pid = runstate.state(vm, ctx.cfg.qemu)
@@ -407,7 +430,7 @@ def main(ctx: object, args: list[str]) -> int:
     if os.isatty(1):
         raise UsageError("connect: stdout is a terminal; this verb is a transport "
                          "(e.g. ssh's ProxyCommand; see the README)")
-    sock = open_connection(ctx.cfg, vm, pid, port)
+    sock = open_connection(vm, pid, port, via)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         relay(sock)

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import KVMSHELL, Host, User, _drop_user
+from conftest import KVMSHELL, Host, User, _drop_user, config_place
 import debianrig
 import guestrig
 from sshrig import Sshd
@@ -76,7 +76,7 @@ def rig() -> Iterator[Rig]:
     debian = debianrig.debian_guest()
     group = f"kvt{secrets.token_hex(3)}g"
     subprocess.run(["groupadd", group], check=True)
-    root = Path(tempfile.mkdtemp(prefix="kvmshell-guesttest-"))
+    root = Path(tempfile.mkdtemp(prefix="kvmshell-guesttest-", dir=config_place()))
     os.chmod(root, 0o755)
     host = Host(root)
     sshd = Sshd(f"{KVMSHELL} --config {host.conf}", group, loglevel="INFO")

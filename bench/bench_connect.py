@@ -211,8 +211,12 @@ def main() -> int:
                 else:
                     t = time.perf_counter()
                     conn = Pipe(argv, uenv)
-                    conn.send(b"?")
-                    read_exact(conn, 1)
+                    try:
+                        conn.send(b"?")
+                        read_exact(conn, 1)
+                    except (OSError, RuntimeError):
+                        conn.close()   # raises with connect's own message, if it failed
+                        raise
                     setup.append(time.perf_counter() - t)
                 lat[kind].append(rtts(conn))
                 thr[kind].append(throughput(conn))

@@ -137,8 +137,11 @@ def test_no_exposure_while_connected(rig: Rig, bob: User) -> None:
         rig.proxy(), rig.key, rig.known, VM, "yes", "echo", "up;", "sleep", "20"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
-        assert session.stdout is not None
-        assert session.stdout.readline().strip() == "up"
+        assert session.stdout is not None and session.stderr is not None
+        line = session.stdout.readline()
+        if line.strip() != "up":
+            session.kill()
+            raise AssertionError(f"no session: {line!r} {session.stderr.read()!r}")
         assert guestrig.qemu_listeners(pid) == []
         # Nothing of the user's listens on TCP at all (relay included).
         for table in ("tcp", "tcp6"):

@@ -23,10 +23,12 @@ The route depends on the VM's network, as the admin gave it:
   forward lives only for this one connection, over one QMP session:
   kvmshell sends ``hostfwd_add 127.0.0.1:R -> guest:PORT`` (R random) and,
   without waiting for QEMU's answer, keeps trying to connect to R, so its
-  connection is made the moment QEMU listens; then it checks that the
-  listener is QEMU's (its inode among QEMU's descriptors; nothing was sent
-  yet), waits until QEMU has accepted the connection, and removes the
-  forward, with SIGINT/SIGTERM/SIGHUP held off throughout.  Then it checks
+  connection is made the moment QEMU listens; it sends ``hostfwd_remove``
+  at once, waits until QEMU has accepted the connection (or the kernel
+  reset it, the forward closing first: then it tries again on a new port),
+  and checks that QEMU holds the other end (its inode among QEMU's
+  descriptors; nothing was sent yet), with SIGINT/SIGTERM/SIGHUP held off
+  throughout.  Then it checks
   ``/proc/net/tcp`` for any other connection that came through R; if one
   did (another local user won the race), it says so, logs it (authpriv,
   with that socket's uid) and closes its own.  SECURITY.md states this
@@ -281,18 +283,22 @@ def slirp_connect(vm: "VM", pid: int, netdev: str, port: int) -> socket.socket:
 def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
                      randbelow: "Callable[[int], int]") -> socket.socket:
     """The forward's life: ``hostfwd_add``; connect the moment QEMU listens;
-    ``hostfwd_remove`` sent at once (QEMU's main loop runs slirp's accept
-    of a connection already queued before it reads the next monitor
-    command, so ours is taken first and the listener closes right after);
-    then whose connection it was, and who else came in."""
+    ``hostfwd_remove`` sent at once; then whose connection it was, and who
+    else came in.  QEMU's main loop usually runs slirp's accept of a
+    connection already queued before the next monitor command, but not
+    always (the command's bottom half and slirp's poll handler can fall in
+    the same iteration, the command first): then the listener closes with
+    our connection still queued and the kernel resets it.  That is seen
+    (ECONNRESET on our socket, nothing sent yet) and tried again on a new
+    port, up to FWD_TRIES forwards in all."""
     hmp = "human-monitor-command"
-    sock: socket.socket | None = None
     for _ in range(FWD_TRIES):
         hport = FWD_PORTS[0] + randbelow(FWD_PORTS[1] - FWD_PORTS[0])
         before = port_rows(hport)
         deadline = time.monotonic() + CONNECT_TIMEOUT
         qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
         sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)
+        removed: dict[str, object] = {}
         if sock is not None:
             # Sent before anything else happens: this is the window's end.
             qmp.send(hmp, {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"})
@@ -301,47 +307,61 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
             removed = qmp.reply(deadline)
         assert reply is not None
         said = reply.get("return")
-        if isinstance(said, str) and not said.strip():
-            break
-        if sock is not None:
-            sock.close()   # not QEMU's forward: nothing was sent on it
-            sock = None
-        if not isinstance(said, str) or "Could not set up" not in said:
-            raise RuntimeFailure(f"connect: QEMU: {str(said or reply).strip().splitlines()[0]}")
-    else:
-        raise RuntimeFailure("connect: no free port on 127.0.0.1 for the forward")
-    assert sock is not None
-    try:
-        said = removed.get("return")
-        # QEMU 7.2 (net/slirp.c): "host forwarding rule for ... removed", or "... not found".
-        if not isinstance(said, str) or not said.strip().endswith("removed"):
-            raise RuntimeFailure(f"connect: QEMU did not remove the forward: {said or removed}")
-        lport = sock.getsockname()[1]
-        _wait_accepted(hport, lport)
-        # Whose end is it?  A live server end must be one of QEMU's sockets
-        # (an end that is gone was closed: nothing can be sent to anyone).
-        # QEMU's sockets first, then the table: an end QEMU closes in between
-        # shows inode 0 (no file any more), never an inode missing from *held*.
-        held = qemu_sockets(pid)
-        ends = [ino for (l, r, _st, _u, ino) in tcp_table()
-                if l == _hex_v4("127.0.0.1", hport) and r == _hex_v4("127.0.0.1", lport) and ino]
-        if ends and not set(ends) <= held:
-            raise RuntimeFailure(f"connect: 127.0.0.1:{hport} was answered by a process "
-                                 "other than the VM's QEMU")
-    except BaseException:
+        if not (isinstance(said, str) and not said.strip()):
+            if sock is not None:
+                sock.close()   # not QEMU's forward: nothing was sent on it
+            if not isinstance(said, str) or "Could not set up" not in said:
+                raise RuntimeFailure(f"connect: QEMU: {str(said or reply).strip().splitlines()[0]}")
+            continue           # the port is taken: another one
+        assert sock is not None
+        try:
+            reset = _check_forward(pid, hport, sock, removed)
+        except BaseException:
+            sock.close()
+            raise
+        others = intruders(hport, sock.getsockname()[1], before)
+        if others:
+            sock.close()
+            import syslog
+            syslog.openlog("kvmshell", 0, syslog.LOG_AUTHPRIV)
+            syslog.syslog(syslog.LOG_WARNING, f"connect {vm.name} {port}: another connection "
+                          f"(uid {sorted(set(others))}) came through 127.0.0.1:{hport}")
+            raise RuntimeFailure(f"connect: another local connection (uid {others[0]}) came "
+                                 f"through the VM's temporary forward 127.0.0.1:{hport}; yours "
+                                 "was closed (logged; see SECURITY.md)")
+        if not reset:
+            return sock
         sock.close()
-        raise
-    others = intruders(hport, lport, before)
-    if others:
-        sock.close()
-        import syslog
-        syslog.openlog("kvmshell", 0, syslog.LOG_AUTHPRIV)
-        syslog.syslog(syslog.LOG_WARNING, f"connect {vm.name} {port}: another connection "
-                      f"(uid {sorted(set(others))}) came through 127.0.0.1:{hport}")
-        raise RuntimeFailure(f"connect: another local connection (uid {others[0]}) came through "
-                             f"the VM's temporary forward 127.0.0.1:{hport}; yours was closed "
-                             "(logged; see SECURITY.md)")
-    return sock
+    raise RuntimeFailure("connect: no forward on 127.0.0.1 took the connection "
+                         f"({FWD_TRIES} tries)")
+
+
+def _check_forward(pid: int, hport: int, sock: socket.socket, removed: dict[str, object]) -> bool:
+    """After ``hostfwd_remove``: QEMU said it removed the forward, QEMU (or
+    nobody any more) holds the server end of our connection.  Returns True
+    if the connection was reset before QEMU accepted it (see
+    :func:`_through_forward`).  Raises RuntimeFailure."""
+    import errno
+
+    said = removed.get("return")
+    # QEMU 7.2 (net/slirp.c): "host forwarding rule for ... removed", or "... not found".
+    if not isinstance(said, str) or not said.strip().endswith("removed"):
+        raise RuntimeFailure(f"connect: QEMU did not remove the forward: {said or removed}")
+    lport = sock.getsockname()[1]
+    _wait_accepted(hport, lport)
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+        return True
+    # Whose end is it?  A live server end must be one of QEMU's sockets
+    # (an end that is gone was closed: nothing can be sent to anyone).
+    # QEMU's sockets first, then the table: an end QEMU closes in between
+    # shows inode 0 (no file any more), never an inode missing from *held*.
+    held = qemu_sockets(pid)
+    ends = [ino for (l, r, _st, _u, ino) in tcp_table()
+            if l == _hex_v4("127.0.0.1", hport) and r == _hex_v4("127.0.0.1", lport) and ino]
+    if ends and not set(ends) <= held:
+        raise RuntimeFailure(f"connect: 127.0.0.1:{hport} was answered by a process "
+                             "other than the VM's QEMU")
+    return False
 
 
 # ---- the relay ---------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Attacks on issue 12 (cloud-init seed, connect, kvmshell-ssh-config).
+
+Each test is one attack that broke kvmshell before its fix; they reuse
+test_cloudinit.py's users, keys and VMs (its module fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Host, User, assert_refused, kill_all
+from test_cloudinit import VM, alice, bob, keyed, pair  # noqa: F401 -- module fixtures
+
+pytestmark = pytest.mark.security
+
+
+def _refused_user_data(host: Host, user: User, content: bytes, token: str) -> float:
+    """``start VM -cloud-init -user-data ud.yaml`` with *content* is refused
+    naming the file and *token*; returns how long the refusal took."""
+    path = host.vm_path(VM) / "ud.yaml"
+    path.write_bytes(content)
+    os.chown(path, user.uid, user.gid)
+    t0 = time.monotonic()
+    try:
+        msg = assert_refused(host, user, f"start {VM} -cloud-init -user-data ud.yaml", token)
+        assert "ud.yaml" in msg
+        return time.monotonic() - t0
+    finally:
+        path.unlink()
+        kill_all(user)   # only if the refusal failed
+
+
+# ---- cloud-init user-data ------------------------------------------------------------
+
+def _merge_bomb(levels: int) -> bytes:
+    lines = ["#cloud-config", "a0: &a0 {k: v}"]
+    lines += [f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}" for i in range(1, levels)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("content", [
+    # An alias of a scalar is written out again in full by safe_dump: 16 KB
+    # named 600 times is a 10 MB seed (64 KB of input made a 198 MB seed,
+    # 122 s of CPU and 580 MB of kvmshell's memory).
+    b"#cloud-config\na: &x " + b"A" * 16000 + b"\nb: [" + b",".join([b"*x"] * 600) + b"]\n",
+    # Merge keys copy the merged mapping's pairs: the work doubles with each
+    # line (18 lines: 0.6 s; 30 lines, 832 bytes: hours and gigabytes).
+    _merge_bomb(18),
+], ids=["scalar-alias-expansion", "merge-key-bomb"])
+def test_user_data_alias_bombs_refused(keyed: tuple[Host, list[str]], alice: User,
+                                       content: bytes) -> None:
+    _refused_user_data(keyed[0], alice, content, "alias")
+
+
+@pytest.mark.parametrize("content", [
+    b"#cloud-config\nx: " + b"1" * 5000 + b"\n",                 # int > Python's 4300 digits
+    b"#cloud-config\nx: 0x" + b"f" * 5000 + b"\n",               # fine to read, not to write
+    b"#cloud-config\nx: 2001-13-45\n",                           # YAML date, no such month
+    b"#cloud-config\nx: 2001-12-14 21:59:43.10 +99:99\n",        # timestamp, no such offset
+], ids=["long-int", "long-hex", "bad-date", "bad-offset"])
+def test_user_data_values_not_representable_refused(keyed: tuple[Host, list[str]], alice: User,
+                                                    content: bytes) -> None:
+    """These gave 'kvmshell: internal error (ValueError: ...)'."""
+    _refused_user_data(keyed[0], alice, content, "ud.yaml")
+
+
+def test_user_data_written_out_bounded(keyed: tuple[Host, list[str]], alice: User) -> None:
+    """No aliases, yet 64 KB of nested flow mappings were written out as 3.9 MB
+    of block YAML (indentation grows with depth; 60 deep: 780 KB)."""
+    one = "{a: " * 60 + "1" + "}" * 60
+    text = "#cloud-config\n" + "".join(f"k{i}: {one}\n" for i in range(65000 // (len(one) + 6)))
+    _refused_user_data(keyed[0], alice, text.encode(), "written out")
+
+
+def test_user_data_deep_nesting_refused(keyed: tuple[Host, list[str]], alice: User) -> None:
+    """30000 nested flow sequences: 8 s of libyaml, then a refusal that did
+    not name the file."""
+    took = _refused_user_data(keyed[0], alice,
+                              b"#cloud-config\nx: " + b"[" * 30000 + b"]" * 30000 + b"\n", "nested")
+    assert took < 4, took

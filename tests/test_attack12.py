@@ -83,3 +83,72 @@ def test_user_data_deep_nesting_refused(keyed: tuple[Host, list[str]], alice: Us
     took = _refused_user_data(keyed[0], alice,
                               b"#cloud-config\nx: " + b"[" * 30000 + b"]" * 30000 + b"\n", "nested")
     assert took < 4, took
+
+
+# ---- connect on user-mode networking ---------------------------------------------------
+
+def _time_wait_on(port: int) -> None:
+    """A TCP connection to 127.0.0.1:*port*, closed by its client: its row
+    (client -> port) stays in /proc/net/tcp as TIME_WAIT for a minute."""
+    import socket
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", port))
+    lst.listen(1)
+    cli = socket.create_connection(("127.0.0.1", port))
+    srv, _ = lst.accept()
+    lst.close()
+    cli.close()
+    srv.close()
+
+
+def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: User,
+                                                guest: Path) -> None:
+    """The intruder check leaves out the (local, remote) pairs that were on
+    the forward's port before (an earlier connection's TIME_WAIT).  bob,
+    another local user, can make such pairs on any port beforehand, then
+    come through the forward from the same client port (the kernel reuses
+    a TIME_WAIT 4-tuple on loopback, net.ipv4.tcp_tw_reuse) and close
+    before the check: unseen, unlogged.  So no forward may be made on a
+    port with any socket on it.  The port choice is steered (randbelow);
+    QEMU, slirp and the sockets are real."""
+    from kvmshell.shell import connect
+    from kvmshell.shell.monitor import Session
+
+    busy, free = 20000 + 4321, 20000 + 4322
+    host.create_vm("cw", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
+                   guest=guest)
+    r = alice.ssh_command("start cw -kernel vmlinuz -initrd initrd.img "
+                          "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
+    assert r.returncode == 0, r.stderr
+    qpid = alice.qemu_pids()[0]
+    try:
+        for user, job in ((bob, lambda: _time_wait_on(busy)), (alice, None)):
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    os.setgid(user.gid)
+                    os.setuid(user.uid)
+                    if job is not None:
+                        job()
+                        code = 0
+                    else:   # as connect runs, as alice
+                        assert connect.port_rows(busy), "bob's TIME_WAIT is gone"
+                        vm = type("V", (), {"name": "cw", "path": str(host.vm_path("cw"))})()
+                        qmp = Session(vm)   # type: ignore[arg-type]
+                        picks = iter([busy - 20000, free - 20000])
+                        try:
+                            sock = connect._through_forward(
+                                vm, qpid, "net0", 22, qmp,  # type: ignore[arg-type]
+                                lambda n: next(picks))
+                        finally:
+                            qmp.close()
+                        code = 0 if sock.getpeername()[1] == free else 3
+                        sock.close()
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, (user.name, status)
+    finally:
+        alice.ssh_command("kill cw")

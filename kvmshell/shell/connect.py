@@ -284,7 +284,7 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
                      randbelow: "Callable[[int], int]") -> socket.socket:
     """The forward's life: ``hostfwd_add``; connect the moment QEMU listens;
     ``hostfwd_remove`` sent at once; then whose connection it was, and who
-    else came in.  QEMU's main loop usually runs slirp's accept of a
+    else came in.  Only a port with no socket on it at all is used.  QEMU's main loop usually runs slirp's accept of a
     connection already queued before the next monitor command, but not
     always (the command's bottom half and slirp's poll handler can fall in
     the same iteration, the command first): then the listener closes with
@@ -295,6 +295,11 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
     for _ in range(FWD_TRIES):
         hport = FWD_PORTS[0] + randbelow(FWD_PORTS[1] - FWD_PORTS[0])
         before = port_rows(hport)
+        if before:
+            # Why: a pair that was there before is left out of the intruder
+            # check, and another local user can make one (a TIME_WAIT), then
+            # come through the forward on that same 4-tuple unseen.
+            continue
         deadline = time.monotonic() + CONNECT_TIMEOUT
         qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
         sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)

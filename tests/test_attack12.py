@@ -152,3 +152,63 @@ def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: Us
             assert os.waitstatus_to_exitcode(status) == 0, (user.name, status)
     finally:
         alice.ssh_command("kill cw")
+
+
+# ---- connect on a tap: the admin's guest= address ---------------------------------------
+
+@pytest.mark.parametrize("addr", ["::ffff:127.0.0.1", "::ffff:0.0.0.0", "::ffff:10.79.0.1",
+                                  "255.255.255.255"])
+def test_guest_address_spellings_refused(addr: str) -> None:
+    """IPv4-mapped IPv6 spellings passed the loopback and unspecified checks
+    (Python 3.11's ipaddress looks at the IPv6 value), and connect bound to
+    a bridge reached the host itself through them: ::ffff:0.0.0.0 connected
+    to a wildcard listener of the host's."""
+    from kvmshell.common import adminopts
+    from kvmshell.common.errors import RefusedOption
+    for cidr in (None, "10.79.0.1/24"):
+        with pytest.raises(RefusedOption, match="guest"):
+            adminopts.check_guest_addr(addr, cidr)
+
+
+TAP_PROBE = r"""
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from kvmshell.common.errors import RuntimeFailure
+from kvmshell.shell import connect
+lst = socket.socket()
+lst.bind(("10.66.0.1", 2223))
+lst.listen(5)
+lst.setblocking(False)
+try:
+    connect.tap_connect("10.66.0.1", "kvtbrA", 2223)
+    print("connected")
+except RuntimeFailure as exc:
+    print(exc.message)
+try:
+    lst.accept()
+    print("the host's service saw a connection")
+except BlockingIOError:
+    pass
+"""
+
+
+def test_tap_connect_never_reaches_the_host_itself() -> None:
+    """guest= on a bridged tap is not checked against the bridge's own
+    address (the parser cannot know it): connect, bound to the bridge,
+    reached any service of the host listening there.  A netns of the
+    test's own, with a real bridge."""
+    from conftest import REPO
+    ns = "kvt-a12"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "set", "lo", "up"], ["link", "add", "kvtbrA", "type", "bridge"],
+                    ["link", "set", "kvtbrA", "up"],
+                    ["addr", "add", "10.66.0.1/24", "dev", "kvtbrA"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        r = subprocess.run(["ip", "netns", "exec", ns, "/usr/bin/python3", "-I", "-c", TAP_PROBE,
+                            str(REPO)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "10.66.0.1" in r.stdout and "host's own address" in r.stdout, r.stdout
+        assert "saw a connection" not in r.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)

@@ -108,8 +108,30 @@ def tap_route(cfg: "Config", vm: "VM", plan: "AdminPlan") -> tuple[str, str] | N
     return None
 
 
+def _host_own(family: int, addr: str, ifname: str) -> bool:
+    """Whether *addr*, reached through *ifname*, is this host's own address
+    (a local route: the kernel picks *addr* itself as the source).  A UDP
+    connect looks the route up and sends nothing."""
+    probe = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        probe.connect((addr, 9))
+        return (socket.inet_pton(family, probe.getsockname()[0].partition("%")[0])
+                == socket.inet_pton(family, addr))
+    except OSError:
+        return False   # no route: the TCP connect says so
+    finally:
+        probe.close()
+
+
 def tap_connect(addr: str, ifname: str, port: int) -> socket.socket:
+    """A TCP connection to the guest's *addr*:*port* through *ifname* only.
+    RuntimeFailure if it fails, or if *addr* is the host's own (the
+    bridge's address given as guest=: the host's services, not a guest)."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    if _host_own(family, addr, ifname):
+        raise RuntimeFailure(f"connect: {addr} is this host's own address on {ifname}, not "
+                             "a guest's (admin: the VM's guest=)")
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Why: whatever the routing table says, only the VM's interface.

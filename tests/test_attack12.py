@@ -212,3 +212,17 @@ def test_tap_connect_never_reaches_the_host_itself() -> None:
         assert "saw a connection" not in r.stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+# ---- kvmshell-ssh-config ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["-Jevil.example", "-vvv", "alice@", "@lab", "a@b@c"])
+def test_ssh_config_target_refused(target: str) -> None:
+    """USER@HOST starting with '-' became an option of the ProxyCommand's
+    ssh (-Jevil.example: a ProxyJump through another machine, 'connect' as
+    the host name); an empty user or host or two '@' are no USER@HOST."""
+    from conftest import REPO
+    r = subprocess.run([str(REPO / "bin" / "kvmshell-ssh-config"), target, "myvm"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, ""), r
+    assert target in r.stderr

@@ -115,7 +115,9 @@ def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: Us
     from kvmshell.shell import connect
     from kvmshell.shell.monitor import Session
 
-    busy, free = 20000 + 4321, 20000 + 4322
+    busy = 20000 + 4321
+    # A port without even a TIME_WAIT (an earlier run's connection leaves one).
+    free = next(p for p in range(busy + 1, busy + 200) if not connect.port_rows(p))
     host.create_vm("cw", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
                    guest=guest)
     r = alice.ssh_command("start cw -kernel vmlinuz -initrd initrd.img "
@@ -146,6 +148,10 @@ def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: Us
                             qmp.close()
                         code = 0 if sock.getpeername()[1] == free else 3
                         sock.close()
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                    raise
                 finally:
                     os._exit(code)
             _, status = os.waitpid(child, 0)

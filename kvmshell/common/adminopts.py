@@ -135,7 +135,11 @@ def check_guest_addr(value: str, host_cidr: str | None) -> str:
         addr = ipaddress.ip_address(value)
     except ValueError as exc:
         raise RefusedOption(f"-net tap: invalid guest address {value!r}") from exc
-    if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
+    # Why: Python 3.11 checks ::ffff:127.0.0.1 and ::ffff:0.0.0.0 as IPv6
+    # values (neither loopback nor unspecified); the host reaches them as IPv4.
+    if (isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None
+            or addr.is_multicast or addr.is_unspecified or addr.is_loopback
+            or addr.is_link_local or addr == ipaddress.IPv4Address("255.255.255.255")):
         raise RefusedOption(f"-net tap: {value!r} cannot be a guest address")
     if host_cidr is not None:
         iface = ipaddress.ip_interface(host_cidr)

@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 
 INSTANCE_ID = "cloud-init.instance-id"
 USER_DATA_MAX = 64 * 1024
+# user-data as kvmshell writes it out, keys aside (parse_user_data's mapping
+# re-spelled: block style, quoting).
+WRITTEN_MAX = 4 * USER_DATA_MAX
+MAX_DEPTH = 64
 # The descriptor set of the seed: above any set useropts numbers (one per
 # user drive, at most five).
 SEED_FDSET = 64
@@ -124,7 +128,28 @@ def parse_user_data(fd: int, name: str) -> dict[str, object]:
         raise RefusedFile(f"{token}: the first line must be {HEADER!r} (only cloud-config is taken)")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        # Why: an alias is written out again in full (scalars) and merge
+        # keys copy pairs (<<: [*a, *a] doubles per line): kilobytes that
+        # cost gigabytes and hours.  cloud-config needs neither.
+        # Depth: libyaml's time grows with its square (30000: 8 s).
+        depth = 0
+        for event in yaml.parse(text, Loader=loader):
+            mark = event.start_mark
+            line = mark.line + 1 if mark else "?"
+            if isinstance(event, yaml.AliasEvent):
+                raise RefusedFile(f"{token}: YAML aliases (*{event.anchor}, line {line})"
+                                  " are not taken")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RefusedFile(f"{token}: nested more than {MAX_DEPTH} deep (line {line})")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
         doc = yaml.load(text, Loader=loader)  # noqa: S506 -- a safe loader
+    except (ValueError, OverflowError) as exc:
+        # A scalar Python cannot hold: a date with month 13, an int of more
+        # than 4300 digits (sys.get_int_max_str_digits).
+        raise RefusedFile(f"{token}: a value cannot be read: {exc}") from exc
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -133,6 +158,10 @@ def parse_user_data(fd: int, name: str) -> dict[str, object]:
         raise RefusedFile(f"{token}: nested too deeply") from exc
     if not isinstance(doc, dict) or not all(isinstance(k, str) for k in doc):
         raise RefusedFile(f"{token}: not a YAML mapping of names to values")
+    try:
+        user_data([], doc)   # written out once now: refused by name, before anything
+    except RefusedFile as exc:
+        raise RefusedFile(f"{token}: {exc.message.removeprefix('-user-data: ')}") from exc
     return doc
 
 
@@ -146,11 +175,39 @@ def user_data(keys: list[str], extra: dict[str, object] | None) -> bytes:
         raise RefusedFile("-user-data: ssh_authorized_keys must be a list of strings")
     doc["ssh_authorized_keys"] = keys + [k for k in theirs if k not in keys]
     doc.setdefault("preserve_hostname", False)
+    # Why: block style indents by depth, so nested flow mappings grow when
+    # written out (64 KB made 3.9 MB); the seed stays within this.
+    limit = WRITTEN_MAX + sum(len(k) + 8 for k in keys)
+    out = _Capped(limit)
     try:
-        body = yaml.safe_dump(doc, default_flow_style=False, sort_keys=False, allow_unicode=True)
-    except (yaml.YAMLError, RecursionError) as exc:
+        yaml.safe_dump(doc, out, default_flow_style=False, sort_keys=False, allow_unicode=True)
+    except _TooLarge as exc:
+        raise RefusedFile(f"-user-data: larger than {limit} bytes when written out "
+                          "(nested too deeply?)") from exc
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as exc:
         raise RefusedFile(f"-user-data: cannot be written out again: {exc}") from exc
-    return (HEADER + "\n" + body).encode()
+    return (HEADER + "\n" + out.getvalue()).encode()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Capped:
+    """A text stream for yaml.safe_dump that stops it past *limit* characters."""
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[str] = []
+        self.left = limit
+
+    def write(self, text: str) -> None:
+        self.left -= len(text)
+        if self.left < 0:
+            raise _TooLarge
+        self.parts.append(text)
+
+    def getvalue(self) -> str:
+        return "".join(self.parts)
 
 
 def meta_data(vm_name: str, iid: str) -> bytes:

@@ -108,8 +108,30 @@ def tap_route(cfg: "Config", vm: "VM", plan: "AdminPlan") -> tuple[str, str] | N
     return None
 
 
+def _host_own(family: int, addr: str, ifname: str) -> bool:
+    """Whether *addr*, reached through *ifname*, is this host's own address
+    (a local route: the kernel picks *addr* itself as the source).  A UDP
+    connect looks the route up and sends nothing."""
+    probe = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        probe.connect((addr, 9))
+        return (socket.inet_pton(family, probe.getsockname()[0].partition("%")[0])
+                == socket.inet_pton(family, addr))
+    except OSError:
+        return False   # no route: the TCP connect says so
+    finally:
+        probe.close()
+
+
 def tap_connect(addr: str, ifname: str, port: int) -> socket.socket:
+    """A TCP connection to the guest's *addr*:*port* through *ifname* only.
+    RuntimeFailure if it fails, or if *addr* is the host's own (the
+    bridge's address given as guest=: the host's services, not a guest)."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    if _host_own(family, addr, ifname):
+        raise RuntimeFailure(f"connect: {addr} is this host's own address on {ifname}, not "
+                             "a guest's (admin: the VM's guest=)")
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Why: whatever the routing table says, only the VM's interface.
@@ -284,7 +306,7 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
                      randbelow: "Callable[[int], int]") -> socket.socket:
     """The forward's life: ``hostfwd_add``; connect the moment QEMU listens;
     ``hostfwd_remove`` sent at once; then whose connection it was, and who
-    else came in.  QEMU's main loop usually runs slirp's accept of a
+    else came in.  Only a port with no socket on it at all is used.  QEMU's main loop usually runs slirp's accept of a
     connection already queued before the next monitor command, but not
     always (the command's bottom half and slirp's poll handler can fall in
     the same iteration, the command first): then the listener closes with
@@ -295,6 +317,11 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
     for _ in range(FWD_TRIES):
         hport = FWD_PORTS[0] + randbelow(FWD_PORTS[1] - FWD_PORTS[0])
         before = port_rows(hport)
+        if before:
+            # Why: a pair that was there before is left out of the intruder
+            # check, and another local user can make one (a TIME_WAIT), then
+            # come through the forward on that same 4-tuple unseen.
+            continue
         deadline = time.monotonic() + CONNECT_TIMEOUT
         qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
         sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)

@@ -1,0 +1,234 @@
+"""Attacks on issue 12 (cloud-init seed, connect, kvmshell-ssh-config).
+
+Each test is one attack that broke kvmshell before its fix; they reuse
+test_cloudinit.py's users, keys and VMs (its module fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Host, User, assert_refused, kill_all
+from test_cloudinit import VM, alice, bob, keyed, pair  # noqa: F401 -- module fixtures
+
+pytestmark = pytest.mark.security
+
+
+def _refused_user_data(host: Host, user: User, content: bytes, token: str) -> float:
+    """``start VM -cloud-init -user-data ud.yaml`` with *content* is refused
+    naming the file and *token*; returns how long the refusal took."""
+    path = host.vm_path(VM) / "ud.yaml"
+    path.write_bytes(content)
+    os.chown(path, user.uid, user.gid)
+    t0 = time.monotonic()
+    try:
+        msg = assert_refused(host, user, f"start {VM} -cloud-init -user-data ud.yaml", token)
+        assert "ud.yaml" in msg
+        return time.monotonic() - t0
+    finally:
+        path.unlink()
+        kill_all(user)   # only if the refusal failed
+
+
+# ---- cloud-init user-data ------------------------------------------------------------
+
+def _merge_bomb(levels: int) -> bytes:
+    lines = ["#cloud-config", "a0: &a0 {k: v}"]
+    lines += [f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}" for i in range(1, levels)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("content", [
+    # An alias of a scalar is written out again in full by safe_dump: 16 KB
+    # named 600 times is a 10 MB seed (64 KB of input made a 198 MB seed,
+    # 122 s of CPU and 580 MB of kvmshell's memory).
+    b"#cloud-config\na: &x " + b"A" * 16000 + b"\nb: [" + b",".join([b"*x"] * 600) + b"]\n",
+    # Merge keys copy the merged mapping's pairs: the work doubles with each
+    # line (18 lines: 0.6 s; 30 lines, 832 bytes: hours and gigabytes).
+    _merge_bomb(18),
+], ids=["scalar-alias-expansion", "merge-key-bomb"])
+def test_user_data_alias_bombs_refused(keyed: tuple[Host, list[str]], alice: User,
+                                       content: bytes) -> None:
+    _refused_user_data(keyed[0], alice, content, "alias")
+
+
+@pytest.mark.parametrize("content", [
+    b"#cloud-config\nx: " + b"1" * 5000 + b"\n",                 # int > Python's 4300 digits
+    b"#cloud-config\nx: 0x" + b"f" * 5000 + b"\n",               # fine to read, not to write
+    b"#cloud-config\nx: 2001-13-45\n",                           # YAML date, no such month
+    b"#cloud-config\nx: 2001-12-14 21:59:43.10 +99:99\n",        # timestamp, no such offset
+], ids=["long-int", "long-hex", "bad-date", "bad-offset"])
+def test_user_data_values_not_representable_refused(keyed: tuple[Host, list[str]], alice: User,
+                                                    content: bytes) -> None:
+    """These gave 'kvmshell: internal error (ValueError: ...)'."""
+    _refused_user_data(keyed[0], alice, content, "ud.yaml")
+
+
+def test_user_data_written_out_bounded(keyed: tuple[Host, list[str]], alice: User) -> None:
+    """No aliases, yet 64 KB of nested flow mappings were written out as 3.9 MB
+    of block YAML (indentation grows with depth; 60 deep: 780 KB)."""
+    one = "{a: " * 60 + "1" + "}" * 60
+    text = "#cloud-config\n" + "".join(f"k{i}: {one}\n" for i in range(65000 // (len(one) + 6)))
+    _refused_user_data(keyed[0], alice, text.encode(), "written out")
+
+
+def test_user_data_deep_nesting_refused(keyed: tuple[Host, list[str]], alice: User) -> None:
+    """30000 nested flow sequences: 8 s of libyaml, then a refusal that did
+    not name the file."""
+    took = _refused_user_data(keyed[0], alice,
+                              b"#cloud-config\nx: " + b"[" * 30000 + b"]" * 30000 + b"\n", "nested")
+    assert took < 4, took
+
+
+# ---- connect on user-mode networking ---------------------------------------------------
+
+def _time_wait_on(port: int) -> None:
+    """A TCP connection to 127.0.0.1:*port*, closed by its client: its row
+    (client -> port) stays in /proc/net/tcp as TIME_WAIT for a minute."""
+    import socket
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", port))
+    lst.listen(1)
+    cli = socket.create_connection(("127.0.0.1", port))
+    srv, _ = lst.accept()
+    lst.close()
+    cli.close()
+    srv.close()
+
+
+def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: User,
+                                                guest: Path) -> None:
+    """The intruder check leaves out the (local, remote) pairs that were on
+    the forward's port before (an earlier connection's TIME_WAIT).  bob,
+    another local user, can make such pairs on any port beforehand, then
+    come through the forward from the same client port (the kernel reuses
+    a TIME_WAIT 4-tuple on loopback, net.ipv4.tcp_tw_reuse) and close
+    before the check: unseen, unlogged.  So no forward may be made on a
+    port with any socket on it.  The port choice is steered (randbelow);
+    QEMU, slirp and the sockets are real."""
+    from kvmshell.shell import connect
+    from kvmshell.shell.monitor import Session
+
+    busy = 20000 + 4321
+    # A port without even a TIME_WAIT (an earlier run's connection leaves one).
+    free = next(p for p in range(busy + 1, busy + 200) if not connect.port_rows(p))
+    host.create_vm("cw", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
+                   guest=guest)
+    r = alice.ssh_command("start cw -kernel vmlinuz -initrd initrd.img "
+                          "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
+    assert r.returncode == 0, r.stderr
+    qpid = alice.qemu_pids()[0]
+    try:
+        for user, job in ((bob, lambda: _time_wait_on(busy)), (alice, None)):
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    os.setgid(user.gid)
+                    os.setuid(user.uid)
+                    if job is not None:
+                        job()
+                        code = 0
+                    else:   # as connect runs, as alice
+                        assert connect.port_rows(busy), "bob's TIME_WAIT is gone"
+                        vm = type("V", (), {"name": "cw", "path": str(host.vm_path("cw"))})()
+                        qmp = Session(vm)   # type: ignore[arg-type]
+                        picks = iter([busy - 20000, free - 20000])
+                        try:
+                            sock = connect._through_forward(
+                                vm, qpid, "net0", 22, qmp,  # type: ignore[arg-type]
+                                lambda n: next(picks))
+                        finally:
+                            qmp.close()
+                        code = 0 if sock.getpeername()[1] == free else 3
+                        sock.close()
+                except BaseException:
+                    import traceback
+                    traceback.print_exc()
+                    raise
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, (user.name, status)
+    finally:
+        alice.ssh_command("kill cw")
+
+
+# ---- connect on a tap: the admin's guest= address ---------------------------------------
+
+@pytest.mark.parametrize("addr", ["::ffff:127.0.0.1", "::ffff:0.0.0.0", "::ffff:10.79.0.1",
+                                  "255.255.255.255"])
+def test_guest_address_spellings_refused(addr: str) -> None:
+    """IPv4-mapped IPv6 spellings passed the loopback and unspecified checks
+    (Python 3.11's ipaddress looks at the IPv6 value), and connect bound to
+    a bridge reached the host itself through them: ::ffff:0.0.0.0 connected
+    to a wildcard listener of the host's."""
+    from kvmshell.common import adminopts
+    from kvmshell.common.errors import RefusedOption
+    for cidr in (None, "10.79.0.1/24"):
+        with pytest.raises(RefusedOption, match="guest"):
+            adminopts.check_guest_addr(addr, cidr)
+
+
+TAP_PROBE = r"""
+import socket, sys
+sys.path.insert(0, sys.argv[1])
+from kvmshell.common.errors import RuntimeFailure
+from kvmshell.shell import connect
+lst = socket.socket()
+lst.bind(("10.66.0.1", 2223))
+lst.listen(5)
+lst.setblocking(False)
+try:
+    connect.tap_connect("10.66.0.1", "kvtbrA", 2223)
+    print("connected")
+except RuntimeFailure as exc:
+    print(exc.message)
+try:
+    lst.accept()
+    print("the host's service saw a connection")
+except BlockingIOError:
+    pass
+"""
+
+
+def test_tap_connect_never_reaches_the_host_itself() -> None:
+    """guest= on a bridged tap is not checked against the bridge's own
+    address (the parser cannot know it): connect, bound to the bridge,
+    reached any service of the host listening there.  A netns of the
+    test's own, with a real bridge."""
+    from conftest import REPO
+    ns = "kvt-a12"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "set", "lo", "up"], ["link", "add", "kvtbrA", "type", "bridge"],
+                    ["link", "set", "kvtbrA", "up"],
+                    ["addr", "add", "10.66.0.1/24", "dev", "kvtbrA"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        r = subprocess.run(["ip", "netns", "exec", ns, "/usr/bin/python3", "-I", "-c", TAP_PROBE,
+                            str(REPO)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "10.66.0.1" in r.stdout and "host's own address" in r.stdout, r.stdout
+        assert "saw a connection" not in r.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
+
+
+# ---- kvmshell-ssh-config ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["-Jevil.example", "-vvv", "alice@", "@lab", "a@b@c"])
+def test_ssh_config_target_refused(target: str) -> None:
+    """USER@HOST starting with '-' became an option of the ProxyCommand's
+    ssh (-Jevil.example: a ProxyJump through another machine, 'connect' as
+    the host name); an empty user or host or two '@' are no USER@HOST."""
+    from conftest import REPO
+    r = subprocess.run([str(REPO / "bin" / "kvmshell-ssh-config"), target, "myvm"],
+                       capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (2, ""), r
+    assert target in r.stderr

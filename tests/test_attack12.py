@@ -232,3 +232,72 @@ def test_ssh_config_target_refused(target: str) -> None:
                        capture_output=True, text=True)
     assert (r.returncode, r.stdout) == (2, ""), r
     assert target in r.stderr
+
+
+def test_a_late_forward_is_removed(host: Host, alice: User, guest: Path) -> None:
+    """QEMU carries out hostfwd_add only after connect gave up waiting (QEMU
+    stopped, or slow): the forward must not stay, open to every local user
+    until the VM stops.  QEMU is stopped (SIGSTOP) while connect adds the
+    forward, resumed after connect's wait (shortened to 1 s) ran out; the
+    monitor session stays open as long as QEMU takes (the case where QEMU
+    had read the command in time).  Then `info usernet` shows no forward and
+    nothing listens on the port.  Real QEMU, slirp and sockets."""
+    import signal
+    import time
+
+    from kvmshell.common.errors import RuntimeFailure
+    from kvmshell.shell import connect
+    from kvmshell.shell.monitor import Session
+
+    port = next(p for p in range(24600, 24800) if not connect.port_rows(p))
+    host.create_vm("cl", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
+                   guest=guest)
+    r = alice.ssh_command("start cl -kernel vmlinuz -initrd initrd.img "
+                          "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
+    assert r.returncode == 0, r.stderr
+    qpid = alice.qemu_pids()[0]
+    rfd, wfd = os.pipe()
+    try:
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                os.close(rfd)
+                os.setgid(alice.gid)
+                os.setuid(alice.uid)
+                vm = type("V", (), {"name": "cl", "path": str(host.vm_path("cl"))})()
+                qmp = Session(vm)   # type: ignore[arg-type]
+                connect.CONNECT_TIMEOUT = 1.0
+                connect.REMOVE_GRACE = 4.0
+                os.write(wfd, b"s")             # the parent stops QEMU now
+                time.sleep(0.5)
+                try:
+                    connect._through_forward(vm, qpid, "net0", 22, qmp,  # type: ignore[arg-type]
+                                             lambda n: port - 20000)
+                except RuntimeFailure:
+                    code = 0
+                time.sleep(4)                   # QEMU resumed meanwhile; session still open
+                fwd = connect._hex_v4("127.0.0.1", port)
+                listened = [row for row in connect.tcp_table() if row[0] == fwd and row[2] == "0A"]
+                qmp.send("human-monitor-command", {"command-line": "info usernet"})
+                usernet = str(qmp.reply(time.monotonic() + 10).get("return"))
+                qmp.close()
+                if str(port) in usernet or listened:
+                    print("left behind:", usernet, listened)
+                    code = 4
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        assert os.read(rfd, 1) == b"s"
+        os.kill(qpid, signal.SIGSTOP)
+        time.sleep(2.5)                         # past connect's 1 s wait (from 0.5 s)
+        os.kill(qpid, signal.SIGCONT)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+    finally:
+        os.kill(qpid, signal.SIGCONT)
+        os.close(rfd)
+        alice.ssh_command("kill cl")

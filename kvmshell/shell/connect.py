@@ -65,6 +65,8 @@ ACCEPT_TIMEOUT = 5.0
 # range (32768-60999), so they rarely collide with outgoing connections.
 FWD_PORTS = (20000, 32000)
 FWD_TRIES = 8
+# Seconds to wait for QEMU to answer a late hostfwd_remove (see _remove_late).
+REMOVE_GRACE = 2.0
 _HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE)
 _LISTEN, _ESTABLISHED = "0A", "01"
 
@@ -323,12 +325,19 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
             # come through the forward on that same 4-tuple unseen.
             continue
         deadline = time.monotonic() + CONNECT_TIMEOUT
+        remove = {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"}
         qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
-        sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)
+        try:
+            sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)
+        except BaseException:
+            # Why: QEMU may carry the add out late (stopped, slow): a forward
+            # left behind would be open to every local user until the VM stops.
+            _remove_late(qmp, hmp, remove)
+            raise
         removed: dict[str, object] = {}
         if sock is not None:
             # Sent before anything else happens: this is the window's end.
-            qmp.send(hmp, {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"})
+            qmp.send(hmp, remove)
             if reply is None:   # QEMU's answer to the add, unless read while connecting
                 reply = qmp.reply(deadline)
             removed = qmp.reply(deadline)
@@ -361,6 +370,19 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
         sock.close()
     raise RuntimeFailure("connect: no forward on 127.0.0.1 took the connection "
                          f"({FWD_TRIES} tries)")
+
+
+def _remove_late(qmp: "Session", hmp: str, remove: dict[str, object]) -> None:
+    """Best effort, bounded (REMOVE_GRACE seconds): send *remove* after a
+    failed wait for the forward, and read QEMU's answers to the add and to
+    it, so that an add QEMU carries out late is undone before we go."""
+    try:
+        qmp.send(hmp, remove)
+        end = time.monotonic() + REMOVE_GRACE
+        for _ in range(2):      # the add's answer (if not read yet), then the remove's
+            qmp.reply(end)
+    except (MonitorError, RuntimeFailure, OSError):
+        pass
 
 
 def _check_forward(pid: int, hport: int, sock: socket.socket, removed: dict[str, object]) -> bool:

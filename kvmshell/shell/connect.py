@@ -325,7 +325,7 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
             # come through the forward on that same 4-tuple unseen.
             continue
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        remove = {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"}
+        remove: dict[str, object] = {"command-line": f"hostfwd_remove {netdev} tcp:127.0.0.1:{hport}"}
         qmp.send(hmp, {"command-line": f"hostfwd_add {netdev} tcp:127.0.0.1:{hport}-:{port}"})
         try:
             sock, reply = _connect_as_soon_as_listening(hport, qmp, deadline)

@@ -20,6 +20,17 @@ pytestmark = pytest.mark.security
 net = test_network.net    # the network fixture: a namespace, users in a sudoers group
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _this_modules_vms_removed(host: Host) -> object:
+    """The VMs this module makes for the session's users are removed at its
+    end (other modules expect the session's alice to own a known set)."""
+    before = set(os.listdir(host.vmdir))
+    yield
+    for leaf in sorted(set(os.listdir(host.vmdir)) - before):
+        if not leaf.startswith("."):
+            host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
+
+
 # The user's code: wait for a 'kvmshell start' of its own (the one root's
 # autostart runs through runuser), take copies of its stdout and stderr
 # (pidfd_getfd: the same uid may) and keep them, writing into them for as

@@ -29,6 +29,9 @@ VM = "ci"
 
 
 def _keygen(path: Path, comment: str) -> str:
+    # another module using these fixtures (test_attack12) made them first
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".pub").unlink(missing_ok=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f",
                     str(path)], check=True)
     return path.with_name(path.name + ".pub").read_text().strip()

@@ -124,8 +124,7 @@ class Config:
         this host's name (default: the kernel's node name), the host list,
         the relay account, its client, key and known hosts, MUNGE's client."""
         self.host_name = values["host_name"] or os.uname().nodename.partition(".")[0]
-        from kvmshell.common.hosts import is_name
-        if not is_name(self.host_name):
+        if not is_host_name(self.host_name):
             raise ConfigError(f"{path}: host_name: {self.host_name!r} is not a plain host name")
         self.hosts_file = _abs(values, "hosts_file")
         self.relay_user = _word(path, values, "relay_user")
@@ -195,6 +194,13 @@ class WebConfig:
         for key in ("idle_timeout", "session_lifetime", "login_window"):
             if getattr(self, key) == 0:
                 raise ConfigError(f"{path}: web_{key}: must be at least 1 second")
+
+
+def is_host_name(name: str) -> bool:
+    """A host name as the host list spells it (common/hosts.py): 1-63 of
+    [a-z0-9-], not first '-'."""
+    return (1 <= len(name) <= 63 and name[0] != "-"
+            and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in name))
 
 
 def _word(path: str, values: dict[str, str], key: str) -> str:

@@ -17,23 +17,19 @@ from __future__ import annotations
 import os
 import stat
 
+from kvmshell.common.config import Config, is_host_name
 from kvmshell.common.errors import ConfigError
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from kvmshell.common.config import Config
-
-_NAME = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _ADDR = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.:")
 MAX_BYTES = 65536
 
 
 def is_name(name: str) -> bool:
     """A host name of the list's form (1-63 of [a-z0-9-], not first '-')."""
-    return 1 <= len(name) <= 63 and name[0] != "-" and _NAME.issuperset(name)
+    return is_host_name(name)
 
 
-def load(cfg: "Config", *, need_self: bool = True) -> dict[str, str] | None:
+def load(cfg: Config, *, need_self: bool = True) -> dict[str, str] | None:
     """The host list, NAME -> ADDRESS in the file's order; None when the
     file does not exist (one host).  Raises ConfigError for a file that is
     not root's, or a bad line (naming it)."""

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 # Verbs about one VM: they go where the VM runs.  help, list and quota stay.
 ROUTED = frozenset({"status", "start", "stop", "kill", "reset", "save", "upload", "images",
-                    "rm", "disk", "snapshot", "console", "vnc", "autostart"})
+                    "rm", "disk", "snapshot", "console", "vnc", "connect", "autostart"})
 RELAYED_ENV = "KVMSHELL_RELAYED"
 TTL = 60
 SUDO = "/usr/bin/sudo"

@@ -367,7 +367,7 @@ def _relay_setup(root: Path, tag: str, group: str, rig: Rig, tree: Host,
                      ("\nkvmrelay ", f"\n{relay} ")):
         assert old in text, old
         text = text.replace(old, new)
-    text = re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_MH{tag.upper()}", text)
+    text = re.sub(r"\bKVMSHELL_(RELAYD?)\b", rf"KVMSHELL_\1_MH{tag.upper()}", text)
     drop = Path(f"/etc/sudoers.d/kvmshell-mh-{tag}")
     tmp = drop.with_name(f"kvmshell-mh-{tag}.new")   # sudo skips names with a '.'
     tmp.write_text(text)

@@ -1,10 +1,15 @@
 """kvmshell-relay: the front door's half of routing (the relay account, via sudo).
 
-Whole input: ``HOST CREDENTIAL [tty]``, from kvmshell run by a VM user
-(``sudo -n -u kvmrelay``; sudoers.d/kvmshell-relay).  It runs as the relay
-account, which alone can read the relay key, and does one thing: ``exec``
-OpenSSH to HOST's relay account with the MUNGE credential as the command,
-stdin, stdout and stderr passed through unchanged.  Everything else it
+Whole input: ``HOST [tty]`` and the environment variable :data:`CRED_ENV`
+(a MUNGE credential), from kvmshell run by a VM user (``sudo -n -u
+kvmrelay``; sudoers.d/kvmshell-relay keeps that one variable).  It runs as
+the relay account, which alone can read the relay key, and does one thing:
+``exec`` OpenSSH to HOST's relay account with the MUNGE credential sent as
+that variable (``SendEnv``; the far sshd accepts it for the relay account
+alone), stdin, stdout and stderr passed through unchanged.  The credential
+is never in an argv: /proc/PID/cmdline is every user's to read, and
+whoever reads a credential before the far host has decoded it can send it
+first and have the command run as its maker.  Everything else it
 takes from root-owned files: the host's address from the host list
 (``hosts_file``), the key (``relay_key``), the hosts' keys
 (``relay_known_hosts``, checked strictly), from the config at the fixed
@@ -33,6 +38,7 @@ PROG = "kvmshell-relay"
 SSH = "/usr/bin/ssh"
 MUX_DIR = "/run/kvmshell-relay"
 CRED_MAX = 16384
+CRED_ENV = "KVMSHELL_CREDENTIAL"
 _CRED_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=:")
 
 
@@ -44,11 +50,13 @@ def check_credential(cred: str) -> str:
     return cred
 
 
-def ssh_argv(user: str, address: str, cred: str, tty: bool,
+def ssh_argv(user: str, address: str, tty: bool,
              key: str, known: str, mux: str | None) -> list[str]:
     """OpenSSH's argv: no config file but these options; the host's key
     checked against *known* only; no escape character (console and display
-    bytes pass as they are); a terminal only when the user has one."""
+    bytes pass as they are); a terminal only when the user has one; the
+    credential goes as the environment variable :data:`CRED_ENV` (no
+    command: the far side's forced command is the relay helper)."""
     argv = [SSH, "-F", "/dev/null", "-i", key, "-l", user,
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
@@ -56,11 +64,12 @@ def ssh_argv(user: str, address: str, cred: str, tty: bool,
             "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=2",
             "-o", "ServerAliveCountMax=3",
             "-o", "LogLevel=ERROR", "-o", "ForwardAgent=no", "-o", "ForwardX11=no",
-            "-o", "ClearAllForwardings=yes", "-e", "none", "-tt" if tty else "-T"]
+            "-o", "ClearAllForwardings=yes", "-o", f"SendEnv={CRED_ENV}",
+            "-e", "none", "-tt" if tty else "-T"]
     if mux is not None:
         argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={mux}/%C",
                  "-o", "ControlPersist=60"]
-    return argv + ["--", address, cred]
+    return argv + ["--", address]
 
 
 def _mux_dir() -> str | None:
@@ -82,9 +91,9 @@ def _mux_dir() -> str | None:
 def run(argv: list[str], config: str = CONFIG) -> int:
     from kvmshell.common import config as cfgmod, hosts
     from kvmshell.common.errors import ConfigError
-    if not 3 <= len(argv) <= 4 or (len(argv) == 4 and argv[3] != "tty"):
-        raise Refused("usage: kvmshell-relay HOST CREDENTIAL [tty]")
-    host, cred, tty = argv[1], check_credential(argv[2]), len(argv) == 4
+    if not 2 <= len(argv) <= 3 or (len(argv) == 3 and argv[2] != "tty"):
+        raise Refused(f"usage: {CRED_ENV}=CREDENTIAL kvmshell-relay HOST [tty]")
+    host, cred, tty = argv[1], check_credential(os.environ.get(CRED_ENV, "")), len(argv) == 3
     try:
         cfg = cfgmod.load(config)
         known = hosts.load(cfg)
@@ -98,9 +107,9 @@ def run(argv: list[str], config: str = CONFIG) -> int:
     if host == cfg.host_name:
         raise Refused("the host is this one")
     log(f"uid={os.environ.get('SUDO_UID', '?')} relay to {host}")
-    args = ssh_argv(cfg.relay_user, known[host], cred, tty, cfg.relay_key,
+    args = ssh_argv(cfg.relay_user, known[host], tty, cfg.relay_key,
                     cfg.relay_known_hosts, _mux_dir())
-    os.execve(SSH, args, {"PATH": "/usr/bin:/bin", "LC_ALL": "C",
+    os.execve(SSH, args, {"PATH": "/usr/bin:/bin", "LC_ALL": "C", CRED_ENV: cred,
                           "HOME": pwd.getpwuid(os.getuid()).pw_dir or "/"})
     return 1  # not reached
 

@@ -1,7 +1,11 @@
 """kvmshell-relayd: the far host's half of routing (root, via sudo from the relay account).
 
-Whole input: one word, a MUNGE credential (the relay key's forced command
-passes ``$SSH_ORIGINAL_COMMAND`` as that word; docs/multihost.md).  The
+Whole input: a MUNGE credential, in the environment variable
+``KVMSHELL_CREDENTIAL`` (the relay client's ``SendEnv``, accepted by sshd
+for the relay account alone and kept by sudo: never in an argv, which
+every user can read) with an empty word; or, with no such variable, as the
+one word (the relay key's forced command passes ``$SSH_ORIGINAL_COMMAND``
+as that word; docs/multihost.md).  The
 helper believes nothing the front door says but what MUNGE vouches for:
 
 1. **who**: the uid and gid in the credential, as this host's munged
@@ -37,7 +41,7 @@ import signal
 import sys
 
 from kvmshell.privileged.guard import Failed, Refused, log, say
-from kvmshell.privileged.relayclient import check_credential
+from kvmshell.privileged.relayclient import CRED_ENV, check_credential
 
 CONFIG = "/etc/kvmshell/kvmshell.conf"
 PROG = "kvmshell-relayd"
@@ -142,9 +146,9 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> tuple[str
         raise Refused(f"there is no relay account {cfg.relay_user}") from exc
     if env.get("SUDO_UID") != str(relay_uid):
         raise Refused(f"only {cfg.relay_user} may run this (through sudo)")
-    if len(argv) != 2:
+    if len(argv) != 2 or (CRED_ENV in env and argv[1]):
         raise Refused("expected one word: a MUNGE credential")
-    payload, uid, _gid = unmunge(check_credential(argv[1]))
+    payload, uid, _gid = unmunge(check_credential(env.get(CRED_ENV) or argv[1]))
     words, origin = check_payload(payload, cfg.host_name)
     name = become(uid, cfg.group)
     log(f"relay from {origin}: user={name} uid={uid} verb={words[0][:20]!r}")

@@ -15,7 +15,8 @@ How it is carried (docs/multihost.md):
    root only (``--restrict-uid 0``), within :data:`TTL` seconds, once.
 2. It runs the relay client through sudo as the relay account
    (``relay_user``), which alone can read the relay key; the client sends
-   the credential with ssh to the far host's relay account, stdin, stdout
+   the credential (in the environment variable :data:`CRED_ENV`, never in
+   an argv, which every user can read) with ssh's ``SendEnv`` to the far host's relay account, stdin, stdout
    and stderr passed through unchanged (a terminal when there is one).
 3. There the key's forced command is the relay helper (root, through
    sudo): it decodes the credential, takes the user from it alone, checks
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 ROUTED = frozenset({"status", "start", "stop", "kill", "reset", "save", "upload", "images",
                     "rm", "disk", "snapshot", "console", "vnc", "connect", "autostart"})
 RELAYED_ENV = "KVMSHELL_RELAYED"
+CRED_ENV = "KVMSHELL_CREDENTIAL"     # relayclient.CRED_ENV
 TTL = 60
 SUDO = "/usr/bin/sudo"
 SSH_FAILED = 255       # ssh's own failure (could not connect or authenticate)
@@ -141,10 +143,17 @@ def relay(ctx: "Context", targets: list[str], words: list[str],
     status = SSH_FAILED
     for i, target in enumerate(targets):
         ctx.audit["host"] = target
-        argv = [SUDO, "-n", "-u", cfg.relay_user, cfg.relay_client, target,
-                credential(cfg, target, words)] + (["tty"] if tty else [])
+        # The credential is a bearer token until the far host's munged has
+        # decoded it: never in an argv (any user reads /proc/PID/cmdline),
+        # only in environments (readable by their process's owner alone):
+        # sudo keeps this one variable for the relay client, which sends it
+        # with ssh's SendEnv (sudoers.d/kvmshell-relay, the sshd drop-in).
+        argv = [SUDO, "-n", "-u", cfg.relay_user, cfg.relay_client, target] \
+            + (["tty"] if tty else [])
+        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C",
+               CRED_ENV: credential(cfg, target, words)}
         try:
-            status = subprocess.call(argv, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+            status = subprocess.call(argv, env=env)
         except OSError as exc:
             raise RuntimeFailure(f"cannot run the relay client: {exc.strerror}") from exc
         if status != SSH_FAILED:

@@ -123,3 +123,30 @@ def test_other_user_cannot_hold_lease(cluster: Cluster, bare_vm: str) -> None:
         assert r.returncode == 0, r.stderr
     finally:
         lock.communicate(timeout=30)
+
+
+def _x_credential(cluster: Cluster, on: str, payload: dict[str, object]) -> str:
+    """A real MUNGE credential of X's, made on host *on* (X's own code can)."""
+    import json
+    r = cluster.host(on).run(*cluster.x.argv("munge", "--restrict-uid", "0", "--ttl", "60"),
+                             input=json.dumps(payload))
+    return r.stdout.strip()
+
+
+def test_relayed_words_are_a_command_not_options(cluster: Cluster, bare_vm: str) -> None:
+    """X's code makes X's own credential with words that are kvmshell's own
+    options (``--config PATH``) and sends it with the relay client, as it
+    may.  A direct login cannot choose the far kvmshell's config (its
+    SSH_ORIGINAL_COMMAND is only ever a command); the relay must not allow
+    more: refused, and no kvmshell runs with that config."""
+    client = str(cluster.root / "libexec" / "kvmshell-relay")
+    bogus = str(cluster.tree.conf) + ".none"
+    for words in (["--config", bogus, "status", bare_vm], ["-c", f"status {bare_vm}"]):
+        cred = _x_credential(cluster, "hosta", {"v": 1, "host": "hostb", "from": "hosta",
+                                                "words": words,
+                                                "nonce": secrets.token_hex(16)})
+        r = cluster.host("hosta").run(
+            *cluster.x.argv("sudo", "-n", "-u", cluster.relay, client, "hostb"),
+            check=False, env=cluster.x.env(KVMSHELL_CREDENTIAL=cred))
+        assert r.returncode == 2 and "not a command" in r.stderr, (words, r.stderr)
+        assert bogus not in r.stderr and r.stdout == ""

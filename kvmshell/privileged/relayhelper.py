@@ -19,7 +19,8 @@ helper believes nothing the front door says but what MUNGE vouches for:
 2. **what**: the credential's payload, ``{"v": 1, "host": H, "from": F,
    "words": [...], "nonce": N}``: H must be this host (``host_name``), so a
    credential for another host is refused here even before that host's
-   munged saw it; the words are the command, run as they are.
+   munged saw it; the words are the command (a verb first, never one of
+   kvmshell's own options such as ``--config``), run as they are.
 3. then it **becomes the user** (initgroups, setgid, setuid; it checks it
    cannot get root back) and execs kvmshell (its entry point, from the
    package this helper runs from: :func:`entry_code`) with the words and
@@ -99,6 +100,10 @@ def check_payload(payload: bytes, host: str) -> tuple[list[str], str]:
             or not all(isinstance(w, str) and len(w) <= WORD_MAX and "\0" not in w
                        for w in words)):
         raise Refused("the credential's command is not a list of words")
+    if words[0].startswith("-"):
+        # A verb first, as on a direct login: kvmshell's own options
+        # (--config, -c) are the helper's to give, never the credential's.
+        raise Refused(f"the credential's words are not a command: {words[0][:20]!r}")
     from kvmshell.common.hosts import is_name
     if not isinstance(origin, str) or not is_name(origin):
         raise Refused("the credential names no front door")

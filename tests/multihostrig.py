@@ -425,7 +425,8 @@ class Cluster:
         return out
 
     def lease_record(self, vm: str) -> str:
-        return (self.tree.vmdir / ".leases" / vm).read_bytes().decode().strip()
+        """VM *vm*'s owner record (``TOP/.leases/VM.host``), stripped."""
+        return (self.tree.vmdir / ".leases" / f"{vm}.host").read_bytes().decode().strip()
 
 
 @contextlib.contextmanager

@@ -73,7 +73,8 @@ def _hold_lease(path: Path, host: str) -> int:
     import fcntl
     fd = os.open(path, os.O_RDWR)
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
-    os.pwrite(fd, f"host={host} pid=4242 boot_id=abc started=1".encode().ljust(255) + b"\n", 0)
+    (path.parent / f"{path.name}.host").write_bytes(
+        f"host={host} pid=4242 boot_id=abc started=1".encode().ljust(255) + b"\n")
     return fd
 
 
@@ -103,13 +104,23 @@ def test_credential_not_in_any_argv(cluster: Cluster, bare_vm: str) -> None:
     assert out == "", out[:300]
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: leases are 0644 (placement reads them all); "
-                   "a read lock needs only read access")
 def test_other_user_cannot_hold_lease(cluster: Cluster, bare_vm: str) -> None:
-    """Y can open X's lease (0644) for reading, and a read lock needs no
-    more: it would block X's start on every host for as long as Y likes.
-    X's start must not be blocked by another user."""
+    """Y could open a 0644 lease of X's for reading, and a read lock needs
+    no more: it would block X's start on every host for as long as Y
+    likes.  X's start must not be blocked by another user: the lease is
+    0600, and the owner record (which every user's placement reads) is a
+    file beside it that Y can read but neither lock-block nor write."""
     path = cluster.tree.vmdir / ".leases" / bare_vm
+    record = path.parent / f"{bare_vm}.host"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (record.stat().st_uid, record.stat().st_mode & 0o777) == (cluster.x.uid, 0o644)
+    r = cluster.host("hosta").run(*cluster.y.argv(
+        "/usr/bin/python3", "-I", "-c",
+        "import os, sys\n"
+        "for p, m in ((sys.argv[1], os.O_RDONLY), (sys.argv[2], os.O_WRONLY)):\n"
+        "    try: os.close(os.open(p, m)); print('opened', p)\n"
+        "    except PermissionError: pass\n", str(path), str(record)), check=False)
+    assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
     a = cluster.host("hosta")
     lock = subprocess.Popen(a.nsenter(*cluster.y.argv("/usr/bin/python3", "-I", "-c",
                                                       _READLOCK, str(path))),
@@ -121,6 +132,42 @@ def test_other_user_cannot_hold_lease(cluster: Cluster, bare_vm: str) -> None:
         r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")
         assert got != "locked\n" or r.returncode == 0, r.stderr
         assert r.returncode == 0, r.stderr
+    finally:
+        lock.communicate(timeout=30)
+    assert cluster.lease_record(bare_vm).startswith("host=hosta ")
+
+
+def test_old_open_lease_refused_until_kvmadm_set(cluster: Cluster, bare_vm: str) -> None:
+    """A lease as made before 0600 leases (0644, no record file): X's
+    start is refused, naming the lease and the fix (while Y holds a read
+    lock on it, and when nobody does); kvmadm set respects a held lease
+    (it may be a VM running elsewhere), and once it is free makes a new
+    0600 lease and record file; the start then runs."""
+    path = cluster.tree.vmdir / ".leases" / bare_vm
+    path.chmod(0o644)
+    (path.parent / f"{bare_vm}.host").unlink()
+    a = cluster.host("hosta")
+    lock = subprocess.Popen(a.nsenter(*cluster.y.argv("/usr/bin/python3", "-I", "-c",
+                                                      _READLOCK, str(path))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cluster.y.env(), stdin=subprocess.PIPE)
+    try:
+        assert lock.stdout is not None and lock.stdout.readline() == "locked\n"
+        r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+        assert "can be opened by other users" in r.stderr and "kvmadm set" in r.stderr, r.stderr
+        assert cluster.x.qemu_pids() == []
+        r = cluster.tree.kvmadm("set", bare_vm, "--", "-m", "64", check=False)
+        assert r.returncode != 0 and "refused while the VM runs" in r.stderr, r.stderr
+        lock.communicate(timeout=30)
+        r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")
+        assert r.returncode != 0 and "can be opened by other users" in r.stderr, r.stderr
+        cluster.tree.kvmadm("set", bare_vm, "--", "-m", "64")
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert (path.parent / f"{bare_vm}.host").stat().st_mode & 0o777 == 0o644
+        r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")
+        assert r.returncode == 0, r.stderr
+        assert cluster.lease_record(bare_vm).startswith("host=hosta ")
     finally:
         lock.communicate(timeout=30)
 

@@ -113,11 +113,14 @@ def test_lease_alone_decides(cluster: Cluster, bare_vm: str) -> None:
     block.  kvmadm set is refused the same way."""
     path = cluster.tree.vmdir / ".leases" / bare_vm
     st = path.stat()
-    assert (st.st_uid, st.st_mode & 0o7777) == (cluster.x.uid, 0o644)
+    assert (st.st_uid, st.st_mode & 0o7777) == (cluster.x.uid, 0o600)
+    record = path.parent / f"{bare_vm}.host"
+    st = record.stat()
+    assert (st.st_uid, st.st_mode & 0o7777, st.st_size) == (cluster.x.uid, 0o644, 0)
     assert path.parent.stat().st_uid == 0
     fd = _ofd_lock(path)
     try:
-        os.pwrite(fd, b"host=hostc pid=4242 boot_id=abc started=1".ljust(255) + b"\n", 0)
+        record.write_bytes(b"host=hostc pid=4242 boot_id=abc started=1".ljust(255) + b"\n")
         r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")
         assert r.returncode != 0 and "already running on host hostc" in r.stderr, r.stderr
         assert cluster.x.qemu_pids() == []
@@ -370,7 +373,7 @@ def test_kvmadm_check_multihost(cluster: Cluster) -> None:
             in str(got["items"]), got
         cluster.tree.kvmadm("set", name, "--", "-m", "64")
         st = (cluster.tree.vmdir / ".leases" / name).stat()
-        assert st.st_uid == cluster.x.uid and st.st_mode & 0o777 == 0o644
+        assert st.st_uid == cluster.x.uid and st.st_mode & 0o777 == 0o600
         assert item()["status"] == "PASS"
         assert pwd.getpwuid(st.st_uid).pw_name == cluster.x.name
     finally:

@@ -935,7 +935,8 @@ def check_multihost(h: Host) -> Result:
     """Several hosts on one tree (docs/multihost.md): the host list names
     this host, munged answers here, the relay account, its key (its alone),
     the hosts' keys and both relay programs are in place, every VM has a
-    lease of its owner's.  PASS when there is no host list."""
+    lease of its owner's, 0600 (others could hold a lease they can open),
+    and its owner record file.  PASS when there is no host list."""
     from kvmshell.common import hosts, lease
     from kvmshell.common.errors import ConfigError
     cfg = h.cfg
@@ -983,8 +984,11 @@ def check_multihost(h: Host) -> Result:
             continue
         if fd is None:
             items.append(f"VM {name} has no lease (kvmadm set {name} -- its options)")
-        else:
-            os.close(fd)
+            continue
+        os.close(fd)
+        if not lease.sound(cfg, name, uid):
+            items.append(f"VM {name} has no owner record file {lease.LEASES}/{name}"
+                         f"{lease.RECORD} of its owner's (kvmadm set {name} -- its options)")
     if items:
         return Result(FAIL, f"{len(items)} problem(s) for hosts sharing the tree",
                       "see each item; docs/multihost.md", items)

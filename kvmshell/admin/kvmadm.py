@@ -150,11 +150,20 @@ def _lock(cfg: Config, vm: vmtree.VM) -> int:
         try:
             from kvmshell.common import hosts
             several = hosts.load(cfg, need_self=False) is not None
-            taken = lease.take(cfg, vm, cfg.host_name, required=False, several=several)
+            taken = lease.take(cfg, vm, cfg.host_name, required=False, several=several,
+                               private=False)
         except TreeError:
             taken = None        # a lease of the wrong kind: 'set' makes a new one
         if taken is not None:
             _LEASES.append(taken)
+            if not lease.sound(cfg, vm.name, vm.uid):
+                # An old lease others can open (0644, before 0600 leases) or
+                # without its record file: a new one, held before it is in
+                # place; whoever had the old one open keeps only that.
+                st = os.lstat(vm.path)
+                new = lease.create(cfg, vm.name, st.st_uid, st.st_gid, hold=True)
+                assert new is not None
+                _LEASES.append(new)
         return runstate.lock(vm)
     except AlreadyRunning as exc:
         why = exc.message.partition(" is already running")[2].partition(" (")[0]

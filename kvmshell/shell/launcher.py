@@ -178,6 +178,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
     from kvmshell.common import hosts, lease
     several = hosts.load(cfg) is not None
     held = lease.take(cfg, vm, cfg.host_name, required=several)
+    spawning = False
     try:
         passed = [runstate.lock(vm)]
     except BaseException:
@@ -245,6 +246,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
                 # whatever becomes of the supervisor.  Alone, the
                 # supervisor holds it (it says nothing there).
                 to_qemu = passed + ([held] if several and held is not None else [])
+                spawning = True     # from here the supervisor clears the record
                 return _spawn(cfg, vm, argv, to_qemu, run, len(plan.taps), rlimits,
                               meanwhile, (held, several))
             finally:
@@ -256,6 +258,8 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
         for fd in passed:
             os.close(fd)
         if held is not None:
+            if several and not spawning:    # refused before QEMU: take()'s record goes
+                lease.clear_record(cfg, vm.name, cfg.host_name)
             os.close(held)
 
 
@@ -586,8 +590,8 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, 
         if lease_fd is not None and several:                # say who runs the VM
             from kvmshell.common import lease as leases
             try:
-                leases.write_record(lease_fd, cfg.host_name, pid)
-            except OSError:
+                leases.write_record(cfg, vm.name, cfg.host_name, pid)
+            except (OSError, TreeError):
                 pass    # informational: the lock is what counts
         kvm = supervisor.wait_ready(run.qmp, qemu, incoming="-incoming" in argv)
     except BaseException as exc:
@@ -595,6 +599,9 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, 
             qemu.kill()
             qemu.wait()
         supervisor.teardown(cfg.path, vm.name, taps)
+        if lease[0] is not None and lease[1]:   # still held here: the record goes first
+            from kvmshell.common import lease as leases
+            leases.clear_record(cfg, vm.name, cfg.host_name)
         if isinstance(exc, RuntimeFailure):
             os.write(ready_fd, f"fail {exc.message}".encode())
             os._exit(1)

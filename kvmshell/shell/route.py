@@ -73,12 +73,13 @@ def _vm(ctx: "Context", verb: str, args: list[str]) -> "VM | None":
 
 def placement(cfg: "Config", vm: "VM", known: dict[str, str]) -> list[str]:
     """The hosts *vm* may start on, best first: its ``-host`` pin (else
-    every host of the list), by the rule: fewest running VMs (from the held
-    leases' records), then this host (no hop), then by name."""
+    every host of the list), by the rule: fewest running VMs (from the
+    owner records but *vm*'s own, which is stopped), then this host (no
+    hop), then by name."""
     from kvmshell.common import lease
     from kvmshell.shell.launcher import admin_plan
     allowed = [h for h in (admin_plan(vm).hosts or list(known)) if h in known]
-    load = lease.running_per_host(cfg)
+    load = lease.running_per_host(cfg, but=vm.name)
     return sorted(allowed, key=lambda h: (load.get(h, 0), h != cfg.host_name, h))
 
 

@@ -135,6 +135,11 @@ def test_other_user_cannot_hold_lease(cluster: Cluster, bare_vm: str) -> None:
     finally:
         lock.communicate(timeout=30)
     assert cluster.lease_record(bare_vm).startswith("host=hosta ")
+    # The VM ends: its supervisor empties the record (placement counts it no more).
+    r = cluster.kvmshell("hosta", cluster.x, f"kill {bare_vm}")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not cluster.x.qemu_pids(), 30, "QEMU gone")
+    wait_for(lambda: cluster.lease_record(bare_vm) == "", 30, "record emptied")
 
 
 def test_old_open_lease_refused_until_kvmadm_set(cluster: Cluster, bare_vm: str) -> None:

@@ -16,7 +16,7 @@ APT_RUNTIME := qemu-system-x86 qemu-utils python3 python3-pip sudo iproute2 open
                python3-yaml
 # Build: the man pages are made from the code's tables by docutils' rst2man.
 APT_BUILD   := python3-docutils
-APT_TEST    := busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux strace \
+APT_TEST    := munge busybox-static cpio kmod pamtester iputils-ping procps login passwd util-linux strace \
                xz-utils zstd groff-base systemd
 PIP_RUNTIME := python-pam pyroute2 pexpect qemu.qmp starlette uvicorn websockets jinja2 \
                pycdlib
@@ -78,6 +78,15 @@ install-files: deps web-assets
 	sed 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' sudoers.d/kvmshell > build/sudoers.kvmshell
 	visudo -cf build/sudoers.kvmshell
 	install -m 440 build/sudoers.kvmshell /etc/sudoers.d/kvmshell
+	# Several hosts on one tree (docs/multihost.md): the relay account (no
+	# key until the admin writes /etc/kvmshell/relay/authorized_keys), its
+	# sudoers rules and the directory of its shared ssh connections.
+	getent passwd kvmrelay >/dev/null || useradd --system --user-group --no-create-home \
+	  --home-dir / --shell /bin/sh --comment "kvmshell relay between hosts" kvmrelay
+	install -d -m 755 $(CONF)/relay
+	sed 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' sudoers.d/kvmshell-relay > build/sudoers.kvmshell-relay
+	visudo -cf build/sudoers.kvmshell-relay
+	install -m 440 build/sudoers.kvmshell-relay /etc/sudoers.d/kvmshell-relay
 	rm -f $(BIN)/kvmadm
 	test -e $(CONF)/kvmshell.conf || { sed -e 's|/usr/local/bin/kvmshell|$(BIN)/kvmshell|' \
 	  -e 's|/usr/local/libexec/kvmshell|$(LIBEXEC)|' \
@@ -117,6 +126,8 @@ install-files: deps web-assets
 	install -d -m 755 /etc/tmpfiles.d
 	install -m 644 tmpfiles.d/kvmshell-web.conf /etc/tmpfiles.d/kvmshell-web.conf
 	install -d -o kvmweb -g www-data -m 0750 /run/kvmshell-web
+	install -m 644 tmpfiles.d/kvmshell-relay.conf /etc/tmpfiles.d/kvmshell-relay.conf
+	install -d -o kvmrelay -g kvmrelay -m 0700 /run/kvmshell-relay
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	install -d -m 755 $(MAN)/man1 $(MAN)/man5 $(MAN)/man8 $(BASHCOMP) $(UNITDIR)
 	install -m 644 build/man/kvmshell.1 $(MAN)/man1/kvmshell.1

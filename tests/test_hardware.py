@@ -48,7 +48,7 @@ def test_table_marks_extensions_and_reclassified_seed_rows() -> None:
     for o in changed:
         assert o.reason and "\n" not in o.reason
     assert [o.name for o in optable.TABLE if o.origin == optable.EXTENSION] == [
-        "-cloud-init", "-user-data", "-cpu", "-firmware"]
+        "-cloud-init", "-user-data", "-cpu", "-firmware", "-host"]   # -host: issue 16
     for o in optable.TABLE:
         if o.origin == optable.EXTENSION:
             # The user class's two are issue 12's (the cloud-init seed).

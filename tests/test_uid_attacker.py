@@ -328,6 +328,14 @@ def test_root_commands_open_nothing_in_the_vm_directory(host: Host, alice: User,
                 # usage walk opens as one, never following a link (other
                 # modules' VMs in the session's tree may hold subdirectories):
                 # never a file inside
+                # The VM's lease (issue 16): the user's file, but in root's
+                # .leases/, made by kvmadm and never replaceable by the user
+                # (a regular file, whatever the user does to it); root locks
+                # it and reads at most its 256-byte record.
+                if rel[0] == ".leases" and len(rel) == 2:
+                    assert "O_NOFOLLOW" in call and "O_NONBLOCK" in call, (what, call)
+                    assert os.path.isfile(got) or not os.path.lexists(got), (what, got)
+                    continue
                 assert len(rel) == 1 or (rel[0] in (".removed", ".owners") and len(rel) == 2) \
                     or ("O_DIRECTORY" in call and "O_NOFOLLOW" in call) or "F_DUPFD" in call, \
                     (what, call)

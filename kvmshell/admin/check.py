@@ -53,7 +53,7 @@ import subprocess
 from collections.abc import Callable
 
 from kvmshell.common.config import Config
-from kvmshell.common.errors import UsageError
+from kvmshell.common.errors import KvmshellError, UsageError
 from kvmshell.common.kvmdev import KVM_DEVICE
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -931,6 +931,70 @@ def check_cgroups(h: Host) -> Result:
     return Result(PASS, f"budgets held by the kernel ({how}; cgroup {version}: {shown})")
 
 
+def check_multihost(h: Host) -> Result:
+    """Several hosts on one tree (docs/multihost.md): the host list names
+    this host, munged answers here, the relay account, its key (its alone),
+    the hosts' keys and both relay programs are in place, every VM has a
+    lease of its owner's, 0600 (others could hold a lease they can open),
+    and its owner record file.  PASS when there is no host list."""
+    from kvmshell.common import hosts, lease
+    from kvmshell.common.errors import ConfigError
+    cfg = h.cfg
+    try:
+        known = hosts.load(cfg)
+    except ConfigError as exc:
+        return Result(FAIL, exc.message, f"fix {cfg.hosts_file}")
+    if known is None:
+        return Result(PASS, f"not used (no host list {cfg.hosts_file})")
+    items: list[str] = []
+    sock = "/run/munge/munge.socket.2"
+    if not os.path.exists(sock) or not stat.S_ISSOCK(os.stat(sock).st_mode):
+        items.append(f"{sock} is missing: munged does not run here (apt install munge; "
+                     "the cluster's key in /etc/munge/munge.key)")
+    try:
+        relay = pwd.getpwnam(cfg.relay_user)
+    except KeyError:
+        items.append(f"no relay account {cfg.relay_user} (make install makes it)")
+        relay = None
+    try:
+        st = os.lstat(cfg.relay_key)
+        if relay is not None and (not stat.S_ISREG(st.st_mode) or st.st_uid != relay.pw_uid
+                                  or st.st_mode & 0o077):
+            items.append(f"{cfg.relay_key} must be a file of {cfg.relay_user}'s, mode 0600 "
+                         "(VM users must not read it)")
+    except OSError:
+        items.append(f"{cfg.relay_key} (the relay key) is missing")
+    for path, what in ((cfg.relay_known_hosts, "the hosts' SSH keys"),
+                       (cfg.relay_client, "the relay client"),
+                       (os.path.join(os.path.dirname(cfg.relay_client), "kvmshell-relayd"),
+                        "the relay helper")):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            items.append(f"{path} ({what}) is missing")
+            continue
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            items.append(f"{path} ({what}) must be root's and not group/world-writable")
+    for name, _dirname, uid, _words in h.vms():
+        fd = None
+        try:
+            fd = lease.open_lease(cfg, name, write=False, uid=uid)
+        except KvmshellError as exc:
+            items.append(exc.message)
+            continue
+        if fd is None:
+            items.append(f"VM {name} has no lease (kvmadm set {name} -- its options)")
+            continue
+        os.close(fd)
+        if not lease.sound(cfg, name, uid):
+            items.append(f"VM {name} has no owner record file {lease.LEASES}/{name}"
+                         f"{lease.RECORD} of its owner's (kvmadm set {name} -- its options)")
+    if items:
+        return Result(FAIL, f"{len(items)} problem(s) for hosts sharing the tree",
+                      "see each item; docs/multihost.md", items)
+    return Result(PASS, f"{len(known)} hosts; this is {cfg.host_name}")
+
+
 def check_syslog(h: Host) -> Result:
     """Syslog takes messages on /dev/log (the helper records every action
     there) and on log_socket (kvmshell's and kvmadm's audit records)."""
@@ -980,6 +1044,7 @@ CHECKS: list[tuple[str, str, Callable[[Host], Result]]] = [
     ("ovmf", "UEFI firmware (OVMF)", check_ovmf),
     ("cgroups", "cgroup controllers", check_cgroups),
     ("syslog", "syslog", check_syslog),
+    ("multihost", "several hosts", check_multihost),
 ]
 
 

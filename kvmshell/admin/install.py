@@ -5,6 +5,8 @@ layout).
     LIBEXEC/kvmshell-nethelper      a root-owned stub: what sudo runs for kvmshell
     LIBEXEC/kvmshell-cgrouphelper   the same for the cgroup helper (kvmshell's start)
     LIBEXEC/kvmshell-pamhelper      a root-owned stub: what sudo runs for kvmshell-web
+    LIBEXEC/kvmshell-relay          the relay client (sudo runs it as the relay account)
+    LIBEXEC/kvmshell-relayd         the relay helper (sudo runs it as root for the relay account)
 
 The helpers' code is :mod:`kvmshell.privileged.nethelper`,
 :mod:`kvmshell.privileged.cgrouphelper` and
@@ -73,6 +75,21 @@ def install_cgrouphelper(libexec: str, config: str | None = None, lib: str | Non
                          "privileged cgroup helper", config, lib, flags="-IS")
 
 
+def install_relay(libexec: str, config: str | None = None, lib: str | None = None) -> list[str]:
+    """Write the relay client's and the relay helper's stubs into *libexec*
+    (several hosts on one tree, docs/multihost.md); return their paths
+    (*config*, *lib*: as for :func:`install_nethelper`)."""
+    # -IS, as for the cgroup helper: both run on every routed command.
+    if lib is None:
+        import kvmshell
+        lib = os.path.dirname(os.path.dirname(os.path.abspath(kvmshell.__file__)))
+    return [_install_stub(libexec, "kvmshell-relay", "relayclient",
+                          "relay client (as the relay account)", config, lib, flags="-IS"),
+            _install_stub(libexec, "kvmshell-relayd", "relayhelper",
+                          "relay helper (root, for the relay account)", config, lib,
+                          flags="-IS")]
+
+
 def _install_stub(libexec: str, leaf: str, module: str, what: str, config: str | None,
                   lib: str | None, flags: str = "-I") -> str:
     os.makedirs(libexec, mode=0o755, exist_ok=True)
@@ -96,3 +113,4 @@ if __name__ == "__main__":
     print(install_nethelper(sys.argv[1], cfg))
     print(install_pamhelper(sys.argv[1], cfg))
     print(install_cgrouphelper(sys.argv[1], cfg))
+    print("\n".join(install_relay(sys.argv[1], cfg)))

@@ -115,7 +115,9 @@ def cmd_create(cfg: Config, args: list[str]) -> int:
         raise UsageError("usage: create NAME --owner USER [-- ADMIN-OPTIONS...]")
     name, user = head[0], head[2]
     _NOTE.update(vm=name, owner=user, options=_join(words))
-    adminopts.check_host(adminopts.parse_admin(words), cfg)
+    plan = adminopts.parse_admin(words)
+    adminopts.check_host(plan, cfg)
+    adminopts.check_hosts(plan, cfg)
     dirname = vmid.encode(name, words)
     uid, gid = _owner(user)
     ensure_top(cfg)
@@ -125,19 +127,49 @@ def cmd_create(cfg: Config, args: list[str]) -> int:
     os.mkdir(path, 0o700)
     os.chown(path, uid, gid)
     os.chmod(path, 0o700)
+    from kvmshell.common import lease
+    lease.create(cfg, name, uid, gid)      # before the name: a start finds both
     _replace_link(cfg, name, dirname)
     _out(f"created {name} for {user}: {path}")
     return 0
 
 
-def _lock(vm: vmtree.VM) -> int:
-    """Take the VM's lock (on its directory: common/runstate.py), so that
-    nothing starts while we change it; refuse while anyone holds it."""
-    from kvmshell.common import runstate
+# The lease kvmadm holds while it changes a VM: kept open until kvmadm
+# exits (one command per process), so that no host starts the VM meanwhile.
+_LEASES: list[int] = []
+
+
+def _lock(cfg: Config, vm: vmtree.VM) -> int:
+    """Take the VM's lease (common/lease.py: no host may start it) and its
+    lock (on its directory: common/runstate.py), so that nothing starts
+    while we change it; refuse while anyone holds either, naming the host
+    that runs it."""
+    from kvmshell.common import lease, runstate
     from kvmshell.common.errors import AlreadyRunning
     try:
+        try:
+            from kvmshell.common import hosts
+            several = hosts.load(cfg, need_self=False) is not None
+            taken = lease.take(cfg, vm, cfg.host_name, required=False, several=several,
+                               private=False)
+        except TreeError:
+            taken = None        # a lease of the wrong kind: 'set' makes a new one
+        if taken is not None:
+            _LEASES.append(taken)
+            if not lease.sound(cfg, vm.name, vm.uid):
+                # An old lease others can open (0644, before 0600 leases) or
+                # without its record file: a new one, held before it is in
+                # place; whoever had the old one open keeps only that.
+                st = os.lstat(vm.path)
+                new = lease.create(cfg, vm.name, st.st_uid, st.st_gid, hold=True)
+                assert new is not None
+                _LEASES.append(new)
         return runstate.lock(vm)
     except AlreadyRunning as exc:
+        why = exc.message.partition(" is already running")[2].partition(" (")[0]
+        if why:             # the lease: the VM runs on (or is held by) another host
+            raise RuntimeFailure(f"{vm.name}: refused while the VM runs{why}, starts or "
+                                 "stops (stop it first)") from exc
         # Why name the holders: the owner's code can hold the lock with any
         # process of its own, for ever; the admin must know what to end.
         held = sorted({pid for pid, _ in runstate.holders(vm)
@@ -232,14 +264,20 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     _NOTE.update(vm=head[0], options=_join(words))
     vm = vmtree.resolve(cfg, head[0])
     _NOTE["owner"] = _user(vm.uid)
-    adminopts.check_host(adminopts.parse_admin(words), cfg)
+    plan = adminopts.parse_admin(words)
+    adminopts.check_host(plan, cfg)
+    adminopts.check_hosts(plan, cfg)
     dirname = vmid.encode(vm.name, words)
-    lock = _lock(vm)
+    lock = _lock(cfg, vm)
     try:
         if dirname != vm.dirname:
             _drop_taps(cfg, vm)
             os.rename(vm.path, os.path.join(cfg.vmdir, dirname))
             _replace_link(cfg, vm.name, dirname)
+        if not _LEASES:             # a VM made before leases, or its lease lost
+            from kvmshell.common import lease
+            st = os.lstat(os.path.join(cfg.vmdir, dirname))
+            lease.create(cfg, vm.name, st.st_uid, st.st_gid)
     finally:
         os.close(lock)
     _out(f"{vm.name}: options set")
@@ -278,7 +316,7 @@ def cmd_remove(cfg: Config, args: list[str]) -> int:
         return 0
     vm = vmtree.resolve(cfg, name)
     _NOTE["owner"] = _user(vm.uid)
-    lock = _lock(vm)
+    lock = _lock(cfg, vm)
     try:
         _drop_taps(cfg, vm)
         # Out of the user's reach first (the directory keeps our lock), then
@@ -287,6 +325,8 @@ def cmd_remove(cfg: Config, args: list[str]) -> int:
                             + (purge.SUFFIX if do_purge else ""))
         os.rename(vm.path, dest)
         os.unlink(os.path.join(cfg.vmdir, vm.name))
+        from kvmshell.common import lease
+        lease.remove(cfg, vm.name)
         if do_purge:
             try:
                 purge.finish(dest, lock)

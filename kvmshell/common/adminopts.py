@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from kvmshell.common.guestnet import Tap
 from kvmshell.common.optable import (
     FILE_CHARS, ADMIN, BALLOON, CPU_HOST, CPU_MODELS, CPUMODEL, CPUS, DIR, DISKIF, FIRMWARE,
-    FIRMWARES, FLAG, MACHINE, MACHINES, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
+    FIRMWARES, FLAG, HOSTS, MACHINE, MACHINES, MEGS, NET, REDIR, USBDEV, lookup, refuse_class,
     take_value)
 
 
@@ -77,6 +77,7 @@ class AdminPlan:
         self.cpu: str | None = None   # -cpu: a model from optable.CPU_MODELS
         self.machine = "pc"           # -M: pc or q35
         self.firmware = "bios"        # -firmware: bios (SeaBIOS) or efi (OVMF)
+        self.hosts: list[str] = []    # -host: the hosts it may run on ([]: any)
 
     @property
     def nics(self) -> list[NetSpec]:
@@ -272,6 +273,33 @@ def check_host(plan: AdminPlan, cfg: "Config", *, kvm: bool | None = None) -> No
                                      " or set uefi_code/uefi_vars)")
 
 
+def _parse_hosts(token: str, value: str) -> list[str]:
+    """``NAME[,NAME...]``: distinct host names of the host list's form (that
+    each is in the list is kvmadm's check, :func:`check_hosts`)."""
+    from kvmshell.common.hosts import is_name
+    names = value.split(",")
+    for name in names:
+        if not is_name(name):
+            raise RefusedOption(f"{token}: {name!r} is not a host name (a-z, 0-9, '-')")
+    if len(set(names)) != len(names):
+        raise RefusedOption(f"{token}: a host is named twice")
+    return names
+
+
+def check_hosts(plan: AdminPlan, cfg: "Config") -> None:
+    """kvmadm: every host of *plan*'s ``-host`` pin is in the host list.
+    Raises RefusedOption naming the first that is not (or the missing list)."""
+    if not plan.hosts:
+        return
+    from kvmshell.common import hosts
+    known = hosts.load(cfg, need_self=False)
+    if known is None:
+        raise RefusedOption(f"-host: there is no host list ({cfg.hosts_file})")
+    for name in plan.hosts:
+        if name not in known:
+            raise RefusedOption(f"-host: {name!r} is not in the host list {cfg.hosts_file}")
+
+
 def parse_admin(words: list[str]) -> AdminPlan:
     """Parse admin option words (kvmadm input, or decoded from a directory name)."""
     plan = AdminPlan()
@@ -302,6 +330,9 @@ def parse_admin(words: list[str]) -> AdminPlan:
             plan.nographic = True
         elif opt.name == "-no-autostart":
             plan.autostart = False
+        elif opt.kind == HOSTS:
+            assert value is not None
+            plan.hosts = _parse_hosts(token, value)
         elif opt.kind == FLAG:
             plan.argv += list(opt.qemu)
         elif opt.kind == USBDEV:

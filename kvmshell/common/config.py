@@ -67,6 +67,14 @@ _DEFAULTS: dict[str, str] = {
     "cgroup_helper": "/usr/local/libexec/kvmshell/kvmshell-cgrouphelper",
     "connect_ports": "all",
     "connect_user_mode": "yes",
+    # Several hosts on one shared tree (docs/multihost.md).
+    "host_name": "",
+    "hosts_file": "/etc/kvmshell/hosts",
+    "relay_user": "kvmrelay",
+    "relay_client": "/usr/local/libexec/kvmshell/kvmshell-relay",
+    "relay_key": "/etc/kvmshell/relay/id_ed25519",
+    "relay_known_hosts": "/etc/kvmshell/relay/known_hosts",
+    "munge": "/usr/bin/munge",
 }
 
 _ACCELS = ("kvm", "tcg")
@@ -107,8 +115,23 @@ class Config:
         self._hardware(values, path)
         self.log_socket = _abs(values, "log_socket")
         self.autostart = _bool(values, "autostart", path)
+        self._multihost(values, path)
         self._values = values
         self._web: WebConfig | None = None
+
+    def _multihost(self, values: dict[str, str], path: str) -> None:
+        """Several hosts on one tree (common/hosts.py, docs/multihost.md):
+        this host's name (default: the kernel's node name), the host list,
+        the relay account, its client, key and known hosts, MUNGE's client."""
+        self.host_name = values["host_name"] or os.uname().nodename.partition(".")[0]
+        if not is_host_name(self.host_name):
+            raise ConfigError(f"{path}: host_name: {self.host_name!r} is not a plain host name")
+        self.hosts_file = _abs(values, "hosts_file")
+        self.relay_user = _word(path, values, "relay_user")
+        self.relay_client = _abs(values, "relay_client")
+        self.relay_key = _abs(values, "relay_key")
+        self.relay_known_hosts = _abs(values, "relay_known_hosts")
+        self.munge = _abs(values, "munge")
 
     def _hardware(self, values: dict[str, str], path: str) -> None:
         """Hardware and budget settings: vCPUs per VM, per-user budgets, UEFI, cgroups."""
@@ -171,6 +194,13 @@ class WebConfig:
         for key in ("idle_timeout", "session_lifetime", "login_window"):
             if getattr(self, key) == 0:
                 raise ConfigError(f"{path}: web_{key}: must be at least 1 second")
+
+
+def is_host_name(name: str) -> bool:
+    """A host name as the host list spells it (common/hosts.py): 1-63 of
+    [a-z0-9-], not first '-'."""
+    return (1 <= len(name) <= 63 and name[0] != "-"
+            and all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in name))
 
 
 def _word(path: str, values: dict[str, str], key: str) -> str:

@@ -49,6 +49,7 @@ CPUS = "cpus"            # a number of virtual CPUs
 MACHINE = "machine"      # a machine type from a closed list
 CPUMODEL = "cpumodel"    # a CPU model from a closed list
 FIRMWARE = "firmware"    # bios (SeaBIOS) or efi (OVMF)
+HOSTS = "hosts"          # host names from the host list (kvmshell.common.hosts)
 NET = "net"              # an admin network spec
 USBDEV = "usbdevice"     # an emulated USB device name
 DIR = "dir"              # an admin directory (tftp, smb)
@@ -245,6 +246,11 @@ TABLE: tuple[Option, ...] = (
     # identifier with the admin's others (so only the admin sets it).
     Option("-no-autostart", 0, FLAG, ADMIN, (),
            help="the owner may not mark this VM to start at boot ('autostart')"),
+    # kvmshell's own too: where the VM may run when hosts share the tree
+    # (docs/multihost.md); kvmadm checks the names against the host list.
+    Option("-host", 1, HOSTS, ADMIN, (), origin=EXTENSION,
+           help="run only on these hosts of the host list (NAME[,NAME...]); "
+                "default: any, by the placement rule", example="node1,node2"),
     # ---- Options that are not used ---------------------------------------
     Option("-hdc", 1, ANY, UNUSED),
     Option("-hdd", 1, ANY, UNUSED),

@@ -117,6 +117,14 @@ def fields(ctx: "Context", command: "str | list[str] | None", words: list[str] |
             ("options", auditlog.join_words(options) if isinstance(options, list) else None),
             ("args", auditlog.join_words(args) if args else None),
             ("command", raw)]
+    # Several hosts (docs/multihost.md): where a front door carried the
+    # command, and on the far host, which front door it came from.
+    relayed_to = ctx.audit.get("host")
+    if isinstance(relayed_to, str):
+        out.append(("relayed_to", relayed_to))
+    relayed_from = os.environ.get("KVMSHELL_RELAYED")
+    if relayed_from:
+        out.append(("relayed_from", relayed_from[:64]))
     return outcome, out
 
 

@@ -133,16 +133,20 @@ def cmd_list(ctx: Context, args: list[str]) -> int:
     vms: list[dict[str, object]] = []
     mine = vmtree.scan(ctx.cfg, ctx.uid)
     table = runstate.lock_table()
+    several = _several(ctx)
     for vm in mine.vms:
         state, pid = _state(ctx, vm, table)
         got = None
         if pid:
             from kvmshell.shell import accel
             got = accel.running(vm)
+        where = _where(ctx, vm, state) if several else None
+        if where is not None and where != ctx.cfg.host_name:
+            state = runstate.RUNNING          # on another host: its lease says so
         if ctx.json:
-            vms.append(_status_doc(vm, state, pid, got))
+            vms.append(_status_doc(vm, state, pid, got, several, where))
         else:
-            _out(f"{vm.name:<20} {state}" + _running_text(pid, got))
+            _out(f"{vm.name:<20} {state}" + _running_text(pid, got) + _on(where))
     for bad in mine.broken:
         if ctx.json:
             vms.append({"name": printable(bad.name), "state": "broken", "pid": None,
@@ -157,15 +161,38 @@ def cmd_list(ctx: Context, args: list[str]) -> int:
     return 1 if mine.broken else 0
 
 
-def _status_doc(vm: "VM", state: str, pid: int | None, got: str | None) -> dict[str, object]:
+def _several(ctx: Context) -> bool:
+    """Do several hosts share the tree (docs/multihost.md)?"""
+    from kvmshell.common import hosts
+    return hosts.load(ctx.cfg) is not None
+
+
+def _where(ctx: Context, vm: "VM", state: str) -> str | None:
+    """The host running *vm*: this one if it runs here, else its lease's."""
+    if state != "stopped":
+        return ctx.cfg.host_name
+    from kvmshell.common import lease
+    return lease.where(ctx.cfg, vm)
+
+
+def _on(where: str | None) -> str:
+    return f" on host {where}" if where else ""
+
+
+def _status_doc(vm: "VM", state: str, pid: int | None, got: str | None,
+                several: bool = False, where: str | None = None) -> dict[str, object]:
     """status --json's object, one per VM in list --json's ``vms`` (the keys
-    and their meaning: docs/json.md)."""
+    and their meaning: docs/json.md; ``host`` only where several hosts
+    share the tree)."""
     started = None
     if pid:
         from kvmshell.shell import monitor
         started = monitor.started_at(pid)
-    return {"name": vm.name, "state": state, "pid": pid, "accel": got, "started": started,
-            "autostart": _autostart(vm)}
+    doc: dict[str, object] = {"name": vm.name, "state": state, "pid": pid, "accel": got,
+                              "started": started, "autostart": _autostart(vm)}
+    if several:
+        doc["host"] = where
+    return doc
 
 
 def cmd_status(ctx: Context, args: list[str]) -> int:
@@ -178,11 +205,15 @@ def cmd_status(ctx: Context, args: list[str]) -> int:
         # QEMU's word (QMP query-kvm), not the config's: see shell/accel.py.
         from kvmshell.shell import accel
         got = accel.running(vm)
+    several = _several(ctx)
+    where = _where(ctx, vm, state) if several else None
+    if where is not None and where != ctx.cfg.host_name:
+        state = "running"         # not routed here (a relayed command): its lease says so
     if ctx.json:
         from kvmshell.common import jsonout
-        jsonout.emit(_status_doc(vm, state, pid, got))
+        jsonout.emit(_status_doc(vm, state, pid, got, several, where))
     else:
-        _out(f"{vm.name}: {state}" + _running_text(pid, got))
+        _out(f"{vm.name}: {state}" + _running_text(pid, got) + _on(where))
     return 0
 
 
@@ -400,6 +431,14 @@ def run_words(ctx: Context, words: list[str]) -> int:
     args = words[1:]
     if verb in JSON_VERBS and "--json" in args:
         ctx.json, args = True, [a for a in args if a != "--json"]
+    from kvmshell.shell import route
+    if verb in route.ROUTED:
+        # Several hosts on one tree: the VM runs (or must run) elsewhere.
+        targets, here_ok = route.decide(ctx, verb, args)
+        if targets:
+            status = route.relay(ctx, targets, words, here_ok)
+            if status is not None:
+                return status
     return handler(ctx, args)
 
 

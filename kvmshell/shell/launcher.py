@@ -162,13 +162,29 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
         raise RefusedOption(f"-hdachs: a geometry is for IDE disks; this VM's disks are "
                             f"{plan.disk_interface}")
     host_check(cfg, vm, plan)
+    if plan.hosts and cfg.host_name not in plan.hosts:
+        # Checked here, on the host that would run it: whoever routed the
+        # command (docs/multihost.md), the pin holds.
+        raise RuntimeFailure(f"VM {vm.name} runs only on host {', '.join(plan.hosts)} "
+                             f"(its -host pin); this is {cfg.host_name}")
     if plan.taps and not os.path.exists(cfg.helper):
         raise RuntimeFailure(f"VM {vm.name} needs tap networking but {cfg.helper} is not installed")
     from kvmshell.shell import cgclient
     placing = None
-    # The VM lock first: a running VM is refused as running, before its
-    # files (which its QEMU holds) are looked at.
-    passed = [runstate.lock(vm)]
+    # The lease first (common/lease.py): a VM running on any host sharing
+    # the tree is refused, naming that host.  Then this host's VM lock: a
+    # running VM is refused as running, before its files (which its QEMU
+    # holds) are looked at.
+    from kvmshell.common import hosts, lease
+    several = hosts.load(cfg) is not None
+    held = lease.take(cfg, vm, cfg.host_name, required=several)
+    spawning = False
+    try:
+        passed = [runstate.lock(vm)]
+    except BaseException:
+        if held is not None:
+            os.close(held)
+        raise
     try:
         # Files next: a refused file must leave the VM directory untouched.
         opened = open_files(cfg, vm, req)
@@ -225,8 +241,14 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
                 except BaseException:
                     supervisor.teardown(cfg.path, vm.name, 0)   # nothing forked yet
                     raise
-                return _spawn(cfg, vm, argv, passed, run, len(plan.taps), rlimits,
-                              meanwhile)
+                # Several hosts: QEMU shares the lease's open file
+                # description, so that it stays held while QEMU runs,
+                # whatever becomes of the supervisor.  Alone, the
+                # supervisor holds it (it says nothing there).
+                to_qemu = passed + ([held] if several and held is not None else [])
+                spawning = True     # from here the supervisor clears the record
+                return _spawn(cfg, vm, argv, to_qemu, run, len(plan.taps), rlimits,
+                              meanwhile, (held, several))
             finally:
                 run.close()
         finally:
@@ -235,6 +257,10 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
         cgclient.cancel(placing)
         for fd in passed:
             os.close(fd)
+        if held is not None:
+            if several and not spawning:    # refused before QEMU: take()'s record goes
+                lease.clear_record(cfg, vm.name, cfg.host_name)
+            os.close(held)
 
 
 def _file_size_cap(cfg: Config, vm: VM, req: useropts.UserRequest,
@@ -270,8 +296,11 @@ def _cloud_init(cfg: Config, vm: VM, plan: adminopts.AdminPlan, req: useropts.Us
 
 def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: "_Run", taps: int,
            rlimits: list[tuple[int, int, int]],
-           meanwhile: "Callable[[], None] | None" = None) -> tuple[int, str | None]:
-    """Fork the supervisor (:func:`_supervise`), QEMU its child.  Return
+           meanwhile: "Callable[[], None] | None" = None,
+           lease: tuple[int | None, bool] = (None, False)) -> tuple[int, str | None]:
+    """Fork the supervisor (:func:`_supervise`), QEMU its child (*lease*:
+    the lease's descriptor, which the supervisor keeps, and whether several
+    hosts share the tree, when it writes the owner record).  Return
     QEMU's pid and its accelerator (QMP query-kvm: 'kvm' or 'tcg'; None if
     it did not say) once the supervisor reports it ready; raise with QEMU's
     reason otherwise, with nothing left running."""
@@ -291,7 +320,7 @@ def _spawn(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: "_Run", ta
             _watch_parent(me)
             os.close(rfd)
             os.setsid()
-            _supervise(cfg, vm, argv, fds, run, taps, wfd, rlimits)
+            _supervise(cfg, vm, argv, fds, run, taps, wfd, rlimits, lease)
         except BaseException as exc:  # report, never unwind into the caller's code
             try:
                 os.write(wfd, f"fail supervisor: {exc}".encode())
@@ -536,7 +565,8 @@ def _fork_qemu(argv: list[str], env: dict[str, str], keep: list[int], devnull: i
 
 
 def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, taps: int,
-               ready_fd: int, rlimits: list[tuple[int, int, int]]) -> None:
+               ready_fd: int, rlimits: list[tuple[int, int, int]],
+               lease: tuple[int | None, bool] = (None, False)) -> None:
     """The supervisor's start (in the forked child, in the VM directory):
     fork QEMU, wait until its monitor answers, report ``ok PID ACCEL`` on
     *ready_fd*, then exec the supervisor's program for the VM's life
@@ -553,14 +583,25 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, 
             os.write(ready_fd, b"exec\n")
         except OSError:
             pass  # kvmshell (the SSH session) is gone: the VM starts regardless
+        lease_fd, several = lease
         for fd in fds[1:] + [run.qmp_listener, run.log]:   # QEMU's now; the lock (fds[0]) stays
-            os.close(fd)
+            if fd != lease_fd:                              # and so does the lease
+                os.close(fd)
+        if lease_fd is not None and several:                # say who runs the VM
+            from kvmshell.common import lease as leases
+            try:
+                leases.write_record(cfg, vm.name, cfg.host_name, pid)
+            except (OSError, TreeError):
+                pass    # informational: the lock is what counts
         kvm = supervisor.wait_ready(run.qmp, qemu, incoming="-incoming" in argv)
     except BaseException as exc:
         if qemu is not None:
             qemu.kill()
             qemu.wait()
         supervisor.teardown(cfg.path, vm.name, taps)
+        if lease[0] is not None and lease[1]:   # still held here: the record goes first
+            from kvmshell.common import lease as leases
+            leases.clear_record(cfg, vm.name, cfg.host_name)
         if isinstance(exc, RuntimeFailure):
             os.write(ready_fd, f"fail {exc.message}".encode())
             os._exit(1)
@@ -582,6 +623,10 @@ def _supervise(cfg: Config, vm: VM, argv: list[str], fds: list[int], run: _Run, 
               "console_log_bytes": str(cfg.console_log_bytes), "taps": str(taps),
               "config": cfg.path, "vm_name": vm.name}
     keep = [fds[0], run.serial[0], run.serial[1], run.console, run.console_log]
+    if lease[0] is not None:
+        # The lease (common/lease.py) stays open in the supervisor's
+        # program for the VM's life; nothing there needs to know it.
+        keep.append(lease[0])
     for fd in keep:
         os.set_inheritable(fd, True)
     sup = supervisor.command(sys.executable or "/usr/bin/python3", fields)

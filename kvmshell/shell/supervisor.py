@@ -369,3 +369,17 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         teardown(a["config"], a["vm_name"], int(a["taps"]))
+        _clear_record(a["config"], a["vm_name"])
+
+
+def _clear_record(config_path: str, vm_name: str) -> None:
+    """Several hosts: empty the VM's owner record (common/lease.py) if it
+    names this host; its lease is still held (this process has it open)."""
+    from kvmshell.common import config, hosts, lease
+    from kvmshell.common.errors import KvmshellError
+    try:
+        cfg = config.load(config_path)
+        if hosts.load(cfg) is not None:
+            lease.clear_record(cfg, vm_name, cfg.host_name)
+    except (KvmshellError, OSError):
+        pass    # informational: a stale record only biases the placement

@@ -16,6 +16,17 @@ import pytest
 from conftest import Host, User, assert_refused, kill_all
 from test_cloudinit import VM, alice, bob, keyed, pair  # noqa: F401 -- module fixtures
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _this_modules_vms_removed(host: Host) -> object:
+    """The VMs this module makes are removed at its end (other modules
+    expect the session's users to own a known set)."""
+    before = set(os.listdir(host.vmdir))
+    yield
+    for leaf in sorted(set(os.listdir(host.vmdir)) - before):
+        if not leaf.startswith("."):
+            host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
+
 pytestmark = pytest.mark.security
 
 

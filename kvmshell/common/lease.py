@@ -55,6 +55,10 @@ if TYPE_CHECKING:
     from kvmshell.common.vmtree import VM
 
 LEASES = ".leases"
+# What a refusal about a broken lease tells the admin: `kvmadm set VM` with
+# nothing after "--" would set the VM's admin options to none.
+RENEW = ("(admin: kvmadm set VM -- OPTIONS, with the options kvmadm show VM gives, "
+         "recreates it)")
 RECORD = ".host"            # the owner record's file: NAME + RECORD (no '.' in a VM name)
 RECORD_BYTES = 256
 MODE = 0o600                # the lease's
@@ -123,19 +127,19 @@ def open_lease(cfg: "Config", name: str, *, write: bool, uid: int | None = None,
         return None
     except OSError as exc:
         raise TreeError(f"VM {name}: its lease {LEASES}/{name}: {exc.strerror} "
-                        "(admin: kvmadm set VM recreates it)") from exc
+                        + RENEW) from exc
     finally:
         os.close(dfd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
         os.close(fd)
         raise TreeError(f"VM {name}: its lease {LEASES}/{name} is not a file of the VM's "
-                        "owner (admin: kvmadm set VM recreates it)")
+                        "owner " + RENEW)
     if private and stat.S_IMODE(st.st_mode) & 0o077:
         os.close(fd)
         raise TreeError(f"VM {name}: its lease {LEASES}/{name} can be opened by other users "
                         f"(mode {stat.S_IMODE(st.st_mode):04o}, not 0600), so they could hold "
-                        "it (admin: kvmadm set VM recreates it)")
+                        "it " + RENEW)
     return fd
 
 
@@ -292,7 +296,7 @@ def take(cfg: "Config", vm: "VM", host: str, *, required: bool,
     if fd is None:
         if required:
             raise TreeError(f"VM {vm.name} has no lease in {directory(cfg)} "
-                            "(admin: kvmadm set VM recreates it)")
+                            + RENEW)
         return None
     try:
         _lk(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK)

@@ -21,9 +21,11 @@ from test_cloudinit import VM, alice, bob, keyed, pair  # noqa: F401 -- module f
 def _this_modules_vms_removed(host: Host) -> object:
     """The VMs this module makes are removed at its end (other modules
     expect the session's users to own a known set)."""
-    before = set(os.listdir(host.vmdir))
+    def entries() -> set[str]:
+        return set(os.listdir(host.vmdir)) if host.vmdir.is_dir() else set()
+    before = entries()
     yield
-    for leaf in sorted(set(os.listdir(host.vmdir)) - before):
+    for leaf in sorted(entries() - before):
         if not leaf.startswith("."):
             host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
 

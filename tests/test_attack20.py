@@ -24,9 +24,11 @@ net = test_network.net    # the network fixture: a namespace, users in a sudoers
 def _this_modules_vms_removed(host: Host) -> object:
     """The VMs this module makes for the session's users are removed at its
     end (other modules expect the session's alice to own a known set)."""
-    before = set(os.listdir(host.vmdir))
+    def entries() -> set[str]:
+        return set(os.listdir(host.vmdir)) if host.vmdir.is_dir() else set()
+    before = entries()
     yield
-    for leaf in sorted(set(os.listdir(host.vmdir)) - before):
+    for leaf in sorted(entries() - before):
         if not leaf.startswith("."):
             host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
 

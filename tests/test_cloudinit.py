@@ -46,9 +46,14 @@ def pair(host: Host) -> Iterator[tuple[User, User]]:
     try:
         yield User(names[0], host), User(names[1], host)
     finally:
-        for vm in ("ci", "cib", "cu"):
-            if (host.vmdir / vm).is_symlink():
-                host.kvmadm("remove", vm, "--purge", check=False)
+        # Every VM of theirs (a later user may get a freed uid, and with it
+        # whatever the uid still owns: other modules count their VMs).
+        import pwd
+        uids = {pwd.getpwnam(n).pw_uid for n in names}
+        for leaf in (os.listdir(host.vmdir) if host.vmdir.is_dir() else []):
+            p = host.vmdir / leaf
+            if not leaf.startswith(".") and p.is_symlink() and p.stat().st_uid in uids:
+                host.kvmadm("remove", leaf, "--purge", check=False)
         for name in names:
             _drop_user(name)
 

@@ -287,6 +287,20 @@ def lock_holders(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def module_vms_removed(host: Host) -> Iterator[None]:
+    """The VMs a module makes in the session's tree are removed at its end
+    (other modules expect the session's users to own a known set).  Use
+    with ``pytest.mark.usefixtures("module_vms_removed")``."""
+    def entries() -> set[str]:
+        return set(os.listdir(host.vmdir)) if host.vmdir.is_dir() else set()
+    before = entries()
+    yield
+    for leaf in sorted(entries() - before):
+        if not leaf.startswith("."):
+            host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
+
+
 def kill_all(user: User) -> None:
     for pid in user.qemu_pids():
         try:

@@ -17,19 +17,8 @@ from conftest import Host, User, assert_refused, kill_all
 from test_cloudinit import VM, alice, bob, keyed, pair  # noqa: F401 -- module fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _this_modules_vms_removed(host: Host) -> object:
-    """The VMs this module makes are removed at its end (other modules
-    expect the session's users to own a known set)."""
-    def entries() -> set[str]:
-        return set(os.listdir(host.vmdir)) if host.vmdir.is_dir() else set()
-    before = entries()
-    yield
-    for leaf in sorted(entries() - before):
-        if not leaf.startswith("."):
-            host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
-
-pytestmark = pytest.mark.security
+# module_vms_removed: other modules expect the session's users to own a known set
+pytestmark = [pytest.mark.security, pytest.mark.usefixtures("module_vms_removed")]
 
 
 def _refused_user_data(host: Host, user: User, content: bytes, token: str) -> float:

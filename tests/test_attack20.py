@@ -16,21 +16,10 @@ from conftest import KVMADM, KVMSHELL, NETHELPER, Host, User, wait_for
 from test_network import Net
 from test_uid_attacker import as_user_py
 
-pytestmark = pytest.mark.security
+# module_vms_removed: other modules expect the session's users to own a known set
+pytestmark = [pytest.mark.security, pytest.mark.usefixtures("module_vms_removed")]
 net = test_network.net    # the network fixture: a namespace, users in a sudoers group
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _this_modules_vms_removed(host: Host) -> object:
-    """The VMs this module makes for the session's users are removed at its
-    end (other modules expect the session's alice to own a known set)."""
-    def entries() -> set[str]:
-        return set(os.listdir(host.vmdir)) if host.vmdir.is_dir() else set()
-    before = entries()
-    yield
-    for leaf in sorted(entries() - before):
-        if not leaf.startswith("."):
-            host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
 
 
 # The user's code: wait for a 'kvmshell start' of its own (the one root's

@@ -75,24 +75,19 @@ def json_verbs() -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def placeholder(kind: str) -> str:
-    """What an option's value is called on the page (QEMU's own words where
-    it has them: a file is FILE, a geometry c,h,s[,t])."""
-    from kvmshell.common import optable as t
-    names = {t.DISK: "FILE", t.CDROM: "FILE", t.BLOB: "FILE", t.STATE: "FILE",
-             t.BOOT: "ORDER", t.CMDLINE: "CMDLINE", t.GEOMETRY: "c,h,s[,t]",
-             t.VNC: "DISPLAY", t.MEGS: "MIB", t.NET: "SPEC", t.USBDEV: "DEVICE",
-             t.DIR: "DIR", t.REDIR: "REDIR", t.BALLOON: "MODEL"}
-    return names.get(kind, kind.upper())
-
-
 def _options(cls: str) -> str:
     from kvmshell.common import optable
     rows = []
     for o in optable.TABLE:
         if o.cls != cls or o.gone:
             continue
-        term = literal(o.name) + (f" *{text(placeholder(o.kind))}*" if o.arity else "")
+        term = literal(o.name)
+        value = optable.value_name(o)
+        if value:
+            # As help shows it (optable.usage): a placeholder in italics, a
+            # word typed as it stands literal, an optional value in brackets.
+            shown = literal(value) if value.isalpha() and value.islower() else f"*{text(value)}*"
+            term += f" [{shown}]" if o.arity == optable.OPTIONAL else f" {shown}"
         body = text(o.help)
         if o.example is not None:
             body += f" (for example ``{o.name} {o.example}``)"

@@ -301,6 +301,29 @@ def module_vms_removed(host: Host) -> Iterator[None]:
             host.kvmadm("remove", leaf.split(".", 1)[0], "--purge", check=False)
 
 
+@pytest.fixture(scope="session")
+def manpages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The man pages as ``make man`` builds them (man/mkman.py), by name."""
+    out = tmp_path_factory.mktemp("man")
+    r = subprocess.run(["/usr/bin/python3", str(REPO / "man" / "mkman.py"), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return {p.name: p for p in out.iterdir()}
+
+
+def render_man(page: Path) -> str:
+    """*page* as man(1) shows it (200 columns), after groff and man found
+    nothing to warn about."""
+    r = subprocess.run(["groff", "-man", "-ww", "-z", "-Tutf8", str(page)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = subprocess.run(["man", "--warnings", "-l", "-P", "cat", str(page)],
+                       env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "MANWIDTH": "200"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return r.stdout
+
+
 def kill_all(user: User) -> None:
     for pid in user.qemu_pids():
         try:

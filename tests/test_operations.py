@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import KVMADM, KVMSHELL, REPO, Host, User, kill_all, wait_for
+from conftest import KVMADM, KVMSHELL, REPO, Host, User, kill_all, render_man, wait_for
 from kvmshell.common import auditlog
 from kvmshell.common import autostart as autostart_files
 
@@ -426,44 +426,24 @@ def test_json_file_names_that_are_not_utf8(host: Host, alice: User) -> None:
 
 # ---- man pages, completion, systemd unit -----------------------------------
 
-@pytest.fixture(scope="module")
-def manpages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("man")
-    r = subprocess.run(["/usr/bin/python3", str(REPO / "man" / "mkman.py"), str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return {p.name: p for p in out.iterdir()}
-
-
-def _render(page: Path) -> str:
-    r = subprocess.run(["groff", "-man", "-ww", "-z", "-Tutf8", str(page)],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    r = subprocess.run(["man", "--warnings", "-l", "-P", "cat", str(page)],
-                       env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "MANWIDTH": "200"},
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    return r.stdout
-
-
 def test_man_pages_render_and_cover_the_tables(manpages: dict[str, Path]) -> None:
     from kvmshell.admin.kvmadm import COMMAND_HELP
     from kvmshell.common import config, optable
     from kvmshell.shell.context import VERBS
     assert set(manpages) == {"kvmshell.1", "kvmadm.8", "kvmshell.conf.5"}
-    user = _render(manpages["kvmshell.1"])
+    user = render_man(manpages["kvmshell.1"])
     for verb, (syn, _) in VERBS.items():
         assert re.search(rf"^ +{re.escape(verb)}\b.*$", user, re.M), verb
     for o in optable.TABLE:
         if o.cls == optable.USER:
             assert re.search(rf"^ +{re.escape(o.name)}\b", user, re.M), o.name
-    admin = _render(manpages["kvmadm.8"])
+    admin = render_man(manpages["kvmadm.8"])
     for cmd in COMMAND_HELP:
         assert re.search(rf"^ +{cmd}\b", admin, re.M), cmd
     for o in optable.TABLE:
         if o.cls == optable.ADMIN and not o.gone:
             assert re.search(rf"^ +{re.escape(o.name)}\b", admin, re.M), o.name
-    conf = _render(manpages["kvmshell.conf.5"])
+    conf = render_man(manpages["kvmshell.conf.5"])
     for key, default in config._DEFAULTS.items():
         assert re.search(rf"^ +{key}\b", conf, re.M), key
         assert f"Default: {default or 'empty'}." in " ".join(conf.split()), key

@@ -598,7 +598,7 @@ def test_config_only_from_the_admins_places(host: Host, alice: User) -> None:
             r = subprocess.run(u.argv(KVMSHELL, "--config", str(conf), "start", "u5b"),
                                env=u.env(), capture_output=True, text=True, timeout=60,
                                stdin=subprocess.DEVNULL)
-            assert r.returncode == 1 and why in r.stderr, (conf, r.stderr)
+            assert r.returncode == 2 and why in r.stderr, (conf, r.stderr)   # a refused word
             assert r.stderr.count("\n") == 1
         assert len(u.qemu_pids()) == 1
     finally:

@@ -494,10 +494,10 @@ def check_config(h: Host) -> Result:
     """kvmshell would take this config (only from /etc/kvmshell/, below root's
     directories: the VM user's own code may pick kvmshell's argv)."""
     from kvmshell.common import config
-    from kvmshell.common.errors import ConfigError
+    from kvmshell.common.errors import RefusedFile
     try:
         config.check_place(h.cfg.path)
-    except ConfigError as exc:
+    except RefusedFile as exc:
         return Result(FAIL, f"kvmshell refuses it: {exc.message}",
                       f"move it to {config.DEFAULT_PATH} (and the ForceCommand line's --config)")
     return Result(PASS, f"{h.cfg.path}, in a place kvmshell takes a config from")

@@ -56,8 +56,7 @@ CHANGES = frozenset({"create", "set", "remove", "adduser", "setkey", "refresh"})
 # counts too).
 TREE_CHANGES = frozenset({"create", "set", "remove"})
 
-USAGE = "\n".join(f"    kvmadm [--config PATH] {c} {syn}".rstrip()
-                  for c, (syn, _) in COMMAND_HELP.items())
+USAGE = "usage: kvmadm [--config PATH] COMMAND [ARGS...]"
 
 # Fields the running command adds to its audit record (vm, owner, options...).
 _NOTE: dict[str, str] = {}
@@ -71,6 +70,26 @@ def _out(text: str) -> None:
 
 def _err(line: str) -> None:
     sys.stderr.write(f"kvmadm: {printable(line, backslash=False)}\n")
+
+
+def help_text(command: str | None = None) -> str:
+    """``kvmadm help [COMMAND]``: every command of :data:`COMMAND_HELP` with
+    its summary, or one command; ``create`` and ``set`` also list the admin
+    options (the option table's admin class).  Raises UsageError for a
+    command that does not exist."""
+    from kvmshell.common import helptext, optable
+    if command is None:
+        return (f"{USAGE}\ncommands:\n"
+                + helptext.table([(f"{c} {syn}".rstrip(), summary)
+                                  for c, (syn, summary) in COMMAND_HELP.items()])
+                + "\n'kvmadm help COMMAND' shows one command ('help create': the admin options).")
+    if command not in COMMAND_HELP:
+        raise UsageError(f"help: unknown command '{printable(command)}' (see 'kvmadm help')")
+    syn, summary = COMMAND_HELP[command]
+    text = f"usage: kvmadm [--config PATH] {command} {syn}".rstrip() + f"\n  {summary}"
+    if command in ("create", "set"):
+        text += "\nADMIN-OPTIONS:\n" + optable.option_help(optable.ADMIN)
+    return text
 
 
 def _split_dashdash(args: list[str]) -> tuple[list[str], list[str]]:
@@ -848,7 +867,7 @@ def complete(cword: int, words: list[str]) -> list[str]:
     elif cmd == "setkey":
         pool = users() if pos == 1 else [FILES] if pos == 2 else []
     elif cmd == "help":
-        pool = []
+        pool = list(COMMAND_HELP) if pos == 1 else []
     if pool == [FILES]:
         return pool
     return [w for w in pool if w.startswith(cur)]
@@ -875,13 +894,19 @@ def main(argv: list[str] | None = None) -> int:
     cmd_name = ""
     _NOTE.clear()
     try:
-        while args[:1] == ["--config"] and len(args) >= 2:
+        while args[:1] == ["--config"]:
+            if len(args) < 2 or not args[1] or args[1].startswith("-"):
+                raise UsageError(f"--config: missing PATH ({USAGE})")
             path, args = args[1], args[2:]
-        if not args or args[0] not in COMMANDS:
-            if args and args[0] in ("help", "-h", "--help"):
-                _out("usage:\n" + USAGE)
-                return 0
-            raise UsageError(f"{args[0] if args else '(nothing)'}: unknown command\nusage:\n{USAGE}")
+        if args[:1] in (["help"], ["-h"], ["--help"]):
+            if len(args) > 2:
+                raise UsageError(f"{args[2]}: unexpected argument to 'help'")
+            _out(help_text(args[1] if len(args) == 2 else None))
+            return 0
+        if not args:
+            raise UsageError("no command given (see 'kvmadm help')")
+        if args[0] not in COMMANDS:
+            raise UsageError(f"unknown command '{printable(args[0])}' (see 'kvmadm help')")
         cmd_name = args[0]
         cmd = COMMANDS[cmd_name]
         if os.geteuid() != 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell.common.errors import ConfigError
+from kvmshell.common.errors import ConfigError, RefusedFile
 
 DEFAULT_DIR = "/etc/kvmshell"
 DEFAULT_PATH = DEFAULT_DIR + "/kvmshell.conf"
@@ -279,17 +279,18 @@ def check_place(path: str, dirs: tuple[str, ...] = USER_CONFIG_DIRS) -> None:
 
     Why: a config names the limits (0 means none), the tree and the image
     directories, so kvmshell honours only one the admin placed, however its
-    argv was chosen.  Raises ConfigError."""
+    argv was chosen.  Raises RefusedFile (exit status 2, as every refused
+    word of a command line): the path is the ``--config`` word's."""
     if (not path.startswith("/") or os.path.normpath(path) != path
             or not any(path.startswith(d + "/") for d in dirs)):
-        raise ConfigError(f"config {path}: kvmshell takes a config only from "
+        raise RefusedFile(f"config {path}: kvmshell takes a config only from "
                           + " or ".join(d + "/" for d in dirs))
     # Why: /etc/kvmshell also holds other root files whose keys are config
     # keys (budgets/groups/G.conf): in the admin's place only a *.conf file
     # directly in it is a host config.
     if path.startswith(DEFAULT_DIR + "/") and (os.path.dirname(path) != DEFAULT_DIR
                                                or not path.endswith(".conf")):
-        raise ConfigError(f"config {path}: in {DEFAULT_DIR}/ kvmshell takes only a *.conf "
+        raise RefusedFile(f"config {path}: in {DEFAULT_DIR}/ kvmshell takes only a *.conf "
                           "file directly in it")
     parent = "/"
     for comp in path.split("/")[1:-1]:
@@ -299,7 +300,7 @@ def check_place(path: str, dirs: tuple[str, ...] = USER_CONFIG_DIRS) -> None:
         except FileNotFoundError:
             return          # and so is the file: load() says so
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-            raise ConfigError(f"config {path}: {parent} must be a directory owned by root "
+            raise RefusedFile(f"config {path}: {parent} must be a directory owned by root "
                               "and not group/world-writable")
 
 
@@ -324,7 +325,8 @@ def load(path: str = DEFAULT_PATH, *, require_root: bool = True,
          places: tuple[str, ...] | None = None) -> Config:
     """Read and validate the host config; a missing default file means
     defaults.  *places*: the directories the path must be in (see
-    :func:`check_place`); None for root's own tools."""
+    :func:`check_place`); None for root's own tools.  Raises ConfigError,
+    or RefusedFile for a path outside *places*."""
     if places is not None:
         check_place(path, places)
     values = dict(_DEFAULTS)

@@ -8,7 +8,7 @@ KVMSHELL_DEBUG is set by the admin in the ForceCommand line).
     KvmshellError                  exit 1 unless said otherwise
     +-- UsageError                 exit 2: the request itself is refused
     |   +-- RefusedOption          an option not in the user class
-    |   +-- RefusedFile            a file outside the allowed places
+    |   +-- RefusedFile            a file outside the allowed places (a --config too)
     |   +-- NotYours               a VM the caller does not own
     +-- ConfigError                the host config is wrong (admin must fix)
     +-- TreeError                  the VM tree is broken (admin must fix)
@@ -47,7 +47,8 @@ class RefusedOption(UsageError):
 
 
 class RefusedFile(UsageError):
-    """A file name or file that falls outside the user's allowed places."""
+    """A file name or file that falls outside the user's allowed places, or
+    a ``--config`` outside the admin's (common/config.py check_place)."""
 
 
 class NotYours(UsageError):

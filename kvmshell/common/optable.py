@@ -182,7 +182,7 @@ TABLE: tuple[Option, ...] = (
     # The NoCloud seed is a wrapper-owned drive: its argv comes from
     # kvmshell.shell.cloudinit, not from this table.
     Option("-cloud-init", OPTIONAL, CLOUDINIT, USER, (),
-           help="[new] (kvmshell extension) attach a cloud-init NoCloud seed: your SSH keys,"
+           help="(kvmshell extension) attach a cloud-init NoCloud seed: your SSH keys,"
                 " hostname = VM name; 'new' gives the guest a new instance-id (first boot again)",
            example="new", origin=EXTENSION),
     Option("-user-data", 1, USERDATA, USER, (),
@@ -249,8 +249,8 @@ TABLE: tuple[Option, ...] = (
     # kvmshell's own too: where the VM may run when hosts share the tree
     # (docs/multihost.md); kvmadm checks the names against the host list.
     Option("-host", 1, HOSTS, ADMIN, (), origin=EXTENSION,
-           help="run only on these hosts of the host list (NAME[,NAME...]); "
-                "default: any, by the placement rule", example="node1,node2"),
+           help="run only on these hosts of the host list; default: any, by the placement rule",
+           example="node1,node2"),
     # ---- Options that are not used ---------------------------------------
     Option("-hdc", 1, ANY, UNUSED),
     Option("-hdd", 1, ANY, UNUSED),
@@ -336,11 +336,38 @@ def check_file_name(token: str, value: str) -> str:
     return value
 
 
+# What an option's value is called in help and in the man pages: QEMU's
+# own words where it has them (a file is FILE, a geometry c,h,s[,t]).  A
+# lower-case word is a value typed as it stands ('-cloud-init new').
+VALUE_NAMES = {DISK: "FILE", CDROM: "FILE", BLOB: "FILE", STATE: "FILE", USERDATA: "FILE",
+               BOOT: "ORDER", CMDLINE: "CMDLINE", GEOMETRY: "c,h,s[,t]", VNC: "DISPLAY",
+               MEGS: "MIB", NET: "SPEC", USBDEV: "DEVICE", DIR: "DIR", REDIR: "REDIR",
+               BALLOON: "MODEL", CLOUDINIT: "new", CPUS: "N", MACHINE: "TYPE", CPUMODEL: "MODEL",
+               DISKIF: "BUS", HOSTS: "NAME[,NAME...]"}
+
+
+def value_name(opt: Option) -> str:
+    """What *opt*'s value is called (:data:`VALUE_NAMES`, else its kind in
+    capitals); '' for an option that takes none."""
+    return VALUE_NAMES.get(opt.kind, opt.kind.upper()) if opt.arity else ""
+
+
+def usage(opt: Option) -> str:
+    """*opt* as help and the man pages show it: ``-snapshot``, ``-hda FILE``,
+    and an optional value in brackets, ``-cloud-init [new]``."""
+    value = value_name(opt)
+    if not value:
+        return opt.name
+    return f"{opt.name} [{value}]" if opt.arity == OPTIONAL else f"{opt.name} {value}"
+
+
+def option_help(cls: str) -> str:
+    """The options of class *cls* (USER or ADMIN; not those that are gone)
+    as a help table (common/helptext.py): usage, then the help text."""
+    from kvmshell.common import helptext
+    return helptext.table([(usage(o), o.help) for o in TABLE if o.cls == cls and not o.gone])
+
+
 def user_help() -> str:
-    """The user options, one line each: name, value kind, help text."""
-    lines = []
-    for o in TABLE:
-        if o.cls == USER:
-            arg = {0: "", OPTIONAL: ""}.get(o.arity, " " + o.kind.upper())
-            lines.append(f"  {o.name}{arg:<10} {o.help}")
-    return "\n".join(lines)
+    """The user options as a help table (``help start``)."""
+    return option_help(USER)

@@ -61,7 +61,7 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         _out("usage: start [VM] [OPTIONS...]\noptions users may set:\n" + optable.user_help())
         _out(f"FILE: a name in your VM directory, or an absolute path in an image directory;\n"
              f"  letters, digits and '._+-' between slashes, at most {optable.COMPONENT_MAX}"
-             f" characters there and {optable.PATH_MAX} in all")
+             f" characters there\n  and {optable.PATH_MAX} in all")
         return 0
     if args and args[0] == "console":
         from kvmshell.shell import console
@@ -77,9 +77,9 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         if args[0] in ("upload", "save", "rm", "images"):
             _out(_names_help())
         return 0
-    _out("kvmshell: commands:")
-    for verb, (syn, summary) in VERBS.items():
-        _out(f"  {verb + ' ' + syn:<28} {summary}")
+    from kvmshell.common import helptext
+    _out("kvmshell: commands:\n" + helptext.table([(f"{verb} {syn}".rstrip(), summary)
+                                                  for verb, (syn, summary) in VERBS.items()]))
     _out("VM may be left out when you own exactly one VM.  'help start' lists options.")
     _out(_names_help())
     return 0

@@ -79,17 +79,34 @@ def parse_port(word: str) -> int:
     return int(word)
 
 
+MISSING_PORT = "connect: missing PORT (usage: connect [VM] PORT)"
+
+
 def parse_args(args: list[str]) -> tuple[str | None, int]:
-    """``[VM] PORT`` -> (VM name or None, port)."""
+    """``[VM] PORT`` -> (VM name or None, port).  Raises UsageError; a lone
+    word that is a VM name and not a number is a missing PORT, as ``connect
+    myvm`` means."""
     if len(args) == 1:
+        if not args[0].isdigit() and _vm_name(args[0]):
+            raise UsageError(MISSING_PORT)
         return None, parse_port(args[0])
     if len(args) == 2:
         if args[0].startswith("-"):
             raise UsageError(f"{args[0]}: unexpected option to 'connect'")
         return args[0], parse_port(args[1])
     if not args:
-        raise UsageError("connect: missing PORT (connect [VM] PORT)")
+        raise UsageError(MISSING_PORT)
     raise UsageError(f"{args[2]}: unexpected argument to 'connect'")
+
+
+def _vm_name(word: str) -> bool:
+    """Could *word* be a VM's name (common/vmid.py)?"""
+    from kvmshell.common import vmid
+    try:
+        vmid.check_name(word)
+    except UsageError:
+        return False
+    return True
 
 
 def check_allowed(cfg: "Config", port: int) -> None:

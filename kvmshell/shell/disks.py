@@ -63,13 +63,14 @@ SNAPSHOT_VERBS = {"list": ("DISK", 1, "list a qcow2 disk's snapshots"),
 
 def help_text() -> str:
     """'help disk': every disk and snapshot sub-verb, from the tables."""
-    lines = ["usage: disk SUBVERB [VM] ...  and  snapshot SUBVERB [VM] DISK [TAG]"]
-    for verb, table in (("disk", DISK_VERBS), ("snapshot", SNAPSHOT_VERBS)):
-        for sub, (syn, _n, summary) in table.items():
-            lines.append(f"  {verb} {sub} [VM] {syn:<14} {summary}")
-    lines.append("SIZE: bytes, or a number with K, M, G or T (binary units).  "
-                 "Disks count their virtual size against your image quota.")
-    return "\n".join(lines)
+    from kvmshell.common import helptext
+    rows = [(f"{verb} {sub} [VM] {syn}", summary)
+            for verb, table in (("disk", DISK_VERBS), ("snapshot", SNAPSHOT_VERBS))
+            for sub, (syn, _n, summary) in table.items()]
+    return ("usage: disk SUBVERB [VM] ...  and  snapshot SUBVERB [VM] DISK [TAG]\n"
+            + helptext.table(rows) + "\n"
+            "SIZE: bytes, or a number with K, M, G or T (binary units).  Disks count\n"
+            "  their virtual size against your image quota.")
 
 
 def parse_size(verb: str, text: str) -> int:

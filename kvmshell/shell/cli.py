@@ -501,7 +501,8 @@ def _own_options(args: list[str]) -> tuple[str, list[str]]:
     path = DEFAULT_PATH
     while args and args[0] == "--config":
         if len(args) < 2:
-            raise UsageError("--config: missing path")
+            raise UsageError("--config: missing PATH "
+                             "(usage: kvmshell [--config PATH] VERB [ARGS...])")
         path, args = args[1], args[2:]
     return path, args
 

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import (KVMSHELL, MARKER, NETHELPER, Host, User, console_log, kill_all,
                       sudoers_text, wait_for)
-from kvmshell.common import adminopts, guestnet
+from kvmshell.common import adminopts, guestnet, vmid
 from kvmshell.privileged import nethelper as helper
 from kvmshell.common.errors import RefusedOption
 
@@ -191,9 +191,9 @@ def test_tap_names_deterministic_unique_short() -> None:
     import string
     names = {guestnet.tap_name("/v", f"vm{i}", j) for i in range(200) for j in range(guestnet.MAX_TAPS)}
     assert len(names) == 200 * guestnet.MAX_TAPS
-    vm_names = [f"{'x' * 31}{c}" for c in helper._NAME_REST] \
+    vm_names = [f"{'x' * 31}{c}" for c in vmid._NAME_REST] \
         + [f"collide-under-truncation-{i:07d}" for i in range(2000)]
-    assert all(len(n) <= helper.NAME_MAX for n in vm_names)
+    assert all(len(n) <= vmid.NAME_MAX for n in vm_names)
     many = {guestnet.tap_name(d, n, j) for d in ("/v", "/var/lib/kvmshell/vms")
             for n in vm_names for j in (0, guestnet.MAX_TAPS - 1)}
     assert len(many) == 2 * len(vm_names) * 2

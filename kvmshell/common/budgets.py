@@ -26,7 +26,8 @@ Each key is resolved on its own, so a user file that sets only
 ``BUDGETS`` is the ``budgets`` setting (default ``/etc/kvmshell/budgets``).
 The files have kvmshell.conf's format (``key = value``, ``#`` comments,
 unknown keys are errors) and must be regular files owned by root and not
-group/world-writable; a file that is not is an error, never skipped.
+group/world-writable, of at most :data:`MAX_FILE_BYTES` bytes; a file that
+is not is an error, never skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import os
 import stat
 
 from kvmshell.common.errors import ConfigError
+from kvmshell.common.rootfile import read_root_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from kvmshell.common.vmtree import VM
 
 KEYS = ("max_running", "max_ram_mib", "max_vcpus", "max_image_bytes")
+MAX_FILE_BYTES = 65536     # a budget file's size cap (a larger one is refused)
 # What the kernel allows one running VM beyond its guest RAM: QEMU's code,
 # heap and thread stacks (~100 MiB measured for a TCG guest) and the TCG
 # translation buffer (128 MiB, see shell/limits.py), with headroom.
@@ -79,26 +82,17 @@ def read_file(path: str) -> dict[str, int] | None:
     """The budgets one root-owned file sets, or None if there is no file.
 
     Raises:
-        ConfigError: the file is not a root-owned regular file, or a line is
+        ConfigError: the file is not a root-owned regular file or is over
+            :data:`MAX_FILE_BYTES` bytes
+            (:func:`~kvmshell.common.rootfile.read_root_file`), or a line is
             not ``key = number`` with a key of :data:`KEYS`.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    # Why root's: a budget file a user could write would let them grant themselves more.
+    data = read_root_file(path, MAX_FILE_BYTES, "budget file")
+    if data is None:
         return None
-    except OSError as exc:
-        raise ConfigError(f"cannot read budget file {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != 0 or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
-            # Why: a budget file a user could write would let them grant themselves more.
-            raise ConfigError(f"budget file {path} must be a regular file owned by root and "
-                              "not group/world-writable (admin: chown root:root; chmod 644)")
-        data = os.read(fd, 65536).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
     out: dict[str, int] = {}
-    for lineno, raw in enumerate(data.splitlines(), 1):
+    for lineno, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -12,9 +12,11 @@ import os
 import stat
 
 from kvmshell.common.errors import ConfigError, RefusedFile
+from kvmshell.common.rootfile import read_root_file
 
 DEFAULT_DIR = "/etc/kvmshell"
 DEFAULT_PATH = DEFAULT_DIR + "/kvmshell.conf"
+MAX_BYTES = 65536                  # the config's size cap (a larger file is refused)
 # Where kvmshell (run by the VM user, whose code may pick its argv) takes a
 # config from: the admin's directory, and the place of the test suite's and
 # the benchmarks' own trees.  Only root can create either (/etc and /run are
@@ -325,31 +327,26 @@ def load(path: str = DEFAULT_PATH, *, require_root: bool = True,
          places: tuple[str, ...] | None = None) -> Config:
     """Read and validate the host config; a missing default file means
     defaults.  *places*: the directories the path must be in (see
-    :func:`check_place`); None for root's own tools.  Raises ConfigError,
-    or RefusedFile for a path outside *places*."""
+    :func:`check_place`); None for root's own tools.  *require_root* False:
+    any owner and mode (tests reading a checkout's file).
+
+    Raises:
+        RefusedFile: the path is outside *places*.
+        ConfigError: the file is missing (but the default), not a regular
+            file of root's, over :data:`MAX_BYTES` bytes
+            (:func:`~kvmshell.common.rootfile.read_root_file`), or a setting
+            is unknown or invalid.
+    """
     if places is not None:
         check_place(path, places)
     values = dict(_DEFAULTS)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
+    # Why root's: a config the user can write would let them widen image_dirs.
+    data = read_root_file(path, MAX_BYTES, "config", require_root=require_root)
+    if data is None:
         if path == DEFAULT_PATH:
             return Config(path, values)
-        raise ConfigError(f"cannot read config {path}: no such file") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if require_root and (st.st_uid != 0 or st.st_mode & 0o022
-                             or not stat.S_ISREG(st.st_mode)):
-            # Why: a config the user can write would let them widen image_dirs.
-            raise ConfigError(
-                f"config {path} must be a regular file owned by root and not "
-                "group/world-writable (admin: chown root:root; chmod 644)")
-        data = os.read(fd, 65536).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-    for lineno, raw in enumerate(data.splitlines(), 1):
+        raise ConfigError(f"cannot read config {path}: no such file")
+    for lineno, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -14,11 +14,9 @@ is routed, and a ``-host`` pin is refused.
 
 from __future__ import annotations
 
-import os
-import stat
-
 from kvmshell.common.config import Config, is_host_name
 from kvmshell.common.errors import ConfigError
+from kvmshell.common.rootfile import read_root_file
 
 _ADDR = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.:")
 MAX_BYTES = 65536
@@ -32,24 +30,14 @@ def is_name(name: str) -> bool:
 def load(cfg: Config, *, need_self: bool = True) -> dict[str, str] | None:
     """The host list, NAME -> ADDRESS in the file's order; None when the
     file does not exist (one host).  Raises ConfigError for a file that is
-    not root's, or a bad line (naming it)."""
+    not root's or is over :data:`MAX_BYTES` bytes
+    (:func:`~kvmshell.common.rootfile.read_root_file`), or a bad line
+    (naming it)."""
     path = cfg.hosts_file
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    # Why root's: the list decides where a user's command is carried.
+    data = read_root_file(path, MAX_BYTES, "host list")
+    if data is None:
         return None
-    except OSError as exc:
-        raise ConfigError(f"host list {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != 0 or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"host list {path} must be a regular file owned by root and "
-                              "not group/world-writable (admin: chown root:root; chmod 644)")
-        data = os.read(fd, MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise ConfigError(f"host list {path}: over {MAX_BYTES} bytes")
     out: dict[str, str] = {}
     for lineno, raw in enumerate(data.decode("ascii", "replace").splitlines(), 1):
         line = raw.partition("#")[0].split()

@@ -51,9 +51,8 @@ import sys
 
 from kvmshell.common import budgets, cgroups
 from kvmshell.common.errors import KvmshellError
-from kvmshell.privileged import guard
+from kvmshell.privileged import caller, guard
 from kvmshell.privileged.guard import Failed, Refused, log
-from kvmshell.privileged.nethelper import _ENV_OK, _NAME_FIRST, _NAME_REST, NAME_MAX
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -69,25 +68,10 @@ BUSCTL = "/usr/bin/busctl"
 # ---- the caller and the request --------------------------------------------
 
 def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
-    """Return (verb, VM name, caller uid) or raise Refused."""
-    if os.getuid() != 0 or os.geteuid() != 0:
-        raise Refused("must be run as root through sudo")
-    uid_s = env.get("SUDO_UID", "")
-    if not uid_s.isdigit() or not uid_s.isascii() or len(uid_s) > 10:
-        raise Refused("must be run through sudo (no SUDO_UID)")
-    extra = sorted(k for k in env if k not in _ENV_OK and not k.startswith("LC_"))
-    if extra:
-        raise Refused(f"unexpected environment variable {extra[0][:40]!r}")
-    if len(argv) != 3:
-        raise Refused(f"usage: {PROG} attach VM (got {max(len(argv) - 1, 0)} arguments)")
-    verb, name = argv[1], argv[2]
-    if verb not in VERBS:
-        raise Refused(f"unknown verb {verb[:20]!r} (attach)")
-    if not 1 <= len(name) <= NAME_MAX:
-        raise Refused(f"invalid VM name (1 to {NAME_MAX} characters)")
-    if name[0] not in _NAME_FIRST or any(c not in _NAME_REST for c in name):
-        raise Refused(f"invalid VM name {name!r}")
-    return verb, name, int(uid_s)
+    """Return (verb, VM name, caller uid) or raise Refused (kvmshell.privileged.caller)."""
+    uid = caller.sudo_caller(env)
+    verb, name = caller.request(argv, PROG, "attach VM", VERBS)
+    return verb, caller.vm_name(name), uid
 
 
 def _uids(pid: int) -> list[int]:
@@ -250,17 +234,11 @@ def attach_systemd(uid: int, name: str, pid: int, pidfd: int) -> str:
 # ---- the verb ----------------------------------------------------------------------
 
 def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> int:
-    from kvmshell.common.config import load
-    from kvmshell.privileged.nethelper import resolve
-
     verb, name, uid = check_request(argv, env)
     guard.hold_slot(PROG, uid)
     who = f"uid={uid} {verb} {name}"
-    try:
-        cfg = load(config)
-    except KvmshellError as exc:
-        raise Failed(exc.message) from exc
-    resolve(cfg.vmdir, name, uid)      # the VM exists and is the caller's
+    cfg = caller.host_config(config)
+    caller.owned_vm(cfg.vmdir, name, uid)     # the VM exists and is the caller's
     how = cgroups.mode(cfg)
     if how == "off":
         raise Refused("kernel budgets are off on this host (cgroup = off)")

@@ -19,7 +19,16 @@ caller likes.  So, whatever the verb does (:func:`main`):
 * **syslog** (authpriv) has every refusal and failure, whatever became of
   the stderr line;
 * **at most** :data:`MAX_RUNS` runs of a helper at once per calling user
-  (:func:`hold_slot`, a lock taken without waiting).
+  (:func:`hold_slot`, a lock taken without waiting), for the helpers that
+  take a slot.
+
+A verb that ends by becoming another program (the relay helper: it drops
+to the user's uid and execs kvmshell, which may then stream a console for
+hours) returns an :class:`Exec`; the guard ends at that exec: the deadline
+is cancelled (an alarm would outlive the exec), stdout and stderr are the
+caller's again, the set-aside copies and the slot's lock close with the
+exec (close-on-exec).  The ignored stops stay ignored (a disposition
+``SIG_IGN`` survives an exec), as for a program sudo runs from a stub.
 
 Imports: the stdlib and the shared core's text escaping (every helper
 uses this module; see the import contracts in setup.cfg).
@@ -32,16 +41,27 @@ import signal
 import stat
 import sys
 import syslog
+from typing import NamedTuple
 
 from kvmshell.common.text import printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import NoReturn
 
 DEADLINE = 10                      # seconds, whatever the helper is doing
 MAX_RUNS = 4                       # concurrent runs of one helper per calling user
 RUNS_DIR = "/run/kvmshell-helpers"   # root-only: PROG.UID, one lock file each
+
+
+class Exec(NamedTuple):
+    """What a verb returns to become another program: execve's *path*,
+    *argv* and *env* (the whole environment)."""
+
+    path: str
+    argv: list[str]
+    env: dict[str, str]
 
 
 class Refused(Exception):
@@ -102,10 +122,12 @@ def _past_deadline(signum: int, frame: object) -> None:
     raise Failed(f"gave up after {DEADLINE} seconds")
 
 
-def main(prog: str, verb: "Callable[[int], int]") -> int:
+def main(prog: str, verb: "Callable[[int], int | Exec]", *, log_argv: bool = True) -> int:
     """Run *verb* (given the caller's stdout, set aside) as helper *prog*;
-    the exit status.  Refused and Failed become one line on stderr and in
-    syslog; anything else too, never a traceback."""
+    the exit status, or no return at all when the verb returns an
+    :class:`Exec` that succeeds.  Refused and Failed become one line on
+    stderr and in syslog; anything else too, never a traceback.
+    *log_argv* False keeps the arguments out of syslog (a credential)."""
     for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     syslog.openlog(prog, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
@@ -116,9 +138,11 @@ def main(prog: str, verb: "Callable[[int], int]") -> int:
     os.dup2(null, 1)
     os.dup2(null, 2)
     try:
-        status = verb(out_fd)
+        result = verb(out_fd)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)   # past the deadline from here: die
-        return status
+        if isinstance(result, Exec):
+            _exec(result, out_fd, err_fd)
+        return result
     except (Refused, Failed) as exc:
         msg = printable(str(exc).replace("\n", " "), backslash=False)
         status = exc.status
@@ -127,7 +151,20 @@ def main(prog: str, verb: "Callable[[int], int]") -> int:
     except BaseException as exc:  # never a traceback from a root program
         msg, status = f"internal error: {type(exc).__name__}", 1
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    log(f"uid={os.environ.get('SUDO_UID', '?')} argv={[a[:40] for a in sys.argv[1:4]]!r}: "
+    args = f" argv={[a[:40] for a in sys.argv[1:4]]!r}" if log_argv else ""
+    log(f"uid={os.environ.get('SUDO_UID', '?')}{args}: "
         f"{'refused' if status == 2 else 'failed'}: {msg}")
     say(err_fd, f"{prog}: {msg}\n".encode("utf-8", "replace")[:4096])
     return status
+
+
+def _exec(how: Exec, out_fd: int, err_fd: int) -> "NoReturn":
+    """Become *how*'s program, out of the guard: no deadline (the alarm is
+    cancelled: a pending one would outlive the exec and kill the program),
+    stdout and stderr the caller's again (the copies are close-on-exec).
+    Raises OSError when the exec fails (stdout and stderr stay the
+    caller's; the error line goes to *err_fd* all the same)."""
+    signal.alarm(0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.execve(how.path, how.argv, how.env)

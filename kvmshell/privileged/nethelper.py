@@ -2,10 +2,12 @@
 
 Whole input: ``up VM`` or ``down VM``.  Everything else it needs it finds
 itself, in places the caller cannot change: the host config at the fixed
-path :data:`CONFIG`, the root-owned VM tree named there, and the VM's
-identifier (the admin's word).  The caller is ``SUDO_UID``: sudo sets it,
-and only root can run this program at all (it is not setuid), so only sudo
-or root itself can have set it.
+path :data:`CONFIG` (read as kvmshell reads it:
+:func:`kvmshell.common.config.load`), the root-owned VM tree named there,
+and the VM's identifier (the admin's word).  The caller is ``SUDO_UID``,
+and the VM must be the caller's (:mod:`kvmshell.privileged.caller`: sudo
+sets it, and only root can run this program at all, so only sudo or root
+itself can have set it).
 
 ``up``   removes leftovers of an earlier run, creates one tap per ``-net tap``
          of the VM (names derived here, never given), attaches it to its
@@ -41,14 +43,12 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import struct
 import sys
 
-from kvmshell.common import adminopts, guestnet, vmid
+from kvmshell.common import adminopts, guestnet
 from kvmshell.common.errors import KvmshellError
-from kvmshell.common.text import printable
-from kvmshell.privileged import guard
+from kvmshell.privileged import caller, guard
 from kvmshell.privileged.guard import Failed, Refused, log
 
 TYPE_CHECKING = False
@@ -56,20 +56,8 @@ if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
 CONFIG = "/etc/kvmshell/kvmshell.conf"
-DEFAULT_VMDIR = "/var/lib/kvmshell/vms"
 PROG = "kvmshell-nethelper"
 VERBS = ("up", "down")
-NAME_MAX = vmid.NAME_MAX
-_NAME_FIRST = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-_NAME_REST = _NAME_FIRST + "_-"
-# What sudo (env_reset) may leave in the environment; anything else means
-# someone is trying to steer a root process, so it is refused.
-_ENV_OK = frozenset((
-    "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND", "SUDO_HOME", "SUDO_PS1",
-    "PATH", "HOME", "SHELL", "LOGNAME", "USER", "USERNAME", "MAIL", "TERM",
-    "LANG", "LANGUAGE", "TZ", "DISPLAY", "XAUTHORITY", "XAUTHORIZATION", "COLORS",
-    "LS_COLORS", "HOSTNAME", "PS1", "PS2", "KRB5CCNAME", "XDG_CURRENT_DESKTOP"))
-
 # linux/if_tun.h, linux/neighbour.h
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
@@ -80,87 +68,10 @@ ENODEV = 19
 # ---- the caller and the request --------------------------------------------
 
 def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
-    """Return (verb, VM name, caller uid) or raise Refused."""
-    if os.getuid() != 0 or os.geteuid() != 0:
-        raise Refused("must be run as root through sudo")
-    uid_s = env.get("SUDO_UID", "")
-    if not uid_s.isdigit() or not uid_s.isascii() or len(uid_s) > 10:
-        raise Refused("must be run through sudo (no SUDO_UID)")
-    extra = sorted(k for k in env if k not in _ENV_OK and not k.startswith("LC_"))
-    if extra:
-        raise Refused(f"unexpected environment variable {extra[0][:40]!r}")
-    if len(argv) != 3:
-        raise Refused(f"usage: {PROG} up|down VM (got {max(len(argv) - 1, 0)} arguments)")
-    verb, name = argv[1], argv[2]
-    if verb not in VERBS:
-        raise Refused(f"unknown verb {verb[:20]!r} (up or down)")
-    # Length and characters first, before the name touches any path
-    # (qemu-bridge-helper's CVE-2019-13164 was an unchecked length).
-    if not 1 <= len(name) <= NAME_MAX:
-        raise Refused(f"invalid VM name (1 to {NAME_MAX} characters)")
-    if name[0] not in _NAME_FIRST or any(c not in _NAME_REST for c in name):
-        raise Refused(f"invalid VM name {name!r}")
-    return verb, name, int(uid_s)
-
-
-def _read_root_file(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return ""
-    except OSError as exc:
-        raise Failed(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != 0 or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
-            raise Failed(f"{path} must be a root-owned file not writable by others")
-        return os.read(fd, 65536).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-
-
-def vmdir_of(config_text: str, config: str) -> str:
-    vmdir = DEFAULT_VMDIR
-    for raw in config_text.splitlines():
-        key, eq, value = raw.strip().partition("=")
-        if eq and key.strip() == "vmdir":
-            vmdir = value.strip()
-    if not vmdir.startswith("/") or "/../" in vmdir + "/" or "/./" in vmdir + "/":
-        raise Failed(f"vmdir {vmdir!r} in {config} is not a plain absolute path")
-    return vmdir.rstrip("/") or "/"
-
-
-def resolve(vmdir: str, name: str, uid: int) -> list[str]:
-    """Check the tree as kvmshell does; return the VM's admin words."""
-    try:
-        st = os.lstat(vmdir)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-            raise Failed(f"{vmdir} must be a root-owned directory not writable by others")
-        link = os.path.join(vmdir, name)
-        st = os.lstat(link)
-    except FileNotFoundError as exc:
-        raise Refused(f"no VM named {name!r}") from exc
-    if not stat.S_ISLNK(st.st_mode) or st.st_uid != 0:
-        raise Failed(f"{link} must be a root-owned symlink")
-    dirname = os.readlink(link)
-    if "/" in dirname or not dirname.startswith(name + "."):
-        raise Failed(f"{link} -> {printable(dirname)}: not this VM's directory")
-    try:
-        st = os.lstat(os.path.join(vmdir, dirname))
-    except FileNotFoundError as exc:
-        raise Failed(f"VM {name}: directory missing") from exc
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid == 0:
-        raise Failed(f"VM {name}: directory has the wrong type or owner")
-    if st.st_uid != uid:
-        # Why: the one check that stops a user wiring taps of someone else's VM.
-        raise Refused(f"VM {name!r} is not yours")
-    try:
-        decoded, words = vmid.decode(dirname)
-    except KvmshellError as exc:
-        raise Failed(f"VM {name}: {exc}") from exc
-    if decoded != name:
-        raise Failed(f"VM {name}: identifier names another VM")
-    return words
+    """Return (verb, VM name, caller uid) or raise Refused (kvmshell.privileged.caller)."""
+    uid = caller.sudo_caller(env)
+    verb, name = caller.request(argv, PROG, "up|down VM", VERBS)
+    return verb, caller.vm_name(name), uid
 
 
 def taps_of(vmdir: str, name: str, words: list[str]) -> list[guestnet.Tap]:
@@ -307,8 +218,8 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG, out_fd: int 
     verb, name, uid = check_request(argv, env)
     guard.hold_slot(PROG, uid)
     who = f"uid={uid} {verb} {name}"
-    vmdir = vmdir_of(_read_root_file(config), config)
-    taps = taps_of(vmdir, name, resolve(vmdir, name, uid))
+    vmdir = caller.host_config(config).vmdir
+    taps = taps_of(vmdir, name, caller.owned_vm(vmdir, name, uid))
     if verb == "down" and not any(_exists(tap.ifname) for tap in taps):
         # Nothing to delete: skip pyroute2's import (~0.2 s) altogether.
         log(f"{who}: done, 0 tap(s) removed")

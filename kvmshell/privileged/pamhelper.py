@@ -47,44 +47,35 @@ import os
 import pwd
 import sys
 
-from kvmshell.common import auth, config, username
+from kvmshell.common import auth, username
 from kvmshell.common.errors import KvmshellError
-from kvmshell.privileged import guard
+from kvmshell.privileged import caller, guard
 from kvmshell.privileged.guard import Failed, Refused, log
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kvmshell.common.config import Config
 
 CONFIG = "/etc/kvmshell/kvmshell.conf"
 PROG = "kvmshell-pamhelper"
 VERBS = ("auth",)
 PASSWORD_MAX = 1024
-# What sudo (env_reset) may leave in the environment; anything else means
-# someone is trying to steer a root process, so it is refused.
-_ENV_OK = frozenset((
-    "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND", "SUDO_HOME", "SUDO_PS1",
-    "PATH", "HOME", "SHELL", "LOGNAME", "USER", "USERNAME", "MAIL", "TERM",
-    "LANG", "LANGUAGE", "TZ", "HOSTNAME", "COLORS", "LS_COLORS"))
+# What sudo (env_reset) may leave in the environment, less what python-pam
+# would pass on to PAM (DISPLAY would become PAM_TTY) or none of this
+# helper's callers has: anything else is refused.
+_ENV_OK = caller.SUDO_ENV - {"DISPLAY", "XAUTHORITY", "XAUTHORIZATION", "PS1", "PS2",
+                             "KRB5CCNAME", "XDG_CURRENT_DESKTOP"}
 
 
 def check_request(argv: list[str], env: dict[str, str]) -> tuple[str, str, int]:
     """(user, address, caller uid) from a well-formed request; else Refused."""
-    if os.getuid() != 0 or os.geteuid() != 0:
-        raise Refused("must be run as root through sudo")
-    uid_s = env.get("SUDO_UID", "")
-    if not uid_s.isdigit() or not uid_s.isascii() or len(uid_s) > 10:
-        raise Refused("must be run through sudo (no SUDO_UID)")
-    # DISPLAY, among sudo's defaults, would become PAM_TTY in python-pam.
-    extra = sorted(k for k in env if k not in _ENV_OK and not k.startswith("LC_"))
-    if extra:
-        raise Refused(f"unexpected environment variable {extra[0][:40]!r}")
-    if len(argv) != 4:
-        raise Refused(f"usage: {PROG} auth USER ADDR (got {max(len(argv) - 1, 0)} arguments)")
-    verb, user, addr = argv[1:]
-    if verb not in VERBS:
-        raise Refused(f"unknown verb {verb[:20]!r} (auth)")
+    uid = caller.sudo_caller(env, _ENV_OK)
+    _verb, user, addr = caller.request(argv, PROG, "auth USER ADDR", VERBS)
     try:
         username.check_user_name(user)
     except KvmshellError as exc:
         raise Refused(exc.message) from exc
-    return user, parse_address(addr), int(uid_s)
+    return user, parse_address(addr), uid
 
 
 def parse_address(addr: str) -> str:
@@ -121,7 +112,7 @@ def read_password(fd: int) -> str:
         raise Refused("password is not UTF-8") from exc
 
 
-def web_uid(cfg: config.Config) -> int:
+def web_uid(cfg: "Config") -> int:
     try:
         return pwd.getpwnam(cfg.web.user).pw_uid
     except KeyError as exc:
@@ -130,30 +121,26 @@ def web_uid(cfg: config.Config) -> int:
 
 def in_group(user: str, group: str) -> bool:
     """*user* exists, is not root, and has *group* as its primary or a
-    supplementary group (as sudo's and sshd's ``Match Group`` see it)."""
+    supplementary group (:func:`kvmshell.privileged.caller.in_group`)."""
     try:
-        pw = pwd.getpwnam(user)
-        gr = grp.getgrnam(group)
+        return caller.in_group(pwd.getpwnam(user), grp.getgrnam(group))
     except KeyError:
         return False
-    if pw.pw_uid == 0:
-        return False
-    return pw.pw_gid == gr.gr_gid or user in gr.gr_mem
 
 
 def run(argv: list[str], env: dict[str, str], config_path: str = CONFIG, out_fd: int = 1) -> int:
-    user, addr, caller = check_request(argv, env)
+    user, addr, uid = check_request(argv, env)
+    cfg = caller.host_config(config_path)
     try:
-        cfg = config.load(config_path)
         service, group = cfg.web.pam_service, cfg.group
     except KvmshellError as exc:
         raise Failed(exc.message) from exc
-    if caller != web_uid(cfg):
+    if uid != web_uid(cfg):
         # Why: sudoers lets only the web user run this; a wider sudoers line
         # (an admin's mistake) must not turn it into a password oracle.
-        raise Refused(f"caller uid {caller} is not the web user {cfg.web.user!r}")
+        raise Refused(f"caller uid {uid} is not the web user {cfg.web.user!r}")
     password = read_password(0)
-    who = f"auth {user} from {addr} (caller uid {caller})"
+    who = f"auth {user} from {addr} (caller uid {uid})"
     ok, reason = auth.authenticate(user, password, service,
                                    rhost=None if addr == "-" else addr)
     member = in_group(user, group)

@@ -31,23 +31,33 @@ helper believes nothing the front door says but what MUNGE vouches for:
 
 Who may run it: the relay account (``relay_user``), through sudo; any
 other caller is refused.  Deny by default; every run goes to syslog
-(authpriv); an alarm of :data:`DEADLINE` seconds covers everything before
-the exec, and the exec gets stdout and stderr back only then.
+(authpriv).  Everything before the exec runs inside
+:mod:`kvmshell.privileged.guard`, as the other root helpers do (its
+deadline, stdout and stderr set aside, the one stderr line written only if
+it does not block, the job-control stops ignored); the guard ends at the
+exec: the deadline is cancelled and kvmshell gets stdout and stderr back
+(the exec'd kvmshell, the user's own process, may stream a console for
+hours).  It takes no per-user run slot: nothing of the caller's can hold
+its root part (it never reads stdin, writes only the non-blocking stderr
+line, waits only on this host's munged and the user and group
+databases), and the one user it could count, the credential's, is known
+only once munged has vouched for it, by when the root part is all but
+done; a bound per relay account would let one user's parallel commands
+refuse everyone's.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
-from kvmshell.privileged.guard import Failed, Refused, log, say
+from kvmshell.privileged import caller, guard
+from kvmshell.privileged.guard import Failed, Refused, log
 from kvmshell.privileged.relayclient import CRED_ENV, check_credential
 
 CONFIG = "/etc/kvmshell/kvmshell.conf"
 PROG = "kvmshell-relayd"
 LIBMUNGE = "libmunge.so.2"
-DEADLINE = 10
 WORDS_MAX = 256
 WORD_MAX = 4096
 RELAYED_ENV = "KVMSHELL_RELAYED"
@@ -122,7 +132,7 @@ def become(uid: int, group: str) -> str:
         raise Refused(f"uid {uid} is not a VM user here") from exc
     if uid == 0:
         raise Refused("uid 0: root is never relayed")
-    if pw.pw_name not in members.gr_mem and pw.pw_gid != members.gr_gid:
+    if not caller.in_group(pw, members):
         raise Refused(f"user {pw.pw_name} is not in {group}")
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setgid(pw.pw_gid)
@@ -134,17 +144,11 @@ def become(uid: int, group: str) -> str:
     raise Failed("could not drop root")
 
 
-def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> tuple[str, list[str], dict[str, str]]:
-    """Check the request, become the user; kvmshell's (path, argv, env) to exec."""
+def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> guard.Exec:
+    """Check the request, become the user; kvmshell's exec (path, argv, env)."""
     import pwd
-    from kvmshell.common import config as cfgmod
-    from kvmshell.common.errors import ConfigError
-    if os.getuid() != 0 or os.geteuid() != 0:
-        raise Refused("must be run as root through sudo")
-    try:
-        cfg = cfgmod.load(config)
-    except ConfigError as exc:
-        raise Failed(exc.message) from exc
+    caller.require_root()
+    cfg = caller.host_config(config)
     try:
         relay_uid = pwd.getpwnam(cfg.relay_user).pw_uid
     except KeyError as exc:
@@ -162,7 +166,8 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> tuple[str
     term = env.get("TERM", "")
     if 0 < len(term) <= 40 and term.replace("-", "").isalnum() and term.isascii():
         envp["TERM"] = term     # the console's terminal type, nothing else
-    return PYTHON, [PYTHON, "-IS", "-c", entry_code(), "--config", config, *words], envp
+    return guard.Exec(PYTHON, [PYTHON, "-IS", "-c", entry_code(), "--config", config, *words],
+                      envp)
 
 
 def entry_code() -> str:
@@ -181,28 +186,8 @@ def entry_code() -> str:
 
 
 def main(config: str = CONFIG) -> int:
-    import syslog
-    syslog.openlog(PROG, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-    signal.alarm(DEADLINE)
-    # stdout and stderr are the user's: nothing but the one refusal line
-    # (and, after the exec, kvmshell) writes there.
-    out_fd, err_fd = os.dup(1), os.dup(2)
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 1)
-    os.dup2(null, 2)
-    try:
-        path, args, envp = run(sys.argv, dict(os.environ), config)
-    except (Refused, Failed) as exc:
-        status, msg = exc.status, str(exc)
-    except Exception as exc:          # never a traceback from a root program
-        status, msg = 1, f"internal error: {type(exc).__name__}"
-    else:
-        signal.alarm(0)
-        os.dup2(out_fd, 1)
-        os.dup2(err_fd, 2)
-        os.execve(path, args, envp)
-    signal.alarm(0)
-    log(f"caller uid={os.environ.get('SUDO_UID', '?')}: "
-        f"{'refused' if status == 2 else 'failed'}: {msg}")
-    say(err_fd, f"{PROG}: {msg}\n".encode("utf-8", "replace")[:4096])
-    return status
+    """The helper's entry point (the installed stub calls it): on success it
+    becomes kvmshell and never returns; else the exit status.  The
+    arguments stay out of syslog (the one word may be a credential)."""
+    return guard.main(PROG, lambda _out: run(list(sys.argv), dict(os.environ), config),
+                      log_argv=False)

@@ -534,6 +534,23 @@ def test_helper_gives_up_at_its_deadline(alice: User) -> None:
     assert r.returncode == 1 and "gave up after 1 seconds" in r.stderr, r.stderr
 
 
+def test_the_guard_ends_at_the_exec() -> None:
+    """A verb that ends by becoming another program (the relay helper's
+    kvmshell, which may stream a console for hours) leaves the guard at
+    the exec: the program outlives the deadline (1 s here; a pending alarm
+    would kill it) and writes to the caller's own stdout and stderr."""
+    code = ("import sys\n"
+            f"sys.path.insert(0, {LIB!r})\n"
+            "from kvmshell.privileged import guard\n"
+            "guard.DEADLINE = 1\n"
+            "prog = ['/bin/sh', '-c', 'sleep 2; echo out; echo err >&2']\n"
+            "sys.exit(guard.main('kvmshell-test', lambda out: guard.Exec(prog[0], prog,"
+            " {'PATH': '/usr/bin:/bin'})))\n")
+    r = subprocess.run(["/usr/bin/python3", "-I", "-c", code], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=20)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "out\n", "err\n"), r
+
+
 @pytest.mark.network
 def test_helper_runs_per_user_are_bounded(net: Net, host: Host, alice: User) -> None:
     """With MAX_RUNS helper runs of the user already going (their slots held

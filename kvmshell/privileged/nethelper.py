@@ -20,10 +20,11 @@ itself can have set it).
          this helper being killed half way all clean up by themselves.
 ``down`` deletes the VM's taps (and so their addresses) if any remain.
 
-What runs as root is this module, the shared core it imports
-(:mod:`kvmshell.common`: the identifier, the admin option parser, the
-tap/MAC derivation, all re-run here on root-owned input) and pyroute2 for
-netlink.  It imports nothing from the user's side (an import contract in
+What runs as root is this module, the helpers' shared checks and
+envelope (:mod:`kvmshell.privileged.caller`, :mod:`kvmshell.privileged.guard`),
+the shared core it imports (:mod:`kvmshell.common`: the config, the
+identifier, the admin option parser, the tap/MAC derivation, all re-run
+here on root-owned input) and pyroute2 for netlink.  It imports nothing from the user's side (an import contract in
 setup.cfg, checked by the test suite, says so).  pyroute2's import costs
 about 0.2 s per ``up``: paid once per start of a VM with taps.
 

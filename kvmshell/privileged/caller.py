@@ -12,6 +12,7 @@ This module owns:
   deny-by-default table;
 * **a VM name** (:func:`vm_name`), checked before it touches any path,
   and **the VM's owner** (:func:`owned_vm`), read from the root-owned tree;
+* **the caller's socket** on a standard descriptor (:func:`unix_socket`);
 * **membership** of the VM users' group (:func:`in_group`);
 * **the host config** at the helper's fixed path, as kvmshell reads it
   (:func:`host_config`).
@@ -36,6 +37,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import grp
     import pwd
+    import socket
     from collections.abc import Mapping
 
     from kvmshell.common.config import Config
@@ -136,6 +138,21 @@ def owned_vm(vmdir: str, name: str, uid: int) -> list[str]:
     if decoded != name:
         raise Failed(f"VM {name}: identifier names another VM")
     return words
+
+
+def unix_socket(fd: int, which: str) -> "socket.socket":
+    """A socket object on a copy of the caller's descriptor *fd* (*which*:
+    ``stdin`` or ``stdout``), which must be a unix socket (kvmshell passes
+    one end of a socketpair); Refused otherwise.  The caller closes it."""
+    import socket
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise Refused(f"{which} must be a unix socket (kvmshell passes one)") from exc
+    if sock.family != socket.AF_UNIX:
+        sock.close()
+        raise Refused(f"{which} must be a unix socket (kvmshell passes one)")
+    return sock
 
 
 def in_group(pw: "pwd.struct_passwd", gr: "grp.struct_group") -> bool:

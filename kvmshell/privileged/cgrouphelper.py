@@ -85,13 +85,8 @@ def _uids(pid: int) -> list[int]:
 def caller_process(uid: int, fd: int = 0) -> tuple[int, int]:
     """(pid, pidfd) of the process that made the socketpair on *fd*, as the
     kernel recorded it; it must run as *uid* (real, effective, saved, fs)."""
+    sock = caller.unix_socket(fd, "stdin")
     try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError as exc:
-        raise Refused("stdin must be a unix socket (kvmshell passes one)") from exc
-    try:
-        if sock.family != socket.AF_UNIX:
-            raise Refused("stdin must be a unix socket (kvmshell passes one)")
         pid, puid, _gid = struct.unpack("3i", sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     finally:

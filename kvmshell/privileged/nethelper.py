@@ -50,7 +50,7 @@ import sys
 from kvmshell.common import adminopts, guestnet
 from kvmshell.common.errors import KvmshellError
 from kvmshell.privileged import caller, guard
-from kvmshell.privileged.guard import Failed, Refused, log
+from kvmshell.privileged.guard import Failed, log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -247,13 +247,8 @@ def _exists(ifname: str) -> bool:
 
 
 def _up_to_stdout(ipr: "IPRoute | None", taps: list[guestnet.Tap], who: str, out_fd: int) -> int:
+    out = caller.unix_socket(out_fd, "stdout")
     try:
-        out = socket.socket(fileno=os.dup(out_fd))
-    except OSError as exc:
-        raise Refused("stdout must be a unix socket (kvmshell passes one)") from exc
-    try:
-        if out.family != socket.AF_UNIX:
-            raise Refused("stdout must be a unix socket (kvmshell passes one)")
         if ipr is None:
             hand_over(out, [])
         else:

@@ -19,9 +19,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from multihostrig import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_DIR = Path(os.environ.get("KVMSHELL_GUEST", REPO / "build" / "guest"))
@@ -322,6 +325,27 @@ def render_man(page: Path) -> str:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     return r.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator["Cluster"]:
+    """The multihost rig (tests/multihostrig.py: three hosts, one tree,
+    users X and Y), one per module that asks, removed at the module's end."""
+    from multihostrig import cluster as make_cluster   # it imports this module
+    with make_cluster() as c:
+        yield c
+
+
+@pytest.fixture
+def bare_vm(cluster: "Cluster") -> Iterator[str]:
+    """A VM of X's on the multihost rig with no pin and no disk (QEMU
+    answers QMP at once); removed after the test, X's QEMUs killed."""
+    name = f"b{secrets.token_hex(3)}"
+    cluster.tree.create_vm(name, cluster.x, "-m", "64")
+    try:
+        yield name
+    finally:
+        cluster.remove_x_vms(name)
 
 
 def kill_all(user: User) -> None:

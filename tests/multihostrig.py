@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 # its tree and user helpers: the rig's cluster is the suite's, and the
 # benchmark's (bench/bench_multihost.py) is the same.
 from conftest import (KVMSHELL, REPO, Host, User, _drop_user,  # noqa: E402
-                      config_place)
+                      config_place, kill_all, wait_for)
 
 NAMES = ("hosta", "hostb", "hostc")
 SUBNET = "10.77.0"
@@ -427,6 +427,24 @@ class Cluster:
     def lease_record(self, vm: str) -> str:
         """VM *vm*'s owner record (``TOP/.leases/VM.host``), stripped."""
         return (self.tree.vmdir / ".leases" / f"{vm}.host").read_bytes().decode().strip()
+
+    def remove_x_vms(self, *names: str) -> None:
+        """Clean-up: every QEMU of X's killed (and gone), then VMs *names*
+        removed with their directories."""
+        kill_all(self.x)
+        wait_for(lambda: not self.x.qemu_pids(), 30, "QEMU gone")
+        for name in names:
+            self.tree.kvmadm("remove", name, "--purge")
+
+
+def ofd_lock(path: Path) -> int:
+    """An open file description of *path* holding a write lock (OFD) on
+    it, as another host's supervisor holds a lease; closing it frees it."""
+    import fcntl
+    import struct
+    fd = os.open(path, os.O_RDWR)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    return fd
 
 
 @contextlib.contextmanager

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from conftest import kill_all, wait_for
-from multihostrig import Cluster
-from multihostrig import cluster as make_cluster
+from conftest import wait_for
+from multihostrig import Cluster, ofd_lock
 
 pytestmark = [pytest.mark.multihost, pytest.mark.security]
 
@@ -51,28 +48,11 @@ sys.stdin.read()                    # until the test closes stdin
 """
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with make_cluster() as c:
-        yield c
-
-
-@pytest.fixture
-def bare_vm(cluster: Cluster) -> Iterator[str]:
-    name = f"b{secrets.token_hex(3)}"
-    cluster.tree.create_vm(name, cluster.x, "-m", "64")
-    try:
-        yield name
-    finally:
-        kill_all(cluster.x)
-        wait_for(lambda: not cluster.x.qemu_pids(), 30, "QEMU gone")
-        cluster.tree.kvmadm("remove", name, "--purge")
+# cluster (one per module) and bare_vm: tests/conftest.py
 
 
 def _hold_lease(path: Path, host: str) -> int:
-    import fcntl
-    fd = os.open(path, os.O_RDWR)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+    fd = ofd_lock(path)
     (path.parent / f"{path.name}.host").write_bytes(
         f"host={host} pid=4242 boot_id=abc started=1".encode().ljust(255) + b"\n")
     return fd

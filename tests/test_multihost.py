@@ -21,9 +21,8 @@ from typing import Iterator
 
 import pytest
 
-from conftest import KVMSHELL, MARKER, User, config_place, console_log, kill_all, wait_for
-from multihostrig import NAMES, Cluster, Rig
-from multihostrig import cluster as make_cluster
+from conftest import KVMSHELL, MARKER, User, config_place, console_log, wait_for
+from multihostrig import NAMES, Cluster, Rig, ofd_lock
 
 pytestmark = pytest.mark.multihost
 
@@ -54,23 +53,7 @@ def test_rig_hosts_and_cleanup() -> None:
     assert not rig.dir.exists()
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    with make_cluster() as c:
-        yield c
-
-
-@pytest.fixture
-def bare_vm(cluster: Cluster) -> Iterator[str]:
-    """A VM of X's with no pin and no disk (QEMU answers QMP at once)."""
-    name = f"b{secrets.token_hex(3)}"
-    cluster.tree.create_vm(name, cluster.x, "-m", "64")
-    try:
-        yield name
-    finally:
-        kill_all(cluster.x)
-        wait_for(lambda: not cluster.x.qemu_pids(), 30, "QEMU gone")
-        cluster.tree.kvmadm("remove", name, "--purge")
+# cluster (one per module) and bare_vm: tests/conftest.py
 
 
 # ---- one owner per VM ---------------------------------------------------------
@@ -99,13 +82,6 @@ def test_double_start_from_three_hosts(cluster: Cluster, bare_vm: str) -> None:
     assert len(cluster.x.qemu_pids()) == 1
 
 
-def _ofd_lock(path: Path) -> int:
-    import fcntl
-    fd = os.open(path, os.O_RDWR)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
-    return fd
-
-
 def test_lease_alone_decides(cluster: Cluster, bare_vm: str) -> None:
     """The lease, held by another host (here: a process of the test's,
     with that host's record) refuses a start naming that host, though this
@@ -118,7 +94,7 @@ def test_lease_alone_decides(cluster: Cluster, bare_vm: str) -> None:
     st = record.stat()
     assert (st.st_uid, st.st_mode & 0o7777, st.st_size) == (cluster.x.uid, 0o644, 0)
     assert path.parent.stat().st_uid == 0
-    fd = _ofd_lock(path)
+    fd = ofd_lock(path)
     try:
         record.write_bytes(b"host=hostc pid=4242 boot_id=abc started=1".ljust(255) + b"\n")
         r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")
@@ -162,8 +138,7 @@ def test_route_pinned_start_and_status(cluster: Cluster) -> None:
         assert r.returncode == 0, r.stderr
         assert cluster.x.qemu_pids() == []
     finally:
-        kill_all(cluster.x)
-        cluster.tree.kvmadm("remove", name, "--purge")
+        cluster.remove_x_vms(name)
 
 
 # ---- the pin and placement -------------------------------------------------------
@@ -216,10 +191,7 @@ def test_placement_follows_the_rule(cluster: Cluster) -> None:
         assert r.returncode == 0, r.stderr
         assert cluster.lease_record(pinned).startswith("host=hostb ")
     finally:
-        kill_all(cluster.x)
-        wait_for(lambda: not cluster.x.qemu_pids(), 30, "QEMU gone")
-        for n in names + [pinned]:
-            cluster.tree.kvmadm("remove", n, "--purge")
+        cluster.remove_x_vms(*names, pinned)
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +208,7 @@ def guest_on_b(cluster: Cluster, guest: Path) -> Iterator[str]:
         wait_for(lambda: MARKER in console_log(cluster.tree.vm_path(name)), 240, "guest boot")
         yield name
     finally:
-        kill_all(cluster.x)
-        wait_for(lambda: not cluster.x.qemu_pids(), 30, "QEMU gone")
-        cluster.tree.kvmadm("remove", name, "--purge")
+        cluster.remove_x_vms(name)
 
 
 def test_console_and_vnc_through_another_host(cluster: Cluster, guest_on_b: str) -> None:
@@ -426,6 +396,4 @@ def test_host_death(cluster: Cluster) -> None:
         assert cluster.qemu_host(cluster.x) == ["hostc"]
         assert cluster.lease_record(name).startswith("host=hostc ")
     finally:
-        kill_all(cluster.x)
-        wait_for(lambda: not cluster.x.qemu_pids(), 30, "QEMU gone")
-        cluster.tree.kvmadm("remove", name, "--purge")
+        cluster.remove_x_vms(name)

@@ -348,6 +348,23 @@ def bare_vm(cluster: "Cluster") -> Iterator[str]:
         cluster.remove_x_vms(name)
 
 
+def grab_fd(pid: int, fd: int) -> int:
+    """pidfd_getfd(2): a descriptor of ours on the same open file
+    description as *pid*'s *fd*, as any process of *pid*'s uid may take
+    (a compromised QEMU handing its tap on, the user's code taking a
+    lock's descriptor)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd on x86_64
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return int(got)
+    finally:
+        os.close(pidfd)
+
+
 def kill_all(user: User) -> None:
     for pid in user.qemu_pids():
         try:

@@ -22,18 +22,13 @@ net = test_network.net    # the network fixture: a namespace, users in a sudoers
 
 
 
-# The user's code: wait for a 'kvmshell start' of its own (the one root's
-# autostart runs through runuser), take copies of its stdout and stderr
-# (pidfd_getfd: the same uid may) and keep them, writing into them for as
-# long as root reads (argv[1]: 'hold' or 'flood').
-GRAB = """import ctypes, os, sys, time
-libc = ctypes.CDLL(None, use_errno=True)
-me = os.getuid()
-print('ready', flush=True)
-got = []
-while not got:
+# Part of the user's code below: its own kvmshell processes running VERB,
+# as it finds them in /proc (a generator: each is acted on as it is found).
+OWN_KVMSHELLS = """
+def own_kvmshells(verb, skip):
+    me = os.getuid()
     for p in os.listdir('/proc'):
-        if not p.isdigit() or int(p) == os.getpid():
+        if not p.isdigit() or p in skip or int(p) == os.getpid():
             continue
         try:
             if os.stat('/proc/' + p).st_uid != me:
@@ -41,8 +36,20 @@ while not got:
             cmd = open('/proc/%s/cmdline' % p, 'rb').read().split(b'\\0')
         except OSError:
             continue
-        if b'start' not in cmd or not any(c.endswith(b'kvmshell') for c in cmd):
-            continue
+        if verb in cmd and any(c.endswith(b'kvmshell') for c in cmd):
+            yield p
+"""
+
+# The user's code: wait for a 'kvmshell start' of its own (the one root's
+# autostart runs through runuser), take copies of its stdout and stderr
+# (pidfd_getfd: the same uid may) and keep them, writing into them for as
+# long as root reads (argv[1]: 'hold' or 'flood').
+GRAB = "import ctypes, os, sys, time\n" + OWN_KVMSHELLS + """
+libc = ctypes.CDLL(None, use_errno=True)
+print('ready', flush=True)
+got = []
+while not got:
+    for p in own_kvmshells(b'start', ()):
         try:
             pidfd = os.pidfd_open(int(p))
         except OSError:
@@ -276,23 +283,13 @@ def test_kvmadm_names_what_holds_a_vm_busy(host: Host, alice: User) -> None:
 # The user's code: stop every 'kvmshell start' of its own the moment it
 # appears (SIGSTOP: the same uid may), as a QEMU of its first autostarted
 # VM could do to the starts of its others.
-STOP_STARTS = """import os, signal, time
-me = os.getuid()
+STOP_STARTS = "import os, signal, time\n" + OWN_KVMSHELLS + """
 print('ready', flush=True)
 done = set()
 while True:
-    for p in os.listdir('/proc'):
-        if not p.isdigit() or p in done:
-            continue
-        try:
-            if os.stat('/proc/' + p).st_uid != me:
-                continue
-            cmd = open('/proc/%s/cmdline' % p, 'rb').read().split(b'\\0')
-        except OSError:
-            continue
-        if b'start' in cmd and any(c.endswith(b'kvmshell') for c in cmd):
-            os.kill(int(p), signal.SIGSTOP)
-            done.add(p)
+    for p in own_kvmshells(b'start', done):
+        os.kill(int(p), signal.SIGSTOP)
+        done.add(p)
     time.sleep(0.001)
 """
 

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import (KVMSHELL, MARKER, NETHELPER, Host, User, console_log, kill_all,
-                      sudoers_text, wait_for)
+from conftest import (KVMSHELL, MARKER, NETHELPER, Host, User, console_log, grab_fd,
+                      kill_all, sudoers_text, wait_for)
 from kvmshell.common import adminopts, guestnet, vmid
 from kvmshell.privileged import nethelper as helper
 from kvmshell.common.errors import RefusedOption
@@ -630,22 +630,6 @@ def test_kill9_qemu_then_start_again(net: Net, vms: dict[str, Path], alice: User
         kill_all(alice)
 
 
-def _steal_fd(pid: int, fd: int) -> int:
-    """pidfd_getfd(2): a duplicate of another process's descriptor, as a
-    compromised QEMU could hand its tap to a process of the same user."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        got = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd on x86_64
-        if got < 0:
-            raise OSError(ctypes.get_errno(), "pidfd_getfd")
-        return int(got)
-    finally:
-        os.close(pidfd)
-
-
 @pytest.mark.security
 def test_leaked_tap_is_deleted_when_qemu_exits(net: Net, vms: dict[str, Path],
                                                alice: User) -> None:
@@ -660,7 +644,7 @@ def test_leaked_tap_is_deleted_when_qemu_exits(net: Net, vms: dict[str, Path],
         fds = [int(n) for n in os.listdir(f"/proc/{pid}/fd")
                if f"iff:\t{tap}" in Path(f"/proc/{pid}/fdinfo/{n}").read_text()]
         assert len(fds) == 1, fds
-        stolen = _steal_fd(pid, fds[0])
+        stolen = grab_fd(pid, fds[0])  # as a compromised QEMU could
         r = net.kvmshell(alice, "kill na")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: not alice.qemu_pids(), 30, "QEMU to exit")

@@ -33,7 +33,8 @@ from typing import Iterator
 import pytest
 
 import test_network
-from conftest import CGROUPHELPER, KVMADM, KVMSHELL, NETHELPER, Host, User, kill_all, wait_for
+from conftest import (CGROUPHELPER, KVMADM, KVMSHELL, NETHELPER, Host, User, grab_fd, kill_all,
+                      wait_for)
 from test_network import Net, _sudo_env
 from test_security import kill_and_wait, lock_free, own_host, put, started_pid
 
@@ -90,19 +91,6 @@ def fd_of(pid: int, target: Path) -> int:
         except OSError:
             continue
     raise AssertionError(f"{pid} has no descriptor on {target}")
-
-
-def grab_fd(pid: int, fd: int) -> int:
-    """pidfd_getfd(2): the same open file description as *pid*'s *fd*."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        got = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd on x86_64
-        if got < 0:
-            raise OSError(ctypes.get_errno(), "pidfd_getfd")
-        return int(got)
-    finally:
-        os.close(pidfd)
 
 
 def ppid(pid: int) -> int:
@@ -452,23 +440,29 @@ def full_pipe() -> tuple[int, int]:
     return r, w
 
 
-@pytest.mark.network
-def test_helper_refusal_with_a_full_stderr_returns(net: Net, alice: User) -> None:
-    """The refusal's line cannot be written (stderr is a full pipe): the
-    helper exits at once anyway, instead of waiting as root for ever."""
+def status_with_full_stderr(argv: list[str], env: dict[str, str], timeout: float = 5) -> int:
+    """*argv*'s exit status, run with its stderr a full pipe (no line can
+    be written); subprocess.TimeoutExpired if it is still running after
+    *timeout* seconds (then it is killed)."""
     r, w = full_pipe()
     try:
-        p = subprocess.Popen(net.as_user(alice, "/usr/bin/sudo", "-n", "--", NETHELPER, "up",
-                                         "nosuchvm"),
-                             env=alice.env(), stdin=subprocess.DEVNULL,
+        p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=w)
         try:
-            assert p.wait(timeout=5) == 2
+            return p.wait(timeout=timeout)
         finally:
             p.kill()
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.network
+def test_helper_refusal_with_a_full_stderr_returns(net: Net, alice: User) -> None:
+    """The refusal's line cannot be written (stderr is a full pipe): the
+    helper exits at once anyway, instead of waiting as root for ever."""
+    assert status_with_full_stderr(net.as_user(alice, "/usr/bin/sudo", "-n", "--", NETHELPER,
+                                               "up", "nosuchvm"), alice.env()) == 2
 
 
 @pytest.mark.parametrize("helper", ["nethelper", "cgrouphelper", "pamhelper"])
@@ -478,18 +472,8 @@ def test_every_helper_refuses_at_once_with_a_full_stderr(alice: User, helper: st
     code = (f"import sys; sys.path.insert(0, {LIB!r})\n"
             f"from kvmshell.privileged.{helper} import main\n"
             "sys.exit(main())\n")
-    r, w = full_pipe()
-    try:
-        p = subprocess.Popen(["/usr/bin/python3", "-I", "-c", code, "x"],
-                             env=_sudo_env(str(alice.uid)), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=w)
-        try:
-            assert p.wait(timeout=5) == 2
-        finally:
-            p.kill()
-    finally:
-        os.close(r)
-        os.close(w)
+    assert status_with_full_stderr(["/usr/bin/python3", "-I", "-c", code, "x"],
+                                   _sudo_env(str(alice.uid))) == 2
 
 
 @pytest.mark.network

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DROPIN = REPO / "sshd_config.d" / "kvmshell.conf"
@@ -49,6 +50,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(proc: "subprocess.Popen[bytes]", connect: "Callable[[], None]",
+                   timeout: float, what: str, log: Path) -> None:
+    """Until *connect* (which raises OSError while nothing listens) works:
+    RuntimeError naming *what*, with its *log*, if *proc* exits first or
+    *timeout* seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start: " + log.read_text())
+            time.sleep(0.05)
+
+
+def end_process(proc: "subprocess.Popen[bytes]") -> None:
+    """SIGTERM, ten seconds' grace, then SIGKILL; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def dropin_text(kvmshell_line: str, keys_dir: str, group: str) -> str:
@@ -87,15 +114,9 @@ class Sshd:
         self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)],
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "wb"))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("sshd did not start: " + self.log.read_text())
-                time.sleep(0.05)
+        wait_listening(self.proc, lambda: socket.create_connection(("127.0.0.1", self.port),
+                                                                   timeout=1).close(),
+                       20, "sshd", self.log)
 
     def client_key(self, name: str) -> Path:
         key = self.rig / f"client-{name}"
@@ -117,10 +138,5 @@ class Sshd:
         return r.stdout
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc)
         shutil.rmtree(self.rig, ignore_errors=True)

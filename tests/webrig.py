@@ -24,17 +24,12 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from sshrig import end_process, free_port, wait_listening
 
 REPO = Path(__file__).resolve().parents[1]
 VENDOR = Path("kvmshell") / "web" / "static" / "vendor"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_assets(lib: Path | None) -> None:
@@ -158,32 +153,22 @@ class WebRig:
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "wb"), cwd="/",
                                      env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
-        deadline = time.monotonic() + 30
         listen = self.settings["web_listen"]
-        while True:
-            try:
-                if listen.startswith("unix:"):
-                    with socket.socket(socket.AF_UNIX) as s:
-                        s.connect(listen[5:])
-                else:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("kvmshell-web did not start: " + self.log.read_text())
-                time.sleep(0.05)
+
+        def connect() -> None:
+            if listen.startswith("unix:"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(listen[5:])
+            else:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        wait_listening(self.proc, connect, 30, "kvmshell-web", self.log)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            end_process(self.proc)
             self.proc = None
 
     def close(self) -> None:

@@ -11,20 +11,13 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KVMSHELL, Tree  # noqa: E402
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t
+from benchlib import KVMSHELL, Tree, interleaved  # noqa: E402
 
 
 def main() -> int:
@@ -53,13 +46,8 @@ def main() -> int:
                "SSH_CONNECTION": "192.0.2.7 51234 192.0.2.1 22"}
         base_cmd = tree.as_user + [quiet, "--config", tree.conf]
         tool_cmd = tree.as_user + [KVMSHELL, "--config", tree.conf]
-        for _ in range(5):                       # warm the page cache
-            timed(base_cmd, env)
-            timed(tool_cmd, env)
-        base, tool = [], []
-        for _ in range(RUNS):                    # interleaved: same conditions for both
-            base.append(timed(base_cmd, env))
-            tool.append(timed(tool_cmd, env))
+        # interleaved: same conditions for both; 5 rounds warm the page cache
+        base, tool = interleaved(base_cmd, tool_cmd, RUNS, warm=5, env=env)
         time.sleep(0.2)
         mb, mt = statistics.median(base), statistics.median(tool)
         print(f"audit: kvmshell status without the record median {mb * 1000:.1f} ms; "

@@ -24,20 +24,16 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("KVMSHELL_GUEST", os.path.join(REPO, "build", "guest"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KVMSHELL, Tree  # noqa: E402
+from benchlib import KVMSHELL, MARKER, Tree, wait_file  # noqa: E402
 FLOOD = int(os.environ.get("BENCH_CONSOLE_BYTES", str(1024 * 1024)))
 ROUNDS = int(os.environ.get("BENCH_CONSOLE_ROUNDS", "3"))
 KEYS = int(os.environ.get("BENCH_CONSOLE_KEYS", "40"))
-MARKER = b"KVMSHELL-GUEST-READY"
 
 
 class Stream:
@@ -105,33 +101,15 @@ def latency(s: Stream) -> float:
     return statistics.median(times)
 
 
-def wait_file(path: str, token: bytes, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path, "rb") as f:
-                if token in f.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{token!r} not in {path}")
-
-
 def main() -> int:
     tree = Tree()
-    pw, as_user, root, conf = tree.pw, tree.as_user, tree.root, tree.conf
+    as_user, conf = tree.as_user, tree.conf
     streams: list[Stream] = []
     raw_qemu = None
     try:
         vmdir = tree.create("c", "-m", "256")
-        raw = os.path.join(root, "raw")
-        os.mkdir(raw, 0o700)
-        os.chown(raw, pw.pw_uid, pw.pw_gid)
-        for d in (vmdir, raw):
-            for leaf in ("vmlinuz", "initrd.img"):
-                shutil.copyfile(os.path.join(GUEST, leaf), os.path.join(d, leaf))
-                os.chown(os.path.join(d, leaf), pw.pw_uid, pw.pw_gid)
+        raw = tree.user_dir("raw")
+        tree.put_guest(vmdir, raw)
         env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
         subprocess.run(as_user + [KVMSHELL, "--config", conf, "start", "c", "-kernel", "vmlinuz",
                                   "-initrd", "initrd.img", "-append", "console=ttyS0"],

@@ -25,7 +25,7 @@ import time
 RUNS = int(os.environ.get("BENCH_RUNS", "40"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import Tree  # noqa: E402
+from benchlib import Tree, timed  # noqa: E402
 sys.path.insert(0, REPO)
 from kvmshell.common import vmid  # noqa: E402  (this checkout's identifier encoding)
 from kvmshell.common.config import load  # noqa: E402
@@ -57,13 +57,6 @@ def make_tree(top: str, n: int, uid: int, gid: int, view: bool = True) -> str:
     return conf
 
 
-def timed(argv: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(argv, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   check=True)
-    return time.perf_counter() - t
-
-
 def main() -> int:
     tree = Tree(checkout=not os.environ.get("KVMSHELL"))
     try:
@@ -79,11 +72,11 @@ def main() -> int:
             out = subprocess.run(argv, env=ENV, stdin=subprocess.DEVNULL, capture_output=True,
                                  text=True, check=True).stdout
             assert out.startswith("mine"), out
-            timed(argv)
+            timed(argv, ENV)
         times: dict[tuple[str, int], list[float]] = {k: [] for k in cmds}
         for _ in range(RUNS):                    # interleaved: same conditions for all
             for k, argv in cmds.items():
-                times[k].append(timed(argv))
+                times[k].append(timed(argv, ENV))
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}
         print(f"trees of {', '.join(str(n) for n in SIZES)} VMs laid out in {setup:.1f} s")

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(_HERE, ".."), os.path.join(_HERE, "..", "tests")]  # this checkout
+# this checkout: benchlib, the package, the test rig
+sys.path[:0] = [_HERE, os.path.join(_HERE, ".."), os.path.join(_HERE, "..", "tests")]
 os.environ.setdefault("KVMSHELL_GUEST", "/nonexistent")   # conftest's: no guest needed
+from benchlib import interleaved  # noqa: E402
 from multihostrig import cluster  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "30"))
-
-
-def timed(argv: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t
 
 
 def main() -> int:
@@ -46,13 +40,9 @@ def main() -> int:
                                 ("curve25519 kex", ("-o", "KexAlgorithms=curve25519-sha256"))):
                 local = c.ssh_argv("hostb", c.x, *opts) + ["status", "b"]
                 routed = c.ssh_argv("hosta", c.x, *opts) + ["status", "b"]
-                for _ in range(3):                   # warm up (and the relay's shared connection)
-                    timed(local)
-                    timed(routed)
-                base, tool = [], []
-                for _ in range(RUNS):                # interleaved: same conditions for both
-                    base.append(timed(local))
-                    tool.append(timed(routed))
+                # interleaved: same conditions for both, after 3 rounds to
+                # warm up (and to open the relay's shared connection)
+                base, tool = interleaved(local, routed, RUNS, warm=3)
                 mb, mt = statistics.median(base), statistics.median(tool)
                 print(f"multihost ({label}): 'ssh hostb status' (runs there) median "
                       f"{mb * 1000:.1f} ms; 'ssh hosta status' (routed to hostb) median "

@@ -12,10 +12,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")]
+from benchlib import interleaved, tree_root  # noqa: E402
 from sshrig import Sshd  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "40"))
@@ -24,17 +24,8 @@ KVMADM = os.environ.get("KVMADM_BIN") or shutil.which("kvmadm") or "/usr/local/s
 GROUP, VMUSER, BASEUSER = "kvmbenchg", "kvmbenchs", "kvmbenchb"
 
 
-def timed(argv: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t
-
-
 def main() -> int:
-    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
-    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir="/run/kvmshell-test")
-    os.chmod(root, 0o755)
+    root = tree_root()
     conf = os.path.join(root, "k.conf")
     sshd = None
     try:
@@ -63,13 +54,8 @@ def main() -> int:
                             ("curve25519 kex", ["-o", "KexAlgorithms=curve25519-sha256"])):
             tool_cmd = sshd.ssh_argv(VMUSER, vkey, *opts) + ["status"]
             base_cmd = sshd.ssh_argv(BASEUSER, bkey, *opts) + ["true"]
-            for _ in range(3):                       # warm up
-                timed(base_cmd)
-                timed(tool_cmd)
-            base, tool = [], []
-            for _ in range(RUNS):                    # interleaved: same conditions for both
-                base.append(timed(base_cmd))
-                tool.append(timed(tool_cmd))
+            # interleaved: same conditions for both, after 3 rounds to warm up
+            base, tool = interleaved(base_cmd, tool_cmd, RUNS, warm=3)
             mb, mt = statistics.median(base), statistics.median(tool)
             print(f"ssh ({label}): 'ssh host true' median {mb * 1000:.1f} ms; 'ssh host status' "
                   f"median {mt * 1000:.1f} ms; ratio {mt / mb:.2f}x (target <= 1.2x)")

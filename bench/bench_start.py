@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -34,11 +33,8 @@ import time
 from typing import BinaryIO
 
 RUNS = int(os.environ.get("BENCH_RUNS", "30"))
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GUEST = os.environ.get("KVMSHELL_GUEST", os.path.join(REPO, "build", "guest"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import Tree  # noqa: E402
-MARKER = b"KVMSHELL-GUEST-READY"
+from benchlib import MARKER, Tree, wait_file  # noqa: E402
 QEMU = "/usr/bin/qemu-system-x86_64"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
@@ -122,19 +118,6 @@ def ppid(pid: int) -> int:
     raise LookupError(f"no PPid for {pid}")
 
 
-def wait_file(path: str, token: bytes, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path, "rb") as f:
-                if token in f.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{token!r} not in {path}")
-
-
 def qemu_of(tree: Tree, name: str) -> int:
     """The pid of the bench user's QEMU whose -name is guest=*name* (from
     /proc: kvmshell keeps no pid file)."""
@@ -174,16 +157,10 @@ def memory(tree: Tree, vmdir: str) -> tuple[int, int]:
 
 def main() -> int:
     tree = Tree(checkout=not os.environ.get("KVMSHELL"))
-    pw = tree.pw
     try:
         vmdir = tree.create("s", "-m", "256")
-        bare = os.path.join(tree.root, "bare")
-        os.mkdir(bare, 0o700)
-        os.chown(bare, pw.pw_uid, pw.pw_gid)
-        for d in (vmdir, bare):
-            for leaf in ("vmlinuz", "initrd.img"):
-                shutil.copyfile(os.path.join(GUEST, leaf), os.path.join(d, leaf))
-                os.chown(os.path.join(d, leaf), pw.pw_uid, pw.pw_gid)
+        bare = tree.user_dir("bare")
+        tree.put_guest(vmdir, bare)
         ks, bs = [], []
         for i in range(RUNS + 3):                # interleaved; the first 3 warm up
             b, proc = bare_start(tree.as_user, bare)

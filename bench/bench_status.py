@@ -7,19 +7,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 RUNS = int(os.environ.get("BENCH_RUNS", "60"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import KVMSHELL, Tree  # noqa: E402
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t
+from benchlib import KVMSHELL, Tree, interleaved  # noqa: E402
 
 
 def main() -> int:
@@ -30,13 +22,8 @@ def main() -> int:
         env = {"PATH": "/usr/bin:/bin", "SSH_ORIGINAL_COMMAND": "status b"}
         base_cmd = as_user + ["/usr/bin/python3", "-I", "-c", "pass"]
         tool_cmd = as_user + [KVMSHELL, "--config", conf]
-        for _ in range(5):                       # warm the page cache
-            timed(base_cmd, env)
-            timed(tool_cmd, env)
-        base, tool = [], []
-        for _ in range(RUNS):                    # interleaved: same conditions for both
-            base.append(timed(base_cmd, env))
-            tool.append(timed(tool_cmd, env))
+        # interleaved: same conditions for both; 5 rounds warm the page cache
+        base, tool = interleaved(base_cmd, tool_cmd, RUNS, warm=5, env=env)
         mb, mt = statistics.median(base), statistics.median(tool)
         print(f"status: python3 -I -c pass median {mb * 1000:.1f} ms; "
               f"kvmshell status median {mt * 1000:.1f} ms; ratio {mt / mb:.2f}x (target <= 1.5x)")

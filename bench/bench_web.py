@@ -29,7 +29,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,36 +36,14 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from benchlib import GUEST, MARKER, install_checkout, tree_root, wait_file  # noqa: E402
 from sshrig import Sshd  # noqa: E402
 from webrig import WebRig  # noqa: E402
 
-GUEST = Path(os.environ.get("KVMSHELL_GUEST", REPO / "build" / "guest"))
 KEYS = int(os.environ.get("BENCH_WEB_KEYS", "40"))
 ROUNDS = int(os.environ.get("BENCH_WEB_ROUNDS", "4"))
-MARKER = b"KVMSHELL-GUEST-READY"
 PASSWORD = "Pw-" + secrets.token_hex(8)
-
-
-def install_checkout(root: Path) -> tuple[Path, Path]:
-    """This checkout's package and entry scripts, readable by the users."""
-    lib = root / "lib"
-    shutil.copytree(REPO / "kvmshell", lib / "kvmshell",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "bin").mkdir()
-    out = []
-    for script in ("kvmshell", "kvmadm"):
-        text = (REPO / "bin" / script).read_text().splitlines(True)
-        text.insert(1, f"import sys; sys.path.insert(0, {str(lib)!r})\n")
-        (root / "bin" / script).write_text("".join(text))
-        out.append(root / "bin" / script)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for leaf in dirnames:
-            os.chmod(os.path.join(dirpath, leaf), 0o755)
-        for leaf in filenames:
-            os.chmod(os.path.join(dirpath, leaf), 0o644)
-    for script in out:
-        os.chmod(script, 0o755)
-    return out[0], out[1]
 
 
 class Reader:
@@ -162,11 +139,8 @@ def login(rig: WebRig, user: str) -> tuple[str, str]:
 
 
 def main() -> int:
-    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
-    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="kvmshell-bench-web-", dir="/run/kvmshell-test"))
-    os.chmod(root, 0o755)
-    kvmshell, kvmadm = install_checkout(root)
+    root = Path(tree_root())
+    kvmshell, kvmadm = install_checkout(str(root))
     conf = root / "k.conf"
     conf.write_text(f"vmdir = {root}/vms\naccel = tcg\n")
     os.chmod(conf, 0o644)
@@ -190,17 +164,13 @@ def main() -> int:
                         "--", "-m", "256"], check=True, stdout=subprocess.DEVNULL)
         vmdir = root / "vms" / os.readlink(root / "vms" / "c")
         for leaf in ("vmlinuz", "initrd.img"):
-            shutil.copyfile(GUEST / leaf, vmdir / leaf)
+            shutil.copyfile(Path(GUEST) / leaf, vmdir / leaf)
             os.chown(vmdir / leaf, pw.pw_uid, pw.pw_gid)
         subprocess.run(as_user + [str(kvmshell), "--config", str(conf), "start", "c", "-kernel",
                                   "vmlinuz", "-initrd", "initrd.img", "-append",
                                   "console=ttyS0"], check=True, env=env,
                        stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while MARKER not in (vmdir / "console.log").read_bytes():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the guest did not boot")
-            time.sleep(0.2)
+        wait_file(str(vmdir / "console.log"), MARKER, 180)     # the guest has booted
         rig.start()
         cookie, csrf = login(rig, user)
         web_round(rig, cookie, csrf, "warm-w")                 # warm up both paths

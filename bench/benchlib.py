@@ -1,4 +1,5 @@
-"""Shared set-up for the benchmarks: a VM user and a VM tree of the run's own."""
+"""Shared set-up for the benchmarks: a VM user and a VM tree of the run's
+own, the test guest, and the timing loop most ratios are measured with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 
 KVMSHELL = os.environ.get("KVMSHELL") or shutil.which("kvmshell") or "/usr/local/bin/kvmshell"
 KVMADM = os.environ.get("KVMADM") or shutil.which("kvmadm") or "/usr/local/sbin/kvmadm"
@@ -25,6 +27,48 @@ def tree_root() -> str:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The cached test guest (tests/guest/build-guest.sh; `make guest`) and the
+# line its init prints once booted.
+GUEST = os.environ.get("KVMSHELL_GUEST", os.path.join(REPO, "build", "guest"))
+MARKER = b"KVMSHELL-GUEST-READY"
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one run of *argv* (stdin and stdout /dev/null; env
+    *env*, else this process's); CalledProcessError if it fails."""
+    t = time.perf_counter()
+    subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   check=True)
+    return time.perf_counter() - t
+
+
+def interleaved(base_cmd: list[str], tool_cmd: list[str], runs: int, warm: int,
+                env: dict[str, str] | None = None) -> tuple[list[float], list[float]]:
+    """(baseline seconds, tool seconds), *runs* of each, alternating so both
+    run under the same conditions, after *warm* untimed rounds of each
+    (page cache, connections)."""
+    for _ in range(warm):
+        timed(base_cmd, env)
+        timed(tool_cmd, env)
+    base, tool = [], []
+    for _ in range(runs):
+        base.append(timed(base_cmd, env))
+        tool.append(timed(tool_cmd, env))
+    return base, tool
+
+
+def wait_file(path: str, token: bytes, timeout: float) -> None:
+    """Until file *path* holds *token*; TimeoutError after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as f:
+                if token in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{token!r} not in {path}")
 
 
 def install_checkout(root: str) -> tuple[str, str]:
@@ -81,6 +125,21 @@ class Tree:
             # cgroup = off: the bench user is in no sudoers group (bench_uefi.py
             # sets up the cgroup helper itself).
             f.write(f"vmdir = {self.vmdir}\naccel = tcg\ncgroup = off\n")
+
+    def user_dir(self, leaf: str) -> str:
+        """A 0700 directory *leaf* in the root, owned by the user (a
+        baseline QEMU's working directory)."""
+        path = os.path.join(self.root, leaf)
+        os.mkdir(path, 0o700)
+        os.chown(path, self.pw.pw_uid, self.pw.pw_gid)
+        return path
+
+    def put_guest(self, *dirs: str) -> None:
+        """The test guest's kernel and initramfs into each of *dirs*, the user's."""
+        for d in dirs:
+            for leaf in ("vmlinuz", "initrd.img"):
+                shutil.copyfile(os.path.join(GUEST, leaf), os.path.join(d, leaf))
+                os.chown(os.path.join(d, leaf), self.pw.pw_uid, self.pw.pw_gid)
 
     def create(self, vm: str, *admin: str) -> str:
         subprocess.run([self.kvmadm, "--config", self.conf, "create", vm, "--owner", USER, "--",

@@ -7,6 +7,7 @@ through setpriv, exactly as sshd would run kvmshell for them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -19,12 +20,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import pytest
 
 if TYPE_CHECKING:
     from multihostrig import Cluster
+    from sshrig import Sshd
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_DIR = Path(os.environ.get("KVMSHELL_GUEST", REPO / "build" / "guest"))
@@ -325,6 +327,51 @@ def render_man(page: Path) -> str:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     return r.stdout
+
+
+class FrontDoor(NamedTuple):
+    root: Path
+    host: "Host"
+    sshd: "Sshd"
+    group: str
+    name: str
+
+
+@contextlib.contextmanager
+def ssh_front_door(prefix: str, tag: str, loglevel: str = "DEBUG2",
+                   **settings: str) -> Iterator[FrontDoor]:
+    """A VM tree of its own (in a temp root named *prefix*...) behind a real
+    sshd with the shipped drop-in (tests/sshrig.py), a group standing for
+    kvmusers, the config naming both (plus *settings*), and the name of the
+    VM user to be made (kvt...*tag*; the caller runs ``kvmadm adduser``).
+    All removed on exit: the sshd, the user if made, the group, the root."""
+    from sshrig import Sshd
+    group = f"kvt{secrets.token_hex(3)}g"
+    name = f"kvt{secrets.token_hex(3)}{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=config_place()))
+    sshd = None
+    try:
+        os.chmod(root, 0o755)
+        host = Host(root)
+        sshd = Sshd(f"{KVMSHELL} --config {host.conf}", group, loglevel=loglevel)
+        # Test-only device: the login shell is a wrapper adding --config for this
+        # session's tree.  kvmshell takes --config from its own argv only, and a
+        # client that sends no command gets sshd's ForceCommand line as `-c TEXT`
+        # with no SSH_ORIGINAL_COMMAND: text kvmshell cannot tell from the user's.
+        shell = root / "kvmshell-login-test"
+        shell.write_text(f"#!/bin/sh\nexec {KVMSHELL} --config {host.conf} \"$@\"\n")
+        os.chmod(shell, 0o755)
+        host.write_conf(group=group, authorized_keys=str(sshd.keys), shell=str(shell),
+                        **settings)
+        yield FrontDoor(root, host, sshd, group, name)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        if sshd is not None:
+            sshd.stop()
+        _drop_user(name)
+        subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

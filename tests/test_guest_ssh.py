@@ -10,19 +10,15 @@ boot again: new host keys).  Each boot takes 1-3 minutes under TCG.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import KVMSHELL, Host, User, _drop_user, config_place
+from conftest import KVMSHELL, Host, User, ssh_front_door
 import debianrig
 import guestrig
 from sshrig import Sshd
@@ -74,19 +70,8 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
     debian = debianrig.debian_guest()
-    group = f"kvt{secrets.token_hex(3)}g"
-    subprocess.run(["groupadd", group], check=True)
-    root = Path(tempfile.mkdtemp(prefix="kvmshell-guesttest-", dir=config_place()))
-    os.chmod(root, 0o755)
-    host = Host(root)
-    sshd = Sshd(f"{KVMSHELL} --config {host.conf}", group, loglevel="INFO")
-    name = f"kvt{secrets.token_hex(3)}g"
-    shell = root / "kvmshell-login-test"   # as tests/test_ssh.py: adds --config
-    shell.write_text(f"#!/bin/sh\nexec {KVMSHELL} --config {host.conf} \"$@\"\n")
-    os.chmod(shell, 0o755)
-    try:
-        host.write_conf(group=group, authorized_keys=str(sshd.keys), shell=str(shell),
-                        image_dirs=str(debian), stop_timeout="150")
+    with ssh_front_door("kvmshell-guesttest-", "g", loglevel="INFO", image_dirs=str(debian),
+                        stop_timeout="150") as (root, host, sshd, group, name):
         key = sshd.client_key(name)
         host.kvmadm("adduser", name, "--key", f"{key}.pub")
         user = User(name, host)
@@ -96,12 +81,6 @@ def rig() -> Iterator[Rig]:
         r = rig.ssh(guestrig.clone_words(VM, debian))   # through the front door too
         assert r.returncode == 0, r.stderr
         yield rig
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-        sshd.stop()
-        _drop_user(name)
-        subprocess.run(["groupdel", group], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _host_key_line(known: Path) -> str:

@@ -16,7 +16,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,7 +23,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import KVMSHELL, MARKER, REPO, Host, User, _drop_user, console_log, \
-    kill_all, config_place, wait_for
+    kill_all, ssh_front_door, wait_for
 from sshrig import Sshd
 
 pytestmark = pytest.mark.ssh
@@ -51,23 +50,8 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(guest: Path) -> Iterator[Rig]:
-    group = f"kvt{secrets.token_hex(3)}g"
-    subprocess.run(["groupadd", group], check=True)
-    root = Path(tempfile.mkdtemp(prefix="kvmshell-sshtest-", dir=config_place()))
-    os.chmod(root, 0o755)
-    host = Host(root)
-    sshd = Sshd(f"{KVMSHELL} --config {host.conf}", group)
-    name = f"kvt{secrets.token_hex(3)}s"
-    # Test-only device: the login shell is a wrapper adding --config for this
-    # session's tree.  kvmshell takes --config from its own argv only, and a
-    # client that sends no command gets sshd's ForceCommand line as `-c TEXT`
-    # with no SSH_ORIGINAL_COMMAND: text kvmshell cannot tell from the user's.
-    shell = root / "kvmshell-login-test"
-    shell.write_text(f"#!/bin/sh\nexec {KVMSHELL} --config {host.conf} \"$@\"\n")
-    os.chmod(shell, 0o755)
-    try:
-        host.write_conf(group=group, authorized_keys=str(sshd.keys), shell=str(shell),
-                        upload_max_bytes=str(UPLOAD_MAX))
+    with ssh_front_door("kvmshell-sshtest-", "s",
+                        upload_max_bytes=str(UPLOAD_MAX)) as (root, host, sshd, group, name):
         key = sshd.client_key(name)
         # The admin flow, exactly as documented: one command.
         out = host.kvmadm("adduser", name, "--key", f"{key}.pub").stdout
@@ -80,12 +64,6 @@ def rig(guest: Path) -> Iterator[Rig]:
         subprocess.run(["usermod", "-d", str(home), name], check=True)
         host.create_vm(VM, user, "-m", "128", guest=guest)
         yield Rig(host, sshd, group, user, key, home)
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-        sshd.stop()
-        _drop_user(name)
-        subprocess.run(["groupdel", group], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- the "nothing changed" checker (security-cases.md section 5) -----------------

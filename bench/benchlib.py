@@ -7,8 +7,14 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+
+# This checkout's package under a root of the run's own, as the tests install it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from installrig import install_checkout  # noqa: E402
 
 KVMSHELL = os.environ.get("KVMSHELL") or shutil.which("kvmshell") or "/usr/local/bin/kvmshell"
 KVMADM = os.environ.get("KVMADM") or shutil.which("kvmadm") or "/usr/local/sbin/kvmadm"
@@ -69,34 +75,6 @@ def wait_file(path: str, token: bytes, timeout: float) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{token!r} not in {path}")
-
-
-def install_checkout(root: str) -> tuple[str, str]:
-    """This checkout's package under *root*/lib, readable by the VM user,
-    with entry scripts exactly like bin/kvmshell and bin/kvmadm plus one
-    sys.path line (as tests/conftest.py does): (kvmshell, kvmadm) paths."""
-    lib = os.path.join(root, "lib")
-    shutil.copytree(os.path.join(REPO, "kvmshell"), os.path.join(lib, "kvmshell"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", lib], check=True)
-    os.makedirs(os.path.join(root, "bin"))
-    out = []
-    for script in ("kvmshell", "kvmadm"):
-        with open(os.path.join(REPO, "bin", script)) as f:
-            lines = f.read().splitlines(True)
-        lines.insert(1, f"import sys; sys.path.insert(0, {lib!r})\n")
-        path = os.path.join(root, "bin", script)
-        with open(path, "w") as f:
-            f.write("".join(lines))
-        out.append(path)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for leaf in dirnames:
-            os.chmod(os.path.join(dirpath, leaf), 0o755)
-        for leaf in filenames:
-            os.chmod(os.path.join(dirpath, leaf), 0o644)
-    for path in out:
-        os.chmod(path, 0o755)
-    return out[0], out[1]
 
 
 class Tree:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import pytest
 
+from installrig import install_checkout
+
 if TYPE_CHECKING:
     from multihostrig import Cluster
     from sshrig import Sshd
@@ -44,33 +46,6 @@ def guest() -> Path:
     if not (GUEST_DIR / "vmlinuz").exists() or not (GUEST_DIR / "initrd.img").exists():
         subprocess.run([str(REPO / "tests/guest/build-guest.sh"), str(GUEST_DIR)], check=True)
     return GUEST_DIR
-
-
-def install_checkout(root: Path) -> tuple[str, str]:
-    """Put this checkout's package where the test users can read it, with
-    entry scripts exactly like bin/kvmshell and bin/kvmadm (system Python,
-    isolated mode) plus one sys.path line.  So the suite tests this tree's
-    code, whatever is installed in /usr/local, and checkouts do not collide."""
-    lib = root / "lib"
-    shutil.copytree(REPO / "kvmshell", lib / "kvmshell",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["/usr/bin/python3", "-m", "compileall", "-q", str(lib)], check=True)
-    (root / "bin").mkdir()
-    out = []
-    for script in ("kvmshell", "kvmadm"):
-        text = (REPO / "bin" / script).read_text().splitlines(True)
-        text.insert(1, f"import sys; sys.path.insert(0, {str(lib)!r})\n")
-        path = root / "bin" / script
-        path.write_text("".join(text))
-        out.append(str(path))
-    for dirpath, dirnames, filenames in os.walk(root):
-        for leaf in dirnames:
-            os.chmod(os.path.join(dirpath, leaf), 0o755)
-        for leaf in filenames:
-            os.chmod(os.path.join(dirpath, leaf), 0o644)
-    for script in out:
-        os.chmod(script, 0o755)
-    return out[0], out[1]
 
 
 def install_nethelper(root: Path, config: Path) -> str:

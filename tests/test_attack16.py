@@ -51,6 +51,15 @@ sys.stdin.read()                    # until the test closes stdin
 # cluster (one per module) and bare_vm: tests/conftest.py
 
 
+def _y_code_on_a(cluster: Cluster, code: str, *args: str) -> "subprocess.Popen[str]":
+    """Y's Python *code* running on host A, its stdin, stdout and stderr
+    pipes (text) to the test; closing stdin ends it."""
+    return subprocess.Popen(cluster.host("hosta").nsenter(
+                                *cluster.y.argv("/usr/bin/python3", "-I", "-c", code, *args)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cluster.y.env(), stdin=subprocess.PIPE)
+
+
 def _hold_lease(path: Path, host: str) -> int:
     fd = ofd_lock(path)
     (path.parent / f"{path.name}.host").write_bytes(
@@ -67,11 +76,7 @@ def test_credential_not_in_any_argv(cluster: Cluster, bare_vm: str) -> None:
     anyone's) and get X's command run as X, talking to Y: X's console,
     X's save stream, an upload of Y's bytes into X's disk."""
     fd = _hold_lease(cluster.tree.vmdir / ".leases" / bare_vm, "hostb")
-    a = cluster.host("hosta")
-    sniff = subprocess.Popen(a.nsenter(*cluster.y.argv("/usr/bin/python3", "-I", "-c",
-                                                       _SNIFF)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=cluster.y.env(), stdin=subprocess.PIPE)
+    sniff = _y_code_on_a(cluster, _SNIFF)
     try:
         assert sniff.stdout is not None
         assert sniff.stdout.readline() == "ready\n"
@@ -101,11 +106,7 @@ def test_other_user_cannot_hold_lease(cluster: Cluster, bare_vm: str) -> None:
         "    try: os.close(os.open(p, m)); print('opened', p)\n"
         "    except PermissionError: pass\n", str(path), str(record)), check=False)
     assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
-    a = cluster.host("hosta")
-    lock = subprocess.Popen(a.nsenter(*cluster.y.argv("/usr/bin/python3", "-I", "-c",
-                                                      _READLOCK, str(path))),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cluster.y.env(), stdin=subprocess.PIPE)
+    lock = _y_code_on_a(cluster, _READLOCK, str(path))
     try:
         assert lock.stdout is not None
         got = lock.stdout.readline()
@@ -131,11 +132,7 @@ def test_old_open_lease_refused_until_kvmadm_set(cluster: Cluster, bare_vm: str)
     path = cluster.tree.vmdir / ".leases" / bare_vm
     path.chmod(0o644)
     (path.parent / f"{bare_vm}.host").unlink()
-    a = cluster.host("hosta")
-    lock = subprocess.Popen(a.nsenter(*cluster.y.argv("/usr/bin/python3", "-I", "-c",
-                                                      _READLOCK, str(path))),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cluster.y.env(), stdin=subprocess.PIPE)
+    lock = _y_code_on_a(cluster, _READLOCK, str(path))
     try:
         assert lock.stdout is not None and lock.stdout.readline() == "locked\n"
         r = cluster.kvmshell("hosta", cluster.x, f"start {bare_vm}")

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import secrets
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 RUNS = int(os.environ.get("BENCH_RUNS", "40"))
@@ -35,6 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KVMADM = ["/usr/bin/python3", "-I", "-c", f"import sys; sys.path.insert(0, {REPO!r}); "
           "sys.argv[0] = 'kvmadm'; from kvmshell.admin.kvmadm import main; sys.exit(main())"]
 BRIDGE = "kvbbr0"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import tree_root, write_sudoers  # noqa: E402
 
 WORKER = r"""
 import os, socket, statistics, subprocess, sys, time
@@ -111,10 +111,7 @@ def main() -> int:
     if made_user:
         subprocess.run(["useradd", "-M", "-N", "-s", "/bin/false", user], check=True)
     pw = pwd.getpwnam(user)
-    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
-    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir="/run/kvmshell-test")
-    os.chmod(root, 0o755)
+    root = tree_root()
     drop_in = f"/etc/sudoers.d/kvmshell-bench-{tag}"
     subprocess.run(["groupadd", group], check=True)
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -127,14 +124,8 @@ def main() -> int:
                         "-net", "nic", "-net", f"tap,br={BRIDGE}"], check=True,
                        stdout=subprocess.DEVNULL)
         helper = install_helper(root, conf)
-        with open(os.path.join(REPO, "sudoers.d", "kvmshell")) as f:
-            text = f.read().replace("/usr/local/libexec/kvmshell/kvmshell-nethelper", helper)
-        with open(drop_in, "w") as f:
-            # A sudoers alias of this run's own: aliases are global, and the
-            # installed drop-in already defines KVMSHELL_NETHELPER.
-            f.write(re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_{tag.upper()}",
-                           text.replace("%kvmusers", f"%{group}")))
-        os.chmod(drop_in, 0o440)
+        write_sudoers(drop_in, tag, group,
+                      {"/usr/local/libexec/kvmshell/kvmshell-nethelper": helper})
         subprocess.run(["ip", "-n", ns, "link", "add", BRIDGE, "type", "bridge"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", BRIDGE, "up"], check=True)
         hand = median_hand(ns, [], RUNS)

@@ -26,13 +26,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import re
 import secrets
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -42,6 +40,8 @@ ADMIN = ["-m", "512", "-smp", "2", "-M", "q35", "-cpu", "max", "-firmware", "efi
          "-net", "nic", "-net", "user"]
 CODE, VARS = "/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"
 FIRMWARE_LINE = b"BdsDxe"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import tree_root, write_sudoers  # noqa: E402
 
 
 def install(root: str) -> tuple[str, str, str]:
@@ -185,10 +185,7 @@ def main() -> int:
     pw = pwd.getpwnam(USER)
     sys.path.insert(0, REPO)
     from kvmshell.common import cgroups
-    # kvmshell takes a config only from /etc/kvmshell or this root-owned place.
-    os.makedirs("/run/kvmshell-test", mode=0o755, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="kvmshell-bench-", dir="/run/kvmshell-test")
-    os.chmod(root, 0o755)
+    root = tree_root()
     drop_in = f"/etc/sudoers.d/kvmshell-bench-{tag}"
     subprocess.run(["groupadd", group], check=True)
     try:
@@ -202,12 +199,8 @@ def main() -> int:
                     f"cgroup_name = {cgname}\ncgroup_helper = {helper}\n"
                     f"budgets = {root}/budgets\nmax_ram_mib = 4096\nmax_vcpus = 4\n")
         os.chmod(conf, 0o644)
-        with open(os.path.join(REPO, "sudoers.d", "kvmshell")) as f:
-            text = f.read().replace("/usr/local/libexec/kvmshell/kvmshell-cgrouphelper", helper)
-        with open(drop_in, "w") as f:
-            f.write(re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_{tag.upper()}",
-                           text.replace("%kvmusers", f"%{group}")))
-        os.chmod(drop_in, 0o440)
+        write_sudoers(drop_in, tag, group,
+                      {"/usr/local/libexec/kvmshell/kvmshell-cgrouphelper": helper})
         subprocess.run([kvmadm, "--config", conf, "create", "uefi", "--owner", USER, "--",
                         *ADMIN], check=True, stdout=subprocess.DEVNULL)
         vmdir = os.path.join(root, "vms", os.readlink(os.path.join(root, "vms", "uefi")))

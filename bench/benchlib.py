@@ -33,6 +33,23 @@ def tree_root() -> str:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_sudoers(drop_in: str, tag: str, group: str, helpers: dict[str, str]) -> None:
+    """The shipped sudoers drop-in (sudoers.d/kvmshell) as file *drop_in*
+    (0440): each installed helper path that is a key of *helpers* replaced
+    by its value, the group %kvmusers by *group*, and every alias given
+    *tag*: aliases are global, and the installed drop-in already defines
+    them."""
+    import re
+    with open(os.path.join(REPO, "sudoers.d", "kvmshell")) as f:
+        text = f.read()
+    for installed, here in helpers.items():
+        text = text.replace(installed, here)
+    with open(drop_in, "w") as f:
+        f.write(re.sub(r"\bKVMSHELL_([A-Z]+)\b", rf"KVMSHELL_\1_{tag.upper()}",
+                       text.replace("%kvmusers", f"%{group}")))
+    os.chmod(drop_in, 0o440)
 # The cached test guest (tests/guest/build-guest.sh; `make guest`) and the
 # line its init prints once booted.
 GUEST = os.environ.get("KVMSHELL_GUEST", os.path.join(REPO, "build", "guest"))

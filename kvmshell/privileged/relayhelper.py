@@ -21,8 +21,9 @@ helper believes nothing the front door says but what MUNGE vouches for:
    credential for another host is refused here even before that host's
    munged saw it; the words are the command (a verb first, never one of
    kvmshell's own options such as ``--config``), run as they are.
-3. then it **becomes the user** (initgroups, setgid, setuid; it checks it
-   cannot get root back) and execs kvmshell (its entry point, from the
+3. then it **becomes the user**: the user's PAM session (service
+   ``kvmshell``: pam_limits gives it the limits a direct login gets from
+   sshd's), initgroups, setgid, setuid (it checks it cannot get root back) and execs kvmshell (its entry point, from the
    package this helper runs from: :func:`entry_code`) with the words and
    the config at the fixed path :data:`CONFIG`, in a clean environment
    with ``KVMSHELL_RELAYED`` set to F (so kvmshell runs it here).  kvmshell
@@ -58,6 +59,8 @@ from kvmshell.privileged.relayclient import CRED_ENV, check_credential
 CONFIG = "/etc/kvmshell/kvmshell.conf"
 PROG = "kvmshell-relayd"
 LIBMUNGE = "libmunge.so.2"
+LIBPAM = "libpam.so.0"
+PAM_SERVICE = "kvmshell"        # pam/kvmshell (its session stack: pam_limits)
 WORDS_MAX = 256
 WORD_MAX = 4096
 RELAYED_ENV = "KVMSHELL_RELAYED"
@@ -120,9 +123,57 @@ def check_payload(payload: bytes, host: str) -> tuple[list[str], str]:
     return words, origin
 
 
-def become(uid: int, group: str) -> str:
+def pam_session(user: str, origin: str) -> None:
+    """Open *user*'s PAM session of :data:`PAM_SERVICE` in this process,
+    still root (libpam's ``pam_start`` and ``pam_open_session``;
+    pam_start(3), pam_open_session(3)): pam_limits sets the user's limits
+    on it, which the exec'd kvmshell and its QEMU inherit, as a direct
+    login's get them from sshd's PAM session.  *origin* is ``PAM_RHOST``.
+    Only the session stack runs: the helper checks the group itself (the
+    config's ``group``), and the account stack is the front door's sshd's.
+    The session is never closed (the process that would close it is the
+    user's own kvmshell, as with sudo's ``pam_session``).  Failed when
+    libpam is missing or the session cannot be opened."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL(LIBPAM, use_errno=True)
+    except OSError as exc:
+        raise Failed(f"cannot load {LIBPAM} (apt install libpam0g)") from exc
+    conv_fn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p)
+
+    class PamConv(ctypes.Structure):
+        _fields_ = [("conv", conv_fn), ("appdata_ptr", ctypes.c_void_p)]
+
+    # No conversation: nothing is asked of anyone (PAM_CONV_ERR, 19).
+    conv = PamConv(conv_fn(lambda n, msg, resp, data: 19), None)
+    handle = ctypes.c_void_p()
+    lib.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
+                              ctypes.POINTER(ctypes.c_void_p)]
+    lib.pam_strerror.restype = ctypes.c_char_p
+    lib.pam_strerror.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.pam_open_session.argtypes = lib.pam_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.pam_set_item.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
+    err = lib.pam_start(PAM_SERVICE.encode(), user.encode(), ctypes.byref(conv),
+                        ctypes.byref(handle))
+    if err != 0:
+        raise Failed(f"PAM service {PAM_SERVICE} cannot start (error {err})")
+    try:
+        err = lib.pam_set_item(handle, 4, origin.encode())          # PAM_RHOST
+        if err == 0:
+            err = lib.pam_open_session(handle, 0x8000)              # PAM_SILENT
+        if err != 0:
+            why = (lib.pam_strerror(handle, err) or b"?").decode("ascii", "replace")
+            raise Failed(f"user {user}: PAM session {PAM_SERVICE}: {why}")
+    finally:
+        lib.pam_end(handle, err)
+
+
+def become(uid: int, group: str, origin: str = "") -> str:
     """Drop to *uid* (a VM user: in *group*, not root) for good, with its
-    own groups (the credential's gid is not needed); the user's name."""
+    own groups (the credential's gid is not needed) and the limits of its
+    PAM session (:func:`pam_session`, *origin* its ``PAM_RHOST``); the
+    user's name."""
     import grp
     import pwd
     try:
@@ -134,6 +185,10 @@ def become(uid: int, group: str) -> str:
         raise Refused("uid 0: root is never relayed")
     if not caller.in_group(pw, members):
         raise Refused(f"user {pw.pw_name} is not in {group}")
+    # Why: a relayed kvmshell (and its QEMU) must be bound as a direct
+    # login is (pam_limits: nproc, nofile, core, fsize), not run with the
+    # limits of the relay account's ssh session.
+    pam_session(pw.pw_name, origin)
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setgid(pw.pw_gid)
     os.setuid(uid)
@@ -159,7 +214,7 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> guard.Exe
         raise Refused("expected one word: a MUNGE credential")
     payload, uid, _gid = unmunge(check_credential(env.get(CRED_ENV) or argv[1]))
     words, origin = check_payload(payload, cfg.host_name)
-    name = become(uid, cfg.group)
+    name = become(uid, cfg.group, origin)
     log(f"relay from {origin}: user={name} uid={uid} verb={words[0][:20]!r}")
     envp = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": "/", "USER": name,
             "LOGNAME": name, RELAYED_ENV: origin}

@@ -27,10 +27,11 @@ to the user's uid and execs kvmshell, which may then stream a console for
 hours) returns an :class:`Exec`; the guard ends at that exec: the deadline
 is cancelled (an alarm would outlive the exec), stdout and stderr are the
 caller's again, the set-aside copies and the slot's lock close with the
-exec (close-on-exec), and the job-control stops are the default again (a
-disposition ``SIG_IGN`` would survive the exec: the program, and every
-process it starts, would ignore ^Z as no direct login's does; by then the
-verb has dropped root, so a stop holds only the user's own process).
+exec (close-on-exec), and the job-control stops (and SIGPIPE and SIGXFSZ,
+which Python ignores) are the default again (a disposition ``SIG_IGN``
+would survive the exec: the program, and every process it starts, would
+ignore ^Z as no direct login's does; by then the verb has dropped root,
+so a stop holds only the user's own process).
 
 Imports: the stdlib and the shared core's text escaping (every helper
 uses this module; see the import contracts in setup.cfg).
@@ -162,12 +163,15 @@ def main(prog: str, verb: "Callable[[int], int | Exec]", *, log_argv: bool = Tru
 def _exec(how: Exec, out_fd: int, err_fd: int) -> "NoReturn":
     """Become *how*'s program, out of the guard: no deadline (the alarm is
     cancelled: a pending one would outlive the exec and kill the program),
-    the job-control stops the default again, stdout and stderr the
+    the job-control stops, SIGPIPE and SIGXFSZ the default again (an
+    ignored signal stays ignored through an exec), stdout and stderr the
     caller's again (the copies are close-on-exec).
     Raises OSError when the exec fails (stdout and stderr stay the
     caller's; the error line goes to *err_fd* all the same)."""
     signal.alarm(0)
-    for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+    # The stops the guard ignored, and SIGPIPE and SIGXFSZ that Python
+    # ignores (as subprocess's restore_signals does for a child).
+    for sig in (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)

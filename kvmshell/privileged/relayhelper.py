@@ -123,13 +123,13 @@ def check_payload(payload: bytes, host: str) -> tuple[list[str], str]:
     return words, origin
 
 
-def pam_session(user: str, origin: str) -> None:
+def pam_session(user: str) -> None:
     """Open *user*'s PAM session of :data:`PAM_SERVICE` in this process,
     still root (libpam's ``pam_start`` and ``pam_open_session``;
     pam_start(3), pam_open_session(3)): pam_limits sets the user's limits
     on it, which the exec'd kvmshell and its QEMU inherit, as a direct
-    login's get them from sshd's PAM session.  *origin* is ``PAM_RHOST``.
-    Only the session stack runs: the helper checks the group itself (the
+    login's get them from sshd's PAM session (no ``PAM_RHOST``: the front
+    door's name is only the credential's claim).  Only the session stack runs: the helper checks the group itself (the
     config's ``group``), and the account stack is the front door's sshd's.
     The session is never closed (the process that would close it is the
     user's own kvmshell, as with sudo's ``pam_session``).  Failed when
@@ -153,15 +153,12 @@ def pam_session(user: str, origin: str) -> None:
     lib.pam_strerror.restype = ctypes.c_char_p
     lib.pam_strerror.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.pam_open_session.argtypes = lib.pam_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.pam_set_item.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
     err = lib.pam_start(PAM_SERVICE.encode(), user.encode(), ctypes.byref(conv),
                         ctypes.byref(handle))
     if err != 0:
         raise Failed(f"PAM service {PAM_SERVICE} cannot start (error {err})")
     try:
-        err = lib.pam_set_item(handle, 4, origin.encode())          # PAM_RHOST
-        if err == 0:
-            err = lib.pam_open_session(handle, 0x8000)              # PAM_SILENT
+        err = lib.pam_open_session(handle, 0x8000)                  # PAM_SILENT
         if err != 0:
             why = (lib.pam_strerror(handle, err) or b"?").decode("ascii", "replace")
             raise Failed(f"user {user}: PAM session {PAM_SERVICE}: {why}")
@@ -169,11 +166,10 @@ def pam_session(user: str, origin: str) -> None:
         lib.pam_end(handle, err)
 
 
-def become(uid: int, group: str, origin: str = "") -> str:
+def become(uid: int, group: str) -> str:
     """Drop to *uid* (a VM user: in *group*, not root) for good, with its
     own groups (the credential's gid is not needed) and the limits of its
-    PAM session (:func:`pam_session`, *origin* its ``PAM_RHOST``); the
-    user's name."""
+    PAM session (:func:`pam_session`); the user's name."""
     import grp
     import pwd
     try:
@@ -188,7 +184,7 @@ def become(uid: int, group: str, origin: str = "") -> str:
     # Why: a relayed kvmshell (and its QEMU) must be bound as a direct
     # login is (pam_limits: nproc, nofile, core, fsize), not run with the
     # limits of the relay account's ssh session.
-    pam_session(pw.pw_name, origin)
+    pam_session(pw.pw_name)
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setgid(pw.pw_gid)
     os.setuid(uid)
@@ -214,7 +210,7 @@ def run(argv: list[str], env: dict[str, str], config: str = CONFIG) -> guard.Exe
         raise Refused("expected one word: a MUNGE credential")
     payload, uid, _gid = unmunge(check_credential(env.get(CRED_ENV) or argv[1]))
     words, origin = check_payload(payload, cfg.host_name)
-    name = become(uid, cfg.group, origin)
+    name = become(uid, cfg.group)
     log(f"relay from {origin}: user={name} uid={uid} verb={words[0][:20]!r}")
     envp = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": "/", "USER": name,
             "LOGNAME": name, RELAYED_ENV: origin}

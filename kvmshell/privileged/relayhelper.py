@@ -23,8 +23,9 @@ helper believes nothing the front door says but what MUNGE vouches for:
    kvmshell's own options such as ``--config``), run as they are.
 3. then it **becomes the user**: the user's PAM session (service
    ``kvmshell``: pam_limits gives it the limits a direct login gets from
-   sshd's), initgroups, setgid, setuid (it checks it cannot get root back) and execs kvmshell (its entry point, from the
-   package this helper runs from: :func:`entry_code`) with the words and
+   sshd's), initgroups, setgid, setuid (it checks it cannot get root
+   back), and execs kvmshell (its entry point, from the package this
+   helper runs from: :func:`entry_code`) with the words and
    the config at the fixed path :data:`CONFIG`, in a clean environment
    with ``KVMSHELL_RELAYED`` set to F (so kvmshell runs it here).  kvmshell
    then checks everything from the tree, as for a direct login; stdin,
@@ -61,6 +62,7 @@ PROG = "kvmshell-relayd"
 LIBMUNGE = "libmunge.so.2"
 LIBPAM = "libpam.so.0"
 PAM_SERVICE = "kvmshell"        # pam/kvmshell (its session stack: pam_limits)
+PAM_FILE = "/etc/pam.d/" + PAM_SERVICE
 WORDS_MAX = 256
 WORD_MAX = 4096
 RELAYED_ENV = "KVMSHELL_RELAYED"
@@ -129,12 +131,18 @@ def pam_session(user: str) -> None:
     pam_start(3), pam_open_session(3)): pam_limits sets the user's limits
     on it, which the exec'd kvmshell and its QEMU inherit, as a direct
     login's get them from sshd's PAM session (no ``PAM_RHOST``: the front
-    door's name is only the credential's claim).  Only the session stack runs: the helper checks the group itself (the
-    config's ``group``), and the account stack is the front door's sshd's.
+    door's name is only the credential's claim).  Only the session stack
+    runs: the helper checks the group itself (the config's ``group``), and
+    the account stack is the front door's sshd's.  (Why libpam through
+    ctypes, as libmunge: python-pam opens a handle only inside
+    ``authenticate``, which needs a password.)
     The session is never closed (the process that would close it is the
     user's own kvmshell, as with sudo's ``pam_session``).  Failed when
-    libpam is missing or the session cannot be opened."""
+    :data:`PAM_FILE` or libpam is missing or the session cannot be opened."""
     import ctypes
+    if not os.path.isfile(PAM_FILE):
+        # Why: libpam would fall back to the "other" service, without pam_limits.
+        raise Failed(f"{PAM_FILE} is missing (make install)")
     try:
         lib = ctypes.CDLL(LIBPAM, use_errno=True)
     except OSError as exc:

@@ -668,6 +668,60 @@ def test_files_given_to_qemu_count_by_descriptor(host: Host, alice: User) -> Non
         os.close(gone)
 
 
+def usage_of(host: Host, user: User, files: int = 256) -> tuple[subprocess.CompletedProcess[str],
+                                                                   dict[str, object]]:
+    """'kvmadm usage --json' run with *files* descriptors at most (the
+    admin's shell has 1024 as a rule; fewer keep the tree small), and
+    *user*'s document in it."""
+    import json
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+    r = subprocess.run([KVMADM, "--config", str(host.conf), "usage", "--json"],
+                       capture_output=True, text=True, timeout=60, preexec_fn=limit)
+    (doc,) = [d for d in json.loads(r.stdout) if d["user"] == user.name]
+    return r, doc
+
+
+def test_usage_counts_a_wide_directory(host: Host, alice: User) -> None:
+    """More subdirectories side by side than kvmadm has descriptors, each
+    with a file: 'kvmadm usage' counts every file (a walk that keeps a
+    descriptor for every directory still to visit ran out of them and
+    silently left the rest out)."""
+    name, path = vm_for(host, alice, "w")
+    r, doc = usage_of(host, alice)
+    assert r.returncode == 0 and doc.get("unmeasured") in (None, {}), r.stderr
+    before = doc["budgets"]["image_bytes"]["used"]           # type: ignore[index]
+    added = 0
+    for i in range(300):
+        sub = path / f"d{i}"
+        sub.mkdir()
+        os.chown(sub, alice.uid, alice.gid)
+        added += os.lstat(put(sub / "f", alice, b"x" * 8192)).st_blocks * 512
+    r, doc = usage_of(host, alice)
+    assert r.returncode == 0 and r.stderr == "" and doc.get("unmeasured") in (None, {}), r.stderr
+    assert doc["budgets"]["image_bytes"]["used"] == before + added   # type: ignore[index]
+
+
+def test_usage_names_a_vm_it_cannot_measure(host: Host, alice: User) -> None:
+    """A tree deeper than the walk goes: 'kvmadm usage' says which VM it
+    could not measure, in one line and in the JSON, marks the table's
+    count as a lower bound and exits 1, as du does; never a smaller
+    number in silence."""
+    name, path = vm_for(host, alice, "n")
+    nest(path, alice, 70)
+    r, doc = usage_of(host, alice)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"kvmadm: {name} ({alice.name}): disk use not measured in full: "
+                               "cannot count d/d/"), r.stderr
+    assert "more than 64 levels deep" in r.stderr and "Traceback" not in r.stderr
+    assert list(doc["unmeasured"]) == [name], doc                    # type: ignore[call-overload]
+    table = host.kvmadm("usage", check=False)
+    assert table.returncode == 1
+    assert re.search(rf"^{alice.name}\s.*\s>=\d+/", table.stdout, re.M), table.stdout
+
+
 # ---- 7. no backing file from a header --------------------------------------------------
 
 def test_a_header_rewritten_after_the_check_opens_no_backing_file(host: Host, alice: User

@@ -541,11 +541,14 @@ def cmd_usage(cfg: Config, args: list[str]) -> int:
     if args[1 if as_json else 0:]:
         raise UsageError("usage: usage [--json]")
     docs = []
+    status = 0
     for uid, vms in sorted(_owners(cfg).items()):
         b = budgets.resolve(cfg, uid)
         t = budgets.totals(vms)
+        disk, unmeasured = _disk_use(b.user, vms)
+        status |= bool(unmeasured)
         used = {"max_running": len(t.running), "max_ram_mib": t.ram_mib,
-                "max_vcpus": t.vcpus, "max_image_bytes": sum(budgets.dir_bytes(v.path) for v in vms)}
+                "max_vcpus": t.vcpus, "max_image_bytes": disk}
         rows = {}
         for key in budgets.KEYS:
             limit = b[key] or None
@@ -554,15 +557,15 @@ def cmd_usage(cfg: Config, args: list[str]) -> int:
                 "left": None if limit is None else max(limit - used[key], 0)}
         docs.append({"user": b.user, "uid": uid, "vms": [v.name for v in vms],
                      "running": sorted(t.running), "budgets": rows,
-                     "kernel": cgroups.kernel_view(cfg, uid)})
+                     "unmeasured": unmeasured, "kernel": cgroups.kernel_view(cfg, uid)})
     if as_json:
         import json
         _out(json.dumps(docs))
-        return 0
+        return status
     _out(f"{'user':<14} {'running':>9} {'RAM MiB':>15} {'vCPUs':>9} {'image bytes':>25}  kernel")
 
-    def cell(r: dict[str, object]) -> str:
-        return f"{r['used']}/{r['limit'] if r['limit'] is not None else '-'}"
+    def cell(r: dict[str, object], at_least: object = None) -> str:
+        return f"{'>=' if at_least else ''}{r['used']}/{r['limit'] if r['limit'] is not None else '-'}"
     for d in docs:
         r = d["budgets"]
         assert isinstance(r, dict)
@@ -572,8 +575,26 @@ def cmd_usage(cfg: Config, args: list[str]) -> int:
         kern = (f"{k['mode']}: {int(mem) >> 20} MiB used" if isinstance(mem, int)
                 else f"{k['mode']}: no group yet" if k["mode"] != "off" else "off")
         _out(f"{d['user']:<14} {cell(r['running']):>9} {cell(r['ram_mib']):>15} "
-             f"{cell(r['vcpus']):>9} {cell(r['image_bytes']):>25}  {kern}")
-    return 0
+             f"{cell(r['vcpus']):>9} {cell(r['image_bytes'], d['unmeasured']):>25}  {kern}")
+    return status
+
+
+def _disk_use(user: str, vms: list[vmtree.VM]) -> tuple[int, dict[str, str]]:
+    """The bytes *user*'s VM directories hold, and the VMs that could not
+    be measured in full, each with its reason (the bytes are then a lower
+    bound).  Each of those is said in one line, as ``du`` does."""
+    from kvmshell.common import budgets
+    from kvmshell.common.errors import Unmeasured
+    total, unmeasured = 0, {}
+    for vm in vms:
+        try:
+            total += budgets.dir_bytes(vm.path)
+        except Unmeasured as exc:
+            total += exc.partial
+            unmeasured[vm.name] = printable(exc.message, backslash=False)
+            _err(f"{vm.name} ({user}): disk use not measured in full: {exc.message}; "
+                 "its image bytes are a lower bound")
+    return total, unmeasured
 
 
 SLICE_DROPIN = "50-kvmshell.conf"

@@ -35,11 +35,13 @@ from __future__ import annotations
 import os
 import stat
 
-from kvmshell.common.errors import ConfigError
+from kvmshell.common.errors import ConfigError, Unmeasured
 from kvmshell.common.rootfile import read_root_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from kvmshell.common.config import Config
     from kvmshell.common.vmtree import VM
 
@@ -58,6 +60,9 @@ CPU_PERIOD_US = 100_000
 # busy host process (CPUWeight=100 in systemd's terms), so the host stays
 # usable; idle CPU time is still theirs to use.
 CPU_SHARES = 1024
+# How deep a VM directory may be for its bytes to be counted (one
+# descriptor per level is held while the walk is below it).
+MAX_DEPTH = 64
 
 
 class Budget:
@@ -209,33 +214,72 @@ def totals(vms: "list[VM]", skip: str | None = None,
     return t
 
 
-def dir_bytes(path: str) -> int:
-    """Allocated bytes of the regular files under *path*, for root (kvmadm):
-    walked through directory descriptors, never following a symlink, so a
-    user who swaps a directory for a link sends root nowhere else."""
+def files_below(path: str) -> Iterator[tuple[int, str, str, os.stat_result]]:
+    """Every regular file below the directory *path*, depth first, as
+    (descriptor of its directory, its name there, its path below *path*
+    for messages, its ``lstat``).  Walked through directory descriptors
+    opened ``O_NOFOLLOW|O_NONBLOCK`` (a symlink is never followed, a FIFO
+    never waited on), one descriptor per level and at most MAX_DEPTH
+    levels, so a wide or deep tree cannot run the walker out of
+    descriptors.  What is gone meanwhile is skipped.  Raises Unmeasured
+    (its *partial* left 0) naming the first thing it cannot read, never
+    a smaller count in silence (``du`` says "cannot read directory" too)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        stack = [os.open(path, flags)]
-    except OSError:
-        return 0
-    total = 0
-    while stack:
-        dfd = stack.pop()
-        try:
-            for entry in os.scandir(dfd):
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
+        top = os.open(path, flags)
+    except OSError as exc:
+        raise Unmeasured("", exc.strerror or "error") from exc
+    try:
+        stack = [(top, os.scandir(top), "")]
+    except OSError as exc:
+        os.close(top)
+        raise Unmeasured("", exc.strerror or "error") from exc
+    try:
+        while stack:
+            dfd, entries, rel = stack[-1]
+            name = rel
+            try:
+                entry = next(entries, None)
+                if entry is None:
+                    stack.pop()
+                    entries.close()
+                    os.close(dfd)
                     continue
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_blocks * 512
-                elif stat.S_ISDIR(st.st_mode):
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if len(stack) >= MAX_DEPTH:
+                        raise Unmeasured(name, f"more than {MAX_DEPTH} levels deep")
+                    sub = os.open(entry.name, flags, dir_fd=dfd)
                     try:
-                        stack.append(os.open(entry.name, flags, dir_fd=dfd))
-                    except OSError:
-                        continue
-        finally:
+                        stack.append((sub, os.scandir(sub), name))
+                    except BaseException:
+                        os.close(sub)
+                        raise
+                elif stat.S_ISREG(st.st_mode):
+                    yield dfd, entry.name, name, st
+            except FileNotFoundError:
+                continue   # gone meanwhile: nothing left to count
+            except OSError as exc:
+                raise Unmeasured(name, exc.strerror or "error") from exc
+    finally:
+        for dfd, entries, _ in stack:
+            entries.close()
             os.close(dfd)
+
+
+def dir_bytes(path: str) -> int:
+    """Allocated bytes (``st_blocks`` x 512) of the regular files under
+    *path*, for root (kvmadm): :func:`files_below`, which opens only
+    directories.  Raises Unmeasured, its *partial* the bytes counted
+    before the walk stopped (a lower bound)."""
+    total = 0
+    try:
+        for _, _, _, st in files_below(path):
+            total += st.st_blocks * 512
+    except Unmeasured as exc:
+        exc.partial = total
+        raise
     return total
 
 

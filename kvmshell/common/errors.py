@@ -72,6 +72,17 @@ class RuntimeFailure(KvmshellError):
     """Something failed while acting on a valid request."""
 
 
+class Unmeasured(RuntimeFailure):
+    """A walk of a VM directory could not count everything below it:
+    *rel* is what it could not read (a path below the directory, '' for
+    the directory itself; the user's text), *why* the reason (strerror, or
+    the depth limit), *partial* the bytes counted before it stopped."""
+
+    def __init__(self, rel: str, why: str, partial: int = 0) -> None:
+        super().__init__(f"cannot count {rel or 'its directory'} ({why})")
+        self.rel, self.why, self.partial = rel, why, partial
+
+
 class AlreadyRunning(RuntimeFailure):
     """The VM's lock is held by a running QEMU (or a start in progress)."""
 

@@ -56,9 +56,8 @@ def address_space_bytes(megs: int) -> int:
 # whatever cannot be counted refuses the start)
 
 # How long a start waits for other starts of the same user that are still
-# deciding, and how deep a VM directory may be for its bytes to be counted.
+# deciding.
 CONTENTION_SECONDS = 5.0
-MAX_DEPTH = 64
 
 
 class _Deciding(Exception):
@@ -168,7 +167,7 @@ def image_bytes(vms: list[VM], fds: list[int] | None = None, uid: int | None = N
     descriptors: once, however they are named meanwhile) and the unlinked
     files the user's processes hold (:func:`held_bytes`).  Raises
     LimitReached if anything cannot be counted: a directory the caller
-    cannot read, or one deeper than MAX_DEPTH."""
+    cannot read, or one deeper than budgets.MAX_DEPTH."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for fd in fds or []:
@@ -182,53 +181,21 @@ def image_bytes(vms: list[VM], fds: list[int] | None = None, uid: int | None = N
 
 
 def _dir_bytes(vm: VM, seen: set[tuple[int, int]]) -> int:
-    """Iterative, one descriptor per level, never following a symlink."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-    def uncountable(rel: str, why: str) -> LimitReached:
-        return LimitReached(f"VM {vm.name}: cannot count {rel or 'its directory'} ({why}): "
-                            "a start is refused while anything in your VM directories "
-                            "cannot be counted")
-
+    """The files below *vm*'s directory (budgets.files_below), each once."""
+    from kvmshell.common import budgets
+    from kvmshell.common.errors import Unmeasured
     total = 0
+    rel = ""
     try:
-        top = os.open(vm.path, flags)
-    except OSError as exc:
-        raise uncountable("", exc.strerror or "error") from exc
-    stack = [(top, os.scandir(top), "")]
-    try:
-        while stack:
-            dfd, entries, rel = stack[-1]
-            name = rel
-            try:
-                entry = next(entries, None)
-                if entry is None:
-                    stack.pop()
-                    entries.close()
-                    os.close(dfd)
-                    continue
-                name = f"{rel}/{entry.name}" if rel else entry.name
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    if len(stack) >= MAX_DEPTH:
-                        raise uncountable(name, f"more than {MAX_DEPTH} levels deep")
-                    sub = os.open(entry.name, flags, dir_fd=dfd)
-                    try:
-                        stack.append((sub, os.scandir(sub), name))
-                    except BaseException:
-                        os.close(sub)
-                        raise
-                elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    total += _charge_at(dfd, entry.name, st)
-            except FileNotFoundError:
-                continue   # gone meanwhile: nothing left to count
-            except OSError as exc:
-                raise uncountable(name, exc.strerror or "error") from exc
-    finally:
-        for dfd, entries, _ in stack:
-            entries.close()
-            os.close(dfd)
+        for dfd, leaf, rel, st in budgets.files_below(vm.path):
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += _charge_at(dfd, leaf, st)
+    except (Unmeasured, OSError) as exc:
+        why = exc.message if isinstance(exc, Unmeasured) else \
+            f"cannot count {rel} ({exc.strerror or 'error'})"
+        raise LimitReached(f"VM {vm.name}: {why}: a start is refused while anything in "
+                           "your VM directories cannot be counted") from exc
     return total
 
 

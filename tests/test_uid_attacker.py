@@ -426,6 +426,79 @@ def test_purge_while_the_user_swaps_a_directory_for_a_fifo_link(host: Host, alic
     assert fifo.exists()
 
 
+# The user's code keeps filling a directory of its VM through a descriptor
+# it opened before the remove: a new subdirectory with a file in it, as
+# fast as it can.
+REFILL = """import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+print('ready', flush=True)
+i = 0
+while True:
+    i += 1
+    try:
+        os.mkdir(f'n{i}', 0o700, dir_fd=fd)
+        sub = os.open(f'n{i}', os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(os.open('f', os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=sub))
+        os.close(sub)
+    except OSError:
+        pass
+"""
+
+
+def test_purge_of_a_directory_the_user_keeps_filling_ends(host: Host, alice: User) -> None:
+    """The user's code refills a subdirectory of its VM through a
+    descriptor it kept, with new directories as fast as the purge deletes
+    them, with a head start (the walk went on for ever: down into each, up,
+    a fresh listing of a directory that only grew).  The purge must end; if it gives up, it says so in one
+    line, and a later 'remove --purge' finishes it once the refilling
+    stops."""
+    name, path = vm_for(host, alice, "r")
+    (path / "sub").mkdir()
+    os.chown(path / "sub", alice.uid, alice.gid)
+    p = subprocess.Popen(as_user_py(alice, REFILL, str(path / "sub")), env=alice.env(),
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        wait_for(lambda: len(os.listdir(path / "sub")) >= 2000, 30, "a head start")
+        r = host.kvmadm("remove", name, "--purge", check=False)    # 60 s at most
+    finally:
+        p.kill()
+        p.wait()
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr
+    if r.returncode:                    # the usual case: the user is faster
+        assert r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"kvmadm: {name}: purge incomplete: the directory kept "
+                                   "changing"), r.stderr
+        assert f"'kvmadm remove {name} --purge' finishes it" in r.stderr
+        r = host.kvmadm("remove", name, "--purge", check=False)
+        assert r.returncode == 0 and "an earlier purge finished" in r.stdout, r.stderr
+    assert left_in_holding(host, name) == [] and not os.path.lexists(host.vmdir / name)
+
+
+def test_purge_stops_at_its_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk's last bound, for refills no other check sees (a chain of
+    directories made deeper as fast as the walk goes down): past
+    MAX_SECONDS it stops and leaves the rest, which a later run deletes.
+    In this process, with a deadline of 0 so that no race is needed."""
+    from kvmshell.admin import purge
+    top = tmp_path / "vm"
+    top.mkdir()
+    for i in range(3):
+        (top / f"d{i}").mkdir()
+        (top / f"d{i}" / "f").write_bytes(b"x")
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        monkeypatch.setattr(purge, "MAX_SECONDS", 0.0)
+        with pytest.raises(purge._Changed, match="still not empty after 0 seconds"):
+            purge.empty(fd)
+        assert os.listdir(top)
+        monkeypatch.undo()
+        purge.empty(fd)
+        assert os.listdir(top) == []
+    finally:
+        os.close(fd)
+
+
 # ---- 4. the root helper and the caller's descriptors ------------------------------------
 
 def full_pipe() -> tuple[int, int]:

@@ -16,6 +16,9 @@ root deletes it (through a descriptor opened earlier, say).  So:
    FIFO swapped in is refused, never followed or waited on), never reads a
    file, and checks each ``..`` it climbs against the directory it came
    from;
+   The walk is bounded (MAX_REFILLS, MAX_CHANGES, MAX_SECONDS: see
+   :func:`empty`), since the user's code may refill a directory through
+   a descriptor it kept;
 4. root removes the then empty directory.  If anything fails, the half-done
    purge stays in ``.removed/`` under a name ending in ``.purge``, and a
    later ``kvmadm remove NAME --purge`` finishes it.
@@ -35,6 +38,14 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O
 # directory of the user's made readable) before the purge gives up; a
 # later run goes on.
 MAX_CHANGES = 1000
+# How often the walk may find a directory refilled (a name it did not
+# list before; full again after it was emptied) before it gives up: a
+# tree nobody writes to is never refilled, and each round costs a fresh
+# listing of a directory the user makes ever larger.
+MAX_REFILLS = 16
+# How long one purge may take at most: a user's code can also make
+# directories deeper as fast as the walk goes down, which no listing shows.
+MAX_SECONDS = 120.0
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
@@ -90,7 +101,8 @@ def _as_owner(fd: int, uid: int, gid: int, path: str) -> None:
             code = 0
         except BaseException as exc:
             why = (f"{exc.filename!r}: {exc.strerror}" if isinstance(exc, OSError)
-                   else "the directory kept changing while it was deleted"
+                   else f"the directory kept changing while it was deleted"
+                   f"{' (' + str(exc) + ')' if str(exc) else ''}"
                    if isinstance(exc, _Changed) else type(exc).__name__)
             try:
                 os.write(wfd, why.encode("ascii", "backslashreplace")[:512])
@@ -111,30 +123,65 @@ def _as_owner(fd: int, uid: int, gid: int, path: str) -> None:
 
 def empty(top: int) -> None:
     """Delete everything below the directory open on *top*, with the rights
-    of whoever calls it.  Iterative: one descriptor at a time, any depth."""
+    of whoever calls it.  Iterative: one descriptor at a time, any depth.
+
+    Bounded against a tree that is refilled while it is deleted (the
+    user's code may hold a descriptor of any directory in it): a directory
+    whose listing gained a name since the walk last listed it, or that is
+    full again when the walk comes back from emptying it, is refilled;
+    after MAX_REFILLS of those, MAX_CHANGES other changes (an entry
+    swapped under the walk), or MAX_SECONDS in all, the walk stops with
+    _Changed (the rest waits for a later run).  Without these bounds a user
+    making directories as fast as the walk deletes them kept it going for
+    ever."""
+    import time
+    deadline = time.monotonic() + MAX_SECONDS
     fd = os.dup(top)
-    above: list[tuple[int, int]] = []   # (dev, ino) of each directory over fd
-    changes = 0
+    # (dev, ino) of each directory over fd, and the names it held when it
+    # was last listed
+    above: list[tuple[tuple[int, int], set[str]]] = []
+    listed: set[str] | None = None      # fd's names when it was last listed
+    emptied: tuple[int, int] | None = None   # the directory the walk just came up from
+    changes = refills = 0
+
+    def refilled() -> None:
+        nonlocal refills
+        refills += 1
+        if refills > MAX_REFILLS:
+            raise _Changed("something of the user's kept filling it")
     try:
         while True:
-            sub = _clear(fd)
+            if time.monotonic() > deadline:
+                raise _Changed(f"still not empty after {MAX_SECONDS:g} seconds")
+            names = os.listdir(fd)
+            if listed is not None and not listed.issuperset(names):
+                refilled()                # since the walk last looked
+            listed = set(names)
+            sub = _clear(fd, names, deadline)
             if sub in (_CHANGED, _AGAIN):
                 changes += 1
                 if changes > MAX_CHANGES:
                     raise _Changed()
             elif sub >= 0:                # descend into a non-empty directory
                 st = os.fstat(fd)
-                above.append((st.st_dev, st.st_ino))
+                above.append(((st.st_dev, st.st_ino), listed))
                 os.close(fd)
-                fd = sub
+                st = os.fstat(sub)
+                fd, listed, again = sub, None, (st.st_dev, st.st_ino) == emptied
+                if again:
+                    refilled()            # emptied a moment ago, full again
+                emptied = None
             elif sub == _EMPTY:
                 if not above:             # top is empty: done
                     return
+                here = os.fstat(fd)
                 up = os.open("..", _DIR_FLAGS, dir_fd=fd)
                 st = os.fstat(up)
                 os.close(fd)
                 fd = up
-                if (st.st_dev, st.st_ino) != above.pop():
+                want, listed = above.pop()
+                emptied = (here.st_dev, here.st_ino)
+                if (st.st_dev, st.st_ino) != want:
                     raise _Changed()      # moved away under us: stop, a rerun goes on
     finally:
         os.close(fd)
@@ -143,11 +190,16 @@ def empty(top: int) -> None:
 _EMPTY, _CHANGED, _AGAIN = -1, -2, -3
 
 
-def _clear(fd: int) -> int:
-    """Unlink what can be unlinked in *fd*.  Return _EMPTY when it is empty,
-    a descriptor of a non-empty subdirectory to descend into, _CHANGED when
-    an entry changed under us, or _AGAIN after making something deletable."""
-    for name in os.listdir(fd):
+def _clear(fd: int, names: list[str], deadline: float) -> int:
+    """Unlink what can be unlinked of *names* in *fd* (its listing).
+    Return _EMPTY when all of them are gone, a descriptor of a non-empty
+    subdirectory to descend into, _CHANGED when an entry changed under
+    us, or _AGAIN after making something deletable.  Raises _Changed
+    past *deadline* (time.monotonic)."""
+    import time
+    for i, name in enumerate(names):
+        if i % 1024 == 1023 and time.monotonic() > deadline:
+            raise _Changed(f"still not empty after {MAX_SECONDS:g} seconds")
         try:
             try:
                 os.unlink(name, dir_fd=fd)

@@ -306,3 +306,59 @@ def test_a_late_forward_is_removed(host: Host, alice: User, guest: Path) -> None
         os.kill(qpid, signal.SIGCONT)
         os.close(rfd)
         alice.ssh_command("kill cl")
+
+
+def test_a_late_remove_waits_only_for_answers_owed(host: Host, alice: User) -> None:
+    """connect gave up after QEMU had already answered the add (the forward
+    is set): the late remove must wait for the remove's answer only, not
+    for a second one that never comes (it waited REMOVE_GRACE, 60 s here,
+    on every such failure), and the forward must be gone.  Real QEMU and
+    slirp; in a child as the user, since the session moves into the VM
+    directory."""
+    import time
+
+    from kvmshell.shell import connect
+    from kvmshell.shell.monitor import Session
+
+    port = next(p for p in range(24800, 25000) if not connect.port_rows(p))
+    host.create_vm("cr", alice, "-m", "32", "-net", "nic,model=virtio", "-net", "user")
+    r = alice.ssh_command("start cr")
+    assert r.returncode == 0, r.stderr
+    rfd, wfd = os.pipe()
+    try:
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                os.close(rfd)
+                os.setgid(alice.gid)
+                os.setuid(alice.uid)
+                vm = type("V", (), {"name": "cr", "path": str(host.vm_path("cr"))})()
+                qmp = Session(vm)   # type: ignore[arg-type]
+                connect.REMOVE_GRACE = 60.0
+                hmp = "human-monitor-command"
+                qmp.send(hmp, {"command-line": f"hostfwd_add net0 tcp:127.0.0.1:{port}-:22"})
+                assert qmp.result(time.monotonic() + 10) == ""     # the add's answer, read
+                start = time.monotonic()
+                connect._remove_late(qmp, hmp, {"command-line":
+                                                f"hostfwd_remove net0 tcp:127.0.0.1:{port}"})
+                took = time.monotonic() - start
+                qmp.send(hmp, {"command-line": "info usernet"})
+                usernet = str(qmp.result(time.monotonic() + 10))
+                qmp.close()
+                os.write(wfd, f"{took:.1f} {str(port) in usernet}".encode())
+                code = 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        took, left = os.read(rfd, 100).decode().split()
+        assert left == "False", "the forward was left behind"
+        assert float(took) < 30, f"waited {took} s for an answer nobody owed"
+    finally:
+        os.close(rfd)
+        alice.ssh_command("kill cr")

@@ -391,12 +391,14 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
 
 def _remove_late(qmp: "Session", hmp: str, remove: dict[str, object]) -> None:
     """Best effort, bounded (REMOVE_GRACE seconds): send *remove* after a
-    failed wait for the forward, and read QEMU's answers to the add and to
-    it, so that an add QEMU carries out late is undone before we go."""
+    failed wait for the forward, and read the answers QEMU still owes: the
+    add's, if it was not read while connecting, then the remove's (QMP
+    answers in order, so an add QEMU carries out late is undone before we
+    go).  Waits for no answer that is not owed."""
     try:
         qmp.send(hmp, remove)
         end = time.monotonic() + REMOVE_GRACE
-        for _ in range(2):      # the add's answer (if not read yet), then the remove's
+        while qmp.owed:
             qmp.reply(end)
     except (MonitorError, RuntimeFailure, OSError):
         pass

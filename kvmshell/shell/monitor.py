@@ -208,6 +208,9 @@ class Session:
 
         self.vm = vm
         self.buf = b""
+        # Commands sent whose answers are not read yet (QMP answers in
+        # order, one reply per command).
+        self.owed = 0
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         deadline = time.monotonic() + timeout
         try:
@@ -234,6 +237,7 @@ class Session:
             self.sock.sendall(json.dumps(req).encode() + b"\n")
         except OSError as exc:
             raise MonitorError(f"{self.vm.name}: QMP {command} failed: {exc}") from exc
+        self.owed += 1
 
     def pending(self) -> bool:
         """Whether a whole line is already buffered."""
@@ -251,6 +255,7 @@ class Session:
                 except ValueError as exc:
                     raise MonitorError(f"{self.vm.name}: QMP sent no JSON") from exc
                 if isinstance(msg, dict) and "event" not in msg:
+                    self.owed = max(self.owed - 1, 0)   # the greeting was owed nothing
                     return msg
                 continue
             left = deadline - time.monotonic()

@@ -203,29 +203,13 @@ def _opened_by(vm: vmtree.VM) -> set[int]:
     """The owner's processes with a descriptor of *vm*'s directory (the
     lock's pid in /proc/locks is its taker's, which may have passed the
     descriptor on and exited)."""
+    from kvmshell.common import runstate
     try:
         st = os.lstat(vm.path)
     except OSError:
         return set()
-    out = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{name}").st_uid != vm.uid:
-                continue
-            fds = os.listdir(f"/proc/{name}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                got = os.stat(f"/proc/{name}/fd/{fd}")
-            except OSError:
-                continue
-            if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
-                out.add(int(name))
-                break
-    return out
+    return {pid for pid, got in runstate.open_files(vm.uid)
+            if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino)}
 
 
 def _exe(pid: int) -> str:

@@ -30,6 +30,10 @@ import os
 from kvmshell.common.errors import AlreadyRunning, RuntimeFailure
 from kvmshell.common.vmtree import VM
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 LOCKS = "/proc/locks"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 STOPPED, BUSY, RUNNING = "stopped", "busy", "running"
@@ -108,6 +112,29 @@ def qemu_pids(uid: int, qemu: str) -> list[int]:
         if name.isdigit() and is_qemu(int(name), uid, qemu):
             out.append(int(name))
     return out
+
+
+def open_files(uid: int) -> Iterator[tuple[int, os.stat_result]]:
+    """(pid, ``stat`` of what the descriptor refers to) for every open
+    descriptor of every process whose ``/proc/PID`` is *uid*'s (a process
+    that made itself non-dumpable has root's, so it is not seen).  Root
+    (or *uid* itself) may look; processes and descriptors gone meanwhile
+    are skipped.  Only ``stat`` through ``/proc/PID/fd``: nothing is
+    opened."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                yield int(name), os.stat(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
 
 
 def open_dir(vm: VM) -> int:

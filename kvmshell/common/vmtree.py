@@ -46,6 +46,7 @@ from kvmshell.common.config import Config
 from kvmshell.common.errors import NotYours, TreeError, UsageError
 from kvmshell.common.text import printable
 
+
 _TOP_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OWNERS = ".owners"     # the per-owner view: OWNERS/<uid>/<entry> (see above)
 
@@ -365,3 +366,38 @@ def pick(cfg: Config, uid: int, name: str | None) -> VM:
     if mine.broken:
         raise TreeError(mine.broken[0].reason)
     return mine.vms[0]
+
+
+class in_dir:
+    """``with in_dir(path):`` work inside the directory *path* (a VM's:
+    its sockets are named relative to it, as the absolute path may be
+    longer than a unix socket address allows, 108 bytes), then go back to
+    the working directory as it was, through a descriptor kept meanwhile
+    (a working directory that was gone stays gone).  Raises OSError from
+    the ``chdir``.  Unlike ``contextlib.chdir``, which goes back by name,
+    this needs no name for the old directory and returns to the same one
+    even if it was renamed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.here = -1
+
+    def __enter__(self) -> None:
+        try:
+            self.here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self.here = -1
+        try:
+            os.chdir(self.path)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        if self.here >= 0:
+            try:
+                os.fchdir(self.here)
+            except OSError:
+                pass
+            os.close(self.here)
+            self.here = -1

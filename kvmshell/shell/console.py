@@ -106,24 +106,14 @@ def _who() -> str:
 def unix_connect(vmdir: str, leaf: str, what: str) -> socket.socket:
     """Connect to a socket in the VM directory, whose path may be longer
     than a socket address allows: connect relative to it."""
+    from kvmshell.common.vmtree import in_dir
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        here = -1
-    try:
-        os.chdir(vmdir)
-        s.connect(leaf)
+        with in_dir(vmdir):
+            s.connect(leaf)
     except OSError as exc:
         s.close()
         raise RuntimeFailure(f"cannot reach the {what} ({exc.strerror})") from exc
-    finally:
-        if here >= 0:
-            try:
-                os.fchdir(here)
-            except OSError:
-                pass
-            os.close(here)
     return s
 
 

@@ -28,7 +28,7 @@ from kvmshell.common import runstate
 from kvmshell.shell import useropts
 from kvmshell.common.config import Config
 from kvmshell.common.errors import RefusedOption, RuntimeFailure, TreeError, UsageError
-from kvmshell.common.vmtree import VM
+from kvmshell.common.vmtree import VM, in_dir
 from kvmshell.shell import supervisor
 
 # The files of a run, named in one place (the supervisor's module).
@@ -228,8 +228,7 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
             passed += tap_fds
         placed, placing = placing, None
         cgclient.finish(placed)
-        here = _where()
-        try:
+        with in_dir(vm.path):   # this process's business only: tests call start in theirs
             run = _layout(cfg, vm)
             try:
                 try:
@@ -251,8 +250,6 @@ def start(cfg: Config, vm: VM, req: useropts.UserRequest,
                               meanwhile, (held, several))
             finally:
                 run.close()
-        finally:
-            _back(here)
     finally:
         cgclient.cancel(placing)
         for fd in passed:
@@ -375,36 +372,15 @@ class _Run:
         self.serial = []
 
 
-def _where() -> int:
-    """The working directory, as an O_PATH descriptor (-1 if it is gone)."""
-    try:
-        return os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return -1
-
-
-def _back(here: int) -> None:
-    """Back to the working directory :func:`_where` kept: :func:`_layout`
-    moves into the VM directory, which is start's business only (the
-    fuzzer and the tests call start inside their own process)."""
-    if here >= 0:
-        try:
-            os.fchdir(here)
-        except OSError:
-            pass
-        os.close(here)
-
-
 def _layout(cfg: Config, vm: VM) -> _Run:
     """Lay out the run's files in the VM directory, under the VM lock: the
     last run's files removed, the serial FIFOs, qemu.log, this run's empty
     console.log, console.sock (so that 'start; console' finds it) and
     qmp.sock with a connection to it.
     Done here, before the supervisor is forked, so that the forked
-    supervisor runs as little as possible before QEMU's exec.  The working
-    directory becomes the VM directory: socket paths are relative, as the
-    absolute one may be longer than a unix socket address allows."""
-    os.chdir(vm.path)
+    supervisor runs as little as possible before QEMU's exec.  Called
+    inside the VM directory (vmtree.in_dir): socket paths are relative, as
+    the absolute one may be longer than a unix socket address allows."""
     run = _Run()
     try:
         run.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

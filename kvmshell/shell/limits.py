@@ -232,24 +232,11 @@ def held_bytes(vms: list[VM], seen: set[tuple[int, int]] | None = None) -> int:
             pass
     seen = set() if seen is None else seen
     total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and st.st_dev in devs \
-                    and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
+    for _, st in runstate.open_files(uid):
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and st.st_dev in devs \
+                and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
     return total
 
 

@@ -14,6 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import Host, User, assert_refused, kill_all
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kvmshell.shell.monitor import Session
 from test_cloudinit import VM, alice, bob, keyed, pair  # noqa: F401 -- module fixtures
 
 
@@ -239,6 +245,44 @@ def test_ssh_config_target_refused(target: str) -> None:
     assert target in r.stderr
 
 
+def _in_child_as(user: User, body: "Callable[[int], int]") -> tuple[int, int]:
+    """Fork a child that drops to *user* and exits with body(w) (1, the
+    traceback printed, if it raises), *w* the write end of a pipe; return
+    the child's pid and the read end.  A child, since a QMP session moves
+    into the VM directory."""
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(rfd)
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+            code = body(wfd)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return child, rfd
+
+
+def _session_of(host: Host, name: str) -> "tuple[object, Session]":
+    from kvmshell.shell.monitor import Session
+    vm = type("V", (), {"name": name, "path": str(host.vm_path(name))})()
+    return vm, Session(vm)   # type: ignore[arg-type]
+
+
+def _usernet(qmp: "Session") -> str:
+    """QEMU's ``info usernet`` (the session is closed after it)."""
+    qmp.send("human-monitor-command", {"command-line": "info usernet"})
+    try:
+        return str(qmp.result(time.monotonic() + 10))
+    finally:
+        qmp.close()
+
+
 def test_a_late_forward_is_removed(host: Host, alice: User, guest: Path) -> None:
     """QEMU carries out hostfwd_add only after connect gave up waiting (QEMU
     stopped, or slow): the forward must not stay, open to every local user
@@ -252,7 +296,6 @@ def test_a_late_forward_is_removed(host: Host, alice: User, guest: Path) -> None
 
     from kvmshell.common.errors import RuntimeFailure
     from kvmshell.shell import connect
-    from kvmshell.shell.monitor import Session
 
     port = next(p for p in range(24600, 24800) if not connect.port_rows(p))
     host.create_vm("cl", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
@@ -261,46 +304,35 @@ def test_a_late_forward_is_removed(host: Host, alice: User, guest: Path) -> None
                           "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
     assert r.returncode == 0, r.stderr
     qpid = alice.qemu_pids()[0]
-    rfd, wfd = os.pipe()
+
+    def child(wfd: int) -> int:
+        vm, qmp = _session_of(host, "cl")
+        connect.CONNECT_TIMEOUT = 1.0
+        connect.REMOVE_GRACE = 4.0
+        os.write(wfd, b"s")             # the parent stops QEMU now
+        time.sleep(0.5)
+        code = 1
+        try:
+            connect._through_forward(vm, qpid, "net0", 22, qmp,  # type: ignore[arg-type]
+                                     lambda n: port - 20000)
+        except RuntimeFailure:
+            code = 0
+        time.sleep(4)                   # QEMU resumed meanwhile; session still open
+        fwd = connect._hex_v4("127.0.0.1", port)
+        listened = [row for row in connect.tcp_table() if row[0] == fwd and row[2] == "0A"]
+        usernet = _usernet(qmp)
+        if str(port) in usernet or listened:
+            print("left behind:", usernet, listened)
+            code = 4
+        return code
+
+    child_pid, rfd = _in_child_as(alice, child)
     try:
-        child = os.fork()
-        if child == 0:
-            code = 1
-            try:
-                os.close(rfd)
-                os.setgid(alice.gid)
-                os.setuid(alice.uid)
-                vm = type("V", (), {"name": "cl", "path": str(host.vm_path("cl"))})()
-                qmp = Session(vm)   # type: ignore[arg-type]
-                connect.CONNECT_TIMEOUT = 1.0
-                connect.REMOVE_GRACE = 4.0
-                os.write(wfd, b"s")             # the parent stops QEMU now
-                time.sleep(0.5)
-                try:
-                    connect._through_forward(vm, qpid, "net0", 22, qmp,  # type: ignore[arg-type]
-                                             lambda n: port - 20000)
-                except RuntimeFailure:
-                    code = 0
-                time.sleep(4)                   # QEMU resumed meanwhile; session still open
-                fwd = connect._hex_v4("127.0.0.1", port)
-                listened = [row for row in connect.tcp_table() if row[0] == fwd and row[2] == "0A"]
-                qmp.send("human-monitor-command", {"command-line": "info usernet"})
-                usernet = str(qmp.reply(time.monotonic() + 10).get("return"))
-                qmp.close()
-                if str(port) in usernet or listened:
-                    print("left behind:", usernet, listened)
-                    code = 4
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(wfd)
         assert os.read(rfd, 1) == b"s"
         os.kill(qpid, signal.SIGSTOP)
         time.sleep(2.5)                         # past connect's 1 s wait (from 0.5 s)
         os.kill(qpid, signal.SIGCONT)
-        _, status = os.waitpid(child, 0)
+        _, status = os.waitpid(child_pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status
     finally:
         os.kill(qpid, signal.SIGCONT)
@@ -318,43 +350,27 @@ def test_a_late_remove_waits_only_for_answers_owed(host: Host, alice: User) -> N
     import time
 
     from kvmshell.shell import connect
-    from kvmshell.shell.monitor import Session
 
     port = next(p for p in range(24800, 25000) if not connect.port_rows(p))
     host.create_vm("cr", alice, "-m", "32", "-net", "nic,model=virtio", "-net", "user")
     r = alice.ssh_command("start cr")
     assert r.returncode == 0, r.stderr
-    rfd, wfd = os.pipe()
+
+    def child(wfd: int) -> int:
+        _, qmp = _session_of(host, "cr")
+        connect.REMOVE_GRACE = 60.0
+        hmp = "human-monitor-command"
+        qmp.send(hmp, {"command-line": f"hostfwd_add net0 tcp:127.0.0.1:{port}-:22"})
+        assert qmp.result(time.monotonic() + 10) == ""     # the add's answer, read
+        start = time.monotonic()
+        connect._remove_late(qmp, hmp, {"command-line": f"hostfwd_remove net0 tcp:127.0.0.1:{port}"})
+        took = time.monotonic() - start
+        os.write(wfd, f"{took:.1f} {str(port) in _usernet(qmp)}".encode())
+        return 0
+
+    child_pid, rfd = _in_child_as(alice, child)
     try:
-        child = os.fork()
-        if child == 0:
-            code = 1
-            try:
-                os.close(rfd)
-                os.setgid(alice.gid)
-                os.setuid(alice.uid)
-                vm = type("V", (), {"name": "cr", "path": str(host.vm_path("cr"))})()
-                qmp = Session(vm)   # type: ignore[arg-type]
-                connect.REMOVE_GRACE = 60.0
-                hmp = "human-monitor-command"
-                qmp.send(hmp, {"command-line": f"hostfwd_add net0 tcp:127.0.0.1:{port}-:22"})
-                assert qmp.result(time.monotonic() + 10) == ""     # the add's answer, read
-                start = time.monotonic()
-                connect._remove_late(qmp, hmp, {"command-line":
-                                                f"hostfwd_remove net0 tcp:127.0.0.1:{port}"})
-                took = time.monotonic() - start
-                qmp.send(hmp, {"command-line": "info usernet"})
-                usernet = str(qmp.result(time.monotonic() + 10))
-                qmp.close()
-                os.write(wfd, f"{took:.1f} {str(port) in usernet}".encode())
-                code = 0
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(wfd)
-        _, status = os.waitpid(child, 0)
+        _, status = os.waitpid(child_pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status
         took, left = os.read(rfd, 100).decode().split()
         assert left == "False", "the forward was left behind"

@@ -153,31 +153,6 @@ def test_a_lock_holder_that_is_not_qemu_is_not_running(host: Host, alice: User) 
     assert alice.status("u1busy")["state"] == "stopped"
 
 
-def test_kvmadm_names_who_holds_the_lock(host: Host, alice: User) -> None:
-    """The lock's taker passed its descriptor on and exited: kvmadm's
-    refusal still names the process that holds it (found among the
-    owner's open descriptors, not in /proc/locks)."""
-    path = host.create_vm("u1held", alice, "-m", "32")
-    taker = subprocess.run(as_user_py(alice, "import fcntl, os, sys, time\n"
-                                      "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
-                                      "fcntl.flock(fd, fcntl.LOCK_SH)\n"
-                                      "if os.fork():\n"
-                                      "    os._exit(0)\n"
-                                      "os.setsid()\n"
-                                      "print(os.getpid(), flush=True)\n"
-                                      "os.close(1)\n"
-                                      "time.sleep(120)\n", str(path)),
-                           env=alice.env(), stdout=subprocess.PIPE, text=True, timeout=30)
-    holder = int(taker.stdout)
-    try:
-        r = host.kvmadm("remove", "u1held", check=False)
-        assert r.returncode == 1 and f"its lock is held by pid {holder} (" in r.stderr, r.stderr
-    finally:
-        os.kill(holder, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{holder}"), 10, "the holder's end")
-    host.kvmadm("remove", "u1held", "--purge")
-
-
 def test_a_qemu_that_drops_its_lock_still_counts(host: Host, alice: User) -> None:
     """A compromised QEMU may give up its share of the lock (it holds the
     descriptor) and kill its supervisor: the VM then looks stopped, but its

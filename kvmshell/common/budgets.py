@@ -11,6 +11,7 @@ The budgets (0 means unlimited):
   max_ram_mib      the sum of ``-m`` over running VMs, in MiB
   max_vcpus        the sum of ``-smp`` over running VMs
   max_image_bytes  allocated bytes of all files in the user's VM directories
+                   (the directories' own blocks included)
 
 Where they live (the filesystem is the only database), highest first:
 
@@ -215,9 +216,13 @@ def totals(vms: "list[VM]", skip: str | None = None,
 
 
 def files_below(path: str) -> Iterator[tuple[int, str, str, os.stat_result]]:
-    """Every regular file below the directory *path*, depth first, as
-    (descriptor of its directory, its name there, its path below *path*
-    for messages, its ``lstat``).  Walked through directory descriptors
+    """Every file of the directory *path*, itself first and then everything
+    below it, depth first, directories included (they take blocks too: a
+    directory of many long names, hard links of one empty file, holds
+    megabytes), as (descriptor of its directory, its name there, its path
+    below *path* for messages, its ``lstat``); *path* itself comes as
+    (its own descriptor, ``"."``, ``""``, its ``fstat``).  Walked through
+    directory descriptors
     opened ``O_NOFOLLOW|O_NONBLOCK`` (a symlink is never followed, a FIFO
     never waited on), one descriptor per level and at most MAX_DEPTH
     levels, so a wide or deep tree cannot run the walker out of
@@ -235,6 +240,11 @@ def files_below(path: str) -> Iterator[tuple[int, str, str, os.stat_result]]:
         os.close(top)
         raise Unmeasured("", exc.strerror or "error") from exc
     try:
+        try:
+            here = os.fstat(top)
+        except OSError as exc:
+            raise Unmeasured("", exc.strerror or "error") from exc
+        yield top, ".", "", here
         while stack:
             dfd, entries, rel = stack[-1]
             name = rel
@@ -247,6 +257,7 @@ def files_below(path: str) -> Iterator[tuple[int, str, str, os.stat_result]]:
                     continue
                 name = f"{rel}/{entry.name}" if rel else entry.name
                 st = entry.stat(follow_symlinks=False)
+                yield dfd, entry.name, name, st
                 if stat.S_ISDIR(st.st_mode):
                     if len(stack) >= MAX_DEPTH:
                         raise Unmeasured(name, f"more than {MAX_DEPTH} levels deep")
@@ -256,8 +267,6 @@ def files_below(path: str) -> Iterator[tuple[int, str, str, os.stat_result]]:
                     except BaseException:
                         os.close(sub)
                         raise
-                elif stat.S_ISREG(st.st_mode):
-                    yield dfd, entry.name, name, st
             except FileNotFoundError:
                 continue   # gone meanwhile: nothing left to count
             except OSError as exc:
@@ -269,10 +278,11 @@ def files_below(path: str) -> Iterator[tuple[int, str, str, os.stat_result]]:
 
 
 def dir_bytes(path: str) -> int:
-    """Allocated bytes (``st_blocks`` x 512) of the regular files under
-    *path*, for root (kvmadm): :func:`files_below`, which opens only
-    directories.  Raises Unmeasured, its *partial* the bytes counted
-    before the walk stopped (a lower bound)."""
+    """Allocated bytes (``st_blocks`` x 512) of the directory *path* and
+    every file below it, directories included, for root (kvmadm):
+    :func:`files_below`, which opens only directories.  Raises
+    Unmeasured, its *partial* the bytes counted before the walk stopped
+    (a lower bound)."""
     total = 0
     try:
         for _, _, _, st in files_below(path):

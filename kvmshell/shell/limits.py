@@ -161,8 +161,8 @@ def charge(fd: int, st: os.stat_result) -> int:
 
 
 def image_bytes(vms: list[VM], fds: list[int] | None = None, uid: int | None = None) -> int:
-    """What every file in *vms*' directories counts against
-    ``max_image_bytes`` (see :func:`charge`), in bytes, with the open files
+    """What every file in *vms*' directories (the directories too) counts
+    against ``max_image_bytes`` (see :func:`charge`), in bytes, with the open files
     *fds* owned by *uid* (the files handed to QEMU, counted from their
     descriptors: once, however they are named meanwhile) and the unlinked
     files the user's processes hold (:func:`held_bytes`).  Raises
@@ -181,7 +181,8 @@ def image_bytes(vms: list[VM], fds: list[int] | None = None, uid: int | None = N
 
 
 def _dir_bytes(vm: VM, seen: set[tuple[int, int]]) -> int:
-    """The files below *vm*'s directory (budgets.files_below), each once."""
+    """*vm*'s directory and every file below it, directories included
+    (budgets.files_below), each once."""
     from kvmshell.common import budgets
     from kvmshell.common.errors import Unmeasured
     total = 0
@@ -190,7 +191,10 @@ def _dir_bytes(vm: VM, seen: set[tuple[int, int]]) -> int:
         for dfd, leaf, rel, st in budgets.files_below(vm.path):
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
-                total += _charge_at(dfd, leaf, st)
+                # A directory, symlink or FIFO takes its blocks; only a
+                # regular file can claim more (a qcow2's virtual size).
+                total += (_charge_at(dfd, leaf, st) if stat.S_ISREG(st.st_mode)
+                          else st.st_blocks * 512)
     except (Unmeasured, OSError) as exc:
         why = exc.message if isinstance(exc, Unmeasured) else \
             f"cannot count {rel} ({exc.strerror or 'error'})"

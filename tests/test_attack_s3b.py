@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,56 @@ def test_directory_blocks_count_against_the_disk_budget(host: Host, alice: User)
             kill_all(u)
             wait_for(lambda: u.qemu_pids() == [], 30, "QEMU to exit")
         h.kvmadm("remove", "s3b", "--purge", check=False)
+
+
+def test_every_purge_run_deletes_part_of_a_deep_chain(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain of directories deeper than one purge run can walk down in
+    MAX_SECONDS (a few hundred thousand levels, which the user's code
+    makes in seconds): the walk deletes nothing before it reaches the
+    bottom, so every run stopped at its deadline with nothing done and
+    'remove --purge' never finished.  Each run must delete part of it.
+    In this process, with a clock that ticks once per look (MAX_SECONDS
+    of them per run) and a chain scaled down with MAX_HELD_DEPTH, so
+    that nothing depends on this machine's speed."""
+    import time
+    from kvmshell.admin import purge
+    top = tmp_path / "vm"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    at = os.dup(fd)
+    for _ in range(800):     # under Python's recursion limit: pytest's rmtree
+        os.mkdir("d", dir_fd=at)
+        sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=at)
+        os.close(at)
+        at = sub
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=at))
+    os.close(at)
+
+    def dirs() -> int:      # find, not os.walk: Python 3.11's recurses
+        out = subprocess.run(["find", str(top), "-type", "d"], capture_output=True, check=True)
+        return out.stdout.count(b"\n")
+    ticks = iter(range(10 ** 9))
+    monkeypatch.setattr(purge, "MAX_HELD_DEPTH", 30, raising=False)
+    monkeypatch.setattr(purge, "MAX_SECONDS", 300.0)    # looks per run, on this clock
+    try:
+        left = dirs()
+        for run in range(40):
+            monkeypatch.setattr(time, "monotonic", lambda: float(next(ticks)))
+            try:
+                purge.empty(fd)
+                break
+            except purge._Changed as exc:
+                assert "still not empty after 300 seconds" in str(exc), exc
+            finally:
+                monkeypatch.setattr(time, "monotonic", _MONOTONIC)
+            now = dirs()
+            assert now < left, f"run {run} deleted nothing ({now} directories left)"
+            left = now
+        assert os.listdir(top) == []
+    finally:
+        os.close(fd)
+        subprocess.run(["rm", "-rf", str(top)], check=True)
+
+
+_MONOTONIC = __import__("time").monotonic

@@ -18,7 +18,9 @@ root deletes it (through a descriptor opened earlier, say).  So:
    from;
    The walk is bounded (MAX_REFILLS, MAX_CHANGES, MAX_SECONDS: see
    :func:`empty`), since the user's code may refill a directory through
-   a descriptor it kept;
+   a descriptor it kept, and goes at most MAX_HELD_DEPTH levels down
+   (deeper directories are moved up to the top first), so that every
+   run deletes something however deep the tree;
 4. root removes the then empty directory.  If anything fails, the half-done
    purge stays in ``.removed/`` under a name ending in ``.purge``, and a
    later ``kvmadm remove NAME --purge`` finishes it.
@@ -46,6 +48,13 @@ MAX_REFILLS = 16
 # How long one purge may take at most: a user's code can also make
 # directories deeper as fast as the walk goes down, which no listing shows.
 MAX_SECONDS = 120.0
+# How deep the walk goes before it moves the directory it would enter up
+# to the top (a fresh random name there) instead: a run must reach a
+# directory's bottom before it deletes anything, so a chain of directories
+# deeper than one run can descend in MAX_SECONDS (a few hundred thousand
+# levels, made in seconds) would leave every later run with nothing done.
+# Cut into chains of at most this many levels, every run deletes some.
+MAX_HELD_DEPTH = 1024
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
@@ -133,7 +142,9 @@ def empty(top: int) -> None:
     swapped under the walk), or MAX_SECONDS in all, the walk stops with
     _Changed (the rest waits for a later run).  Without these bounds a user
     making directories as fast as the walk deletes them kept it going for
-    ever."""
+    ever.  Below MAX_HELD_DEPTH levels it moves the directory it would
+    enter up to the top instead (:func:`_cut`): a chain deeper than one
+    run could descend left every run with nothing deleted."""
     import time
     deadline = time.monotonic() + MAX_SECONDS
     fd = os.dup(top)
@@ -157,11 +168,15 @@ def empty(top: int) -> None:
             if listed is not None and not listed.issuperset(names):
                 refilled()                # since the walk last looked
             listed = set(names)
-            sub = _clear(fd, names, deadline)
+            picked: list[str] = []
+            sub = _clear(fd, names, deadline, picked)
             if sub in (_CHANGED, _AGAIN):
                 changes += 1
                 if changes > MAX_CHANGES:
                     raise _Changed()
+            elif sub >= 0 and above and len(above) >= MAX_HELD_DEPTH \
+                    and _cut(fd, picked[0], sub, top, above[0][1]):
+                continue                  # moved up to the top: look at fd again
             elif sub >= 0:                # descend into a non-empty directory
                 st = os.fstat(fd)
                 above.append(((st.st_dev, st.st_ino), listed))
@@ -190,11 +205,33 @@ def empty(top: int) -> None:
 _EMPTY, _CHANGED, _AGAIN = -1, -2, -3
 
 
-def _clear(fd: int, names: list[str], deadline: float) -> int:
+def _cut(fd: int, name: str, sub: int, top: int, top_names: set[str]) -> bool:
+    """Move the directory *name* in *fd*, open on *sub* (found by
+    :func:`_clear`), into *top* under a fresh random name, added to
+    *top_names* (the top's listing, so that the walk does not count it as
+    a refill), and close *sub*.  False if it cannot (the name is gone or
+    taken meanwhile): then the walk descends into *sub* as usual."""
+    import secrets
+    new = f".{secrets.token_hex(8)}{SUFFIX}"
+    for _ in range(2):
+        try:
+            os.rename(name, new, src_dir_fd=fd, dst_dir_fd=top)
+        except PermissionError:
+            os.fchmod(top, 0o700)         # the user's top directory, made read-only
+            continue
+        except OSError:
+            return False
+        top_names.add(new)
+        os.close(sub)
+        return True
+    return False
+
+
+def _clear(fd: int, names: list[str], deadline: float, picked: list[str]) -> int:
     """Unlink what can be unlinked of *names* in *fd* (its listing).
     Return _EMPTY when all of them are gone, a descriptor of a non-empty
-    subdirectory to descend into, _CHANGED when an entry changed under
-    us, or _AGAIN after making something deletable.  Raises _Changed
+    subdirectory to descend into (its name appended to *picked*),
+    _CHANGED when an entry changed under us, or _AGAIN after making something deletable.  Raises _Changed
     past *deadline* (time.monotonic)."""
     import time
     for i, name in enumerate(names):
@@ -219,7 +256,9 @@ def _clear(fd: int, names: list[str], deadline: float) -> int:
             if exc.errno != errno.ENOTEMPTY:
                 raise
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            picked.append(name)
+            return sub
         except PermissionError:
             # A directory of the user's without read or search permission:
             # its owner may give them back (a symlink swapped in meanwhile

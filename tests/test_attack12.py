@@ -363,7 +363,8 @@ def test_a_late_remove_waits_only_for_answers_owed(host: Host, alice: User) -> N
         qmp.send(hmp, {"command-line": f"hostfwd_add net0 tcp:127.0.0.1:{port}-:22"})
         assert qmp.result(time.monotonic() + 10) == ""     # the add's answer, read
         start = time.monotonic()
-        connect._remove_late(qmp, hmp, {"command-line": f"hostfwd_remove net0 tcp:127.0.0.1:{port}"})
+        connect._remove_late(qmp, hmp, {"command-line": f"hostfwd_remove net0 tcp:127.0.0.1:{port}"},
+                             port)
         took = time.monotonic() - start
         os.write(wfd, f"{took:.1f} {str(port) in _usernet(qmp)}".encode())
         return 0

@@ -103,3 +103,84 @@ def test_every_purge_run_deletes_part_of_a_deep_chain(tmp_path: Path,
 
 
 _MONOTONIC = __import__("time").monotonic
+
+
+@pytest.mark.parametrize("when", ["before the add", "once it listens"])
+def test_a_forward_is_not_left_by_a_qemu_stopped_until_connect_is_gone(
+        host: Host, alice: User, when: str) -> None:
+    """The user stops its QEMU (SIGSTOP) while connect adds the forward
+    (before QEMU reads the add, or once QEMU listens on the port, before
+    it reads the remove) for longer than connect waits.  No forward may be
+    left once QEMU runs again, open to every local user until the VM
+    stops: QEMU 7.2 drops the commands it has not carried out when the
+    session closes, and connect had closed it, the remove unread, once its
+    wait ran out.  Real QEMU, slirp, sockets."""
+    import signal
+    import time
+
+    from kvmshell.common.errors import RuntimeFailure
+    from kvmshell.shell import connect
+    from test_attack12 import _in_child_as, _session_of, _usernet
+
+    port = next(p for p in range(24800, 25000) if not connect.port_rows(p))
+    host.create_vm("s3bc", alice, "-m", "32", "-net", "nic,model=virtio", "-net", "user")
+    r = alice.ssh_command("start s3bc")
+    assert r.returncode == 0, r.stderr
+    qpid = alice.qemu_pids()[0]
+
+    def child(wfd: int) -> int:
+        vm, qmp = _session_of(host, "s3bc")
+        connect.CONNECT_TIMEOUT = 1.0
+        connect.REMOVE_GRACE = 1.0
+        if when == "before the add":
+            os.write(wfd, b"s")         # the parent stops QEMU now
+            time.sleep(0.5)
+        else:
+            listening = connect._connect_as_soon_as_listening
+
+            def then_stop(*args: object) -> object:
+                got = listening(*args)      # type: ignore[arg-type]
+                os.kill(qpid, signal.SIGSTOP)   # the user's own QEMU
+                return got
+            connect._connect_as_soon_as_listening = then_stop   # type: ignore[assignment]
+            os.write(wfd, b"s")
+        try:
+            connect._through_forward(vm, qpid, "net0", 22, qmp,  # type: ignore[arg-type]
+                                     lambda n: port - 20000)
+        except RuntimeFailure:
+            pass
+        qmp.close()                     # connect is gone
+        return 0
+
+    child_pid, rfd = _in_child_as(alice, child)
+    try:
+        assert os.read(rfd, 1) == b"s"
+        if when == "before the add":
+            os.kill(qpid, signal.SIGSTOP)
+        # Past connect's waits (1 s each here): before the fix it had
+        # closed its session and gone by now.
+        time.sleep(3)
+        assert open(f"/proc/{qpid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+        os.kill(qpid, signal.SIGCONT)
+        _, status = os.waitpid(child_pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        time.sleep(1)
+        fwd = connect._hex_v4("127.0.0.1", port)
+        listened = [row for row in connect.tcp_table() if row[0] == fwd and row[2] == "0A"]
+
+        def look(wfd: int) -> int:
+            _, qmp = _session_of(host, "s3bc")
+            os.write(wfd, _usernet(qmp).encode())
+            return 0
+        pid2, rfd2 = _in_child_as(alice, look)
+        usernet = os.read(rfd2, 65536).decode()
+        os.waitpid(pid2, 0)
+        os.close(rfd2)
+        forwards = [line for line in usernet.splitlines()
+                    if "HOST_FORWARD" in line and f" {port} " in line]
+        assert not listened and not forwards, (listened, usernet)
+    finally:
+        os.kill(qpid, signal.SIGCONT)
+        os.close(rfd)
+        alice.ssh_command("kill s3bc")
+        host.kvmadm("remove", "s3bc", "--purge", check=False)

@@ -65,7 +65,8 @@ ACCEPT_TIMEOUT = 5.0
 # range (32768-60999), so they rarely collide with outgoing connections.
 FWD_PORTS = (20000, 32000)
 FWD_TRIES = 8
-# Seconds to wait for QEMU to answer a late hostfwd_remove (see _remove_late).
+# Seconds to wait for QEMU to answer a late hostfwd_remove before saying so
+# and waiting on, interruptibly (see _settle).
 REMOVE_GRACE = 2.0
 _HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE)
 _LISTEN, _ESTABLISHED = "0A", "01"
@@ -349,15 +350,20 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
         except BaseException:
             # Why: QEMU may carry the add out late (stopped, slow): a forward
             # left behind would be open to every local user until the VM stops.
-            _remove_late(qmp, hmp, remove)
+            _remove_late(qmp, hmp, remove, hport)
             raise
         removed: dict[str, object] = {}
         if sock is not None:
             # Sent before anything else happens: this is the window's end.
             qmp.send(hmp, remove)
-            if reply is None:   # QEMU's answer to the add, unless read while connecting
-                reply = qmp.reply(deadline)
-            removed = qmp.reply(deadline)
+            try:
+                if reply is None:   # QEMU's answer to the add, unless read while connecting
+                    reply = qmp.reply(deadline)
+                removed = qmp.reply(deadline)
+            except BaseException:
+                sock.close()
+                _settle(qmp, hport)
+                raise
         assert reply is not None
         said = reply.get("return")
         if not (isinstance(said, str) and not said.strip()):
@@ -389,19 +395,50 @@ def _through_forward(vm: "VM", pid: int, netdev: str, port: int, qmp: "Session",
                          f"({FWD_TRIES} tries)")
 
 
-def _remove_late(qmp: "Session", hmp: str, remove: dict[str, object]) -> None:
-    """Best effort, bounded (REMOVE_GRACE seconds): send *remove* after a
-    failed wait for the forward, and read the answers QEMU still owes: the
-    add's, if it was not read while connecting, then the remove's (QMP
-    answers in order, so an add QEMU carries out late is undone before we
-    go).  Waits for no answer that is not owed."""
+def _remove_late(qmp: "Session", hmp: str, remove: dict[str, object], hport: int) -> None:
+    """Send *remove* after a failed wait for the forward, and wait for the
+    answers QEMU still owes (:func:`_settle`): the add's, if it was not read
+    while connecting, then the remove's (QMP answers in order, so an add
+    QEMU carries out late is undone before we go)."""
     try:
         qmp.send(hmp, remove)
-        end = time.monotonic() + REMOVE_GRACE
+    except (MonitorError, OSError):
+        return
+    _settle(qmp, hport)
+
+
+def _settle(qmp: "Session", hport: int) -> None:
+    """Read every answer QEMU still owes before the session may close: QEMU
+    7.2 drops the commands it has not carried out when the session closes,
+    so a remove sent just before connect gave up was lost while the add
+    stood (measured: the user stopped its QEMU with SIGSTOP once it
+    listened, until connect had gone; the forward then stayed, open to
+    every local user until the VM stopped).  Waits REMOVE_GRACE seconds,
+    then says so on stderr and waits for as long as QEMU takes, with
+    SIGINT, SIGTERM and SIGHUP let through: only one of those (or QEMU's
+    end) stops the wait, and then the forward may stay, as after a
+    SIGKILL (SECURITY.md).  Waits for no answer that is not owed."""
+    import sys
+    end = time.monotonic() + REMOVE_GRACE
+    old = None
+    try:
         while qmp.owed:
-            qmp.reply(end)
-    except (MonitorError, RuntimeFailure, OSError):
-        pass
+            try:
+                qmp.reply(end)
+            except MonitorError:
+                if time.monotonic() < end:
+                    return          # QEMU closed the monitor (gone: so is the forward)
+                if old is None:
+                    sys.stderr.write(
+                        f"kvmshell: connect: waiting for QEMU to remove the forward on "
+                        f"127.0.0.1:{hport} (open until QEMU does; ^C leaves it until "
+                        "the VM stops)\n")
+                    sys.stderr.flush()
+                    old = signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD[:3])
+                end = time.monotonic() + 3600.0
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _check_forward(pid: int, hport: int, sock: socket.socket, removed: dict[str, object]) -> bool:

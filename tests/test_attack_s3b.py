@@ -184,3 +184,38 @@ def test_a_forward_is_not_left_by_a_qemu_stopped_until_connect_is_gone(
         os.close(rfd)
         alice.ssh_command("kill s3bc")
         host.kvmadm("remove", "s3bc", "--purge", check=False)
+
+
+_HOLD = ("import os, sys\n"
+         "fd = os.open('held', os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)\n"
+         "os.write(fd, os.urandom(4 << 20)); os.fsync(fd); os.unlink('held')\n"
+         "print('ready', flush=True); sys.stdin.read()\n")
+
+
+def test_usage_counts_the_unlinked_files_the_user_holds(host: Host, alice: User) -> None:
+    """A file in the VM directory that the user's process keeps open after
+    unlinking it (as QEMU does with a -snapshot overlay) takes its blocks
+    until it is closed; kvmshell's count has them (limits.held_bytes), and
+    'kvmadm usage' must too: it showed less than the budget's own count,
+    without saying so."""
+    import json
+    h = own_host(host, f"s3bh-{secrets.token_hex(2)}")
+    u = User(alice.name, h)
+    path = h.create_vm("s3bh", u, "-m", "32")
+
+    def used() -> int:
+        r = subprocess.run([KVMADM, "--config", str(h.conf), "usage", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        (doc,) = [d for d in json.loads(r.stdout) if d["user"] == u.name]
+        return int(doc["budgets"]["image_bytes"]["used"])
+    before = used()
+    p = subprocess.Popen(u.argv("/usr/bin/python3", "-c", _HOLD), cwd=path, env=u.env(),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        assert used() >= before + (4 << 20)
+    finally:
+        p.kill()
+        p.wait()
+        h.kvmadm("remove", "s3bh", "--purge", check=False)

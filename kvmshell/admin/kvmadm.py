@@ -564,9 +564,10 @@ def cmd_usage(cfg: Config, args: list[str]) -> int:
 
 
 def _disk_use(user: str, vms: list[vmtree.VM]) -> tuple[int, dict[str, str]]:
-    """The bytes *user*'s VM directories hold, and the VMs that could not
-    be measured in full, each with its reason (the bytes are then a lower
-    bound).  Each of those is said in one line, as ``du`` does."""
+    """The bytes *user*'s VM directories hold (with the unlinked files the
+    user's processes keep open there: budgets.held_bytes), and the VMs
+    that could not be measured in full, each with its reason (the bytes
+    are then a lower bound).  Each of those is said in one line, as ``du`` does."""
     from kvmshell.common import budgets
     from kvmshell.common.errors import Unmeasured
     total, unmeasured = 0, {}
@@ -578,7 +579,9 @@ def _disk_use(user: str, vms: list[vmtree.VM]) -> tuple[int, dict[str, str]]:
             unmeasured[vm.name] = printable(exc.message, backslash=False)
             _err(f"{vm.name} ({user}): disk use not measured in full: {exc.message}; "
                  "its image bytes are a lower bound")
-    return total, unmeasured
+    # Files unlinked but still held open (a -snapshot overlay): kvmshell's
+    # own count has them, so the admin's view must too.
+    return total + budgets.held_bytes(vms), unmeasured
 
 
 SLICE_DROPIN = "50-kvmshell.conf"

@@ -293,6 +293,35 @@ def dir_bytes(path: str) -> int:
     return total
 
 
+def held_bytes(vms: "list[VM]", seen: set[tuple[int, int]] | None = None) -> int:
+    """Disk space of files that are unlinked but still open in a process of
+    the VMs' owner, on the VMs' filesystems: QEMU's ``-snapshot`` overlay
+    (a temporary file QEMU removes at once and keeps open, in the VM
+    directory, its TMPDIR).  No directory walk sees them.  Read from
+    /proc/PID/fd of the owner's processes; one that hides its descriptors
+    (not dumpable) is not counted.  Files in *seen* ((dev, ino), counted
+    already) are skipped.  The owner (kvmshell's count) or root (kvmadm
+    usage) may call it."""
+    from kvmshell.common import runstate
+    if not vms:
+        return 0
+    uid = vms[0].uid
+    devs = set()
+    for vm in vms:
+        try:
+            devs.add(os.lstat(vm.path).st_dev)
+        except OSError:
+            pass
+    seen = set() if seen is None else seen
+    total = 0
+    for _, st in runstate.open_files(uid):
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and st.st_dev in devs \
+                and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
 # ---- the kernel's side ------------------------------------------------------------
 
 class KernelLimits:

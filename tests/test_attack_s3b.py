@@ -192,12 +192,16 @@ _HOLD = ("import os, sys\n"
          "print('ready', flush=True); sys.stdin.read()\n")
 
 
-def test_usage_counts_the_unlinked_files_the_user_holds(host: Host, alice: User) -> None:
+@pytest.mark.parametrize("dumpable", [True, False])
+def test_usage_counts_the_unlinked_files_the_user_holds(host: Host, alice: User,
+                                                        dumpable: bool) -> None:
     """A file in the VM directory that the user's process keeps open after
     unlinking it (as QEMU does with a -snapshot overlay) takes its blocks
     until it is closed; kvmshell's count has them (limits.held_bytes), and
     'kvmadm usage' must too: it showed less than the budget's own count,
-    without saying so."""
+    without saying so.  Root sees them also when the process made itself
+    non-dumpable (its /proc/PID/fd is then root's: the user's own count
+    cannot look there, root's can)."""
     import json
     h = own_host(host, f"s3bh-{secrets.token_hex(2)}")
     u = User(alice.name, h)
@@ -210,10 +214,13 @@ def test_usage_counts_the_unlinked_files_the_user_holds(host: Host, alice: User)
         (doc,) = [d for d in json.loads(r.stdout) if d["user"] == u.name]
         return int(doc["budgets"]["image_bytes"]["used"])
     before = used()
-    p = subprocess.Popen(u.argv("/usr/bin/python3", "-c", _HOLD), cwd=path, env=u.env(),
+    code = _HOLD if dumpable else \
+        "import ctypes; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)\n" + _HOLD  # PR_SET_DUMPABLE
+    p = subprocess.Popen(u.argv("/usr/bin/python3", "-c", code), cwd=path, env=u.env(),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        assert (os.stat(f"/proc/{p.pid}/fd").st_uid == u.uid) == dumpable
         assert used() >= before + (4 << 20)
     finally:
         p.kill()

@@ -299,7 +299,7 @@ def held_bytes(vms: "list[VM]", seen: set[tuple[int, int]] | None = None) -> int
     (a temporary file QEMU removes at once and keeps open, in the VM
     directory, its TMPDIR).  No directory walk sees them.  Read from
     /proc/PID/fd of the owner's processes; one that hides its descriptors
-    (not dumpable) is not counted.  Files in *seen* ((dev, ino), counted
+    (not dumpable) is counted by root only.  Files in *seen* ((dev, ino), counted
     already) are skipped.  The owner (kvmshell's count) or root (kvmadm
     usage) may call it."""
     from kvmshell.common import runstate

@@ -118,9 +118,9 @@ def open_files(uid: int) -> Iterator[tuple[int, os.stat_result]]:
     """(pid, ``stat`` of what the descriptor refers to) for every open
     descriptor of every process whose ``/proc/PID`` is *uid*'s.  Root
     (or *uid* itself) may look; a process that made itself non-dumpable
-    has a ``/proc/PID/fd`` of root's, so only root sees its descriptors; processes and descriptors gone meanwhile
-    are skipped.  Only ``stat`` through ``/proc/PID/fd``: nothing is
-    opened."""
+    has a ``/proc/PID/fd`` of root's, so only root sees its descriptors.
+    Processes and descriptors gone meanwhile are skipped.  Only ``stat``
+    through ``/proc/PID/fd``: nothing is opened."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue

@@ -127,10 +127,16 @@ def test_a_forward_is_not_left_by_a_qemu_stopped_until_connect_is_gone(
     r = alice.ssh_command("start s3bc")
     assert r.returncode == 0, r.stderr
     qpid = alice.qemu_pids()[0]
+    # connect's wait: long enough for a loaded host's QEMU to listen
+    # (the stop comes once it does), short before the add (QEMU is stopped).
+    wait = 1.0 if when == "before the add" else 5.0
+
+    def stopped() -> bool:
+        return open(f"/proc/{qpid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
 
     def child(wfd: int) -> int:
         vm, qmp = _session_of(host, "s3bc")
-        connect.CONNECT_TIMEOUT = 1.0
+        connect.CONNECT_TIMEOUT = wait
         connect.REMOVE_GRACE = 1.0
         if when == "before the add":
             os.write(wfd, b"s")         # the parent stops QEMU now
@@ -157,10 +163,11 @@ def test_a_forward_is_not_left_by_a_qemu_stopped_until_connect_is_gone(
         assert os.read(rfd, 1) == b"s"
         if when == "before the add":
             os.kill(qpid, signal.SIGSTOP)
-        # Past connect's waits (1 s each here): before the fix it had
-        # closed its session and gone by now.
-        time.sleep(3)
-        assert open(f"/proc/{qpid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+        wait_for(stopped, 30, "QEMU stopped")
+        # Past connect's waits: before the fix it had closed its session
+        # and gone by now.
+        time.sleep(wait + 2)
+        assert stopped()
         os.kill(qpid, signal.SIGCONT)
         _, status = os.waitpid(child_pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status

@@ -167,6 +167,8 @@ def test_start_status_stop_real_guest(host: Host, alice: User, core_vm: Path) ->
     r = alice.ssh_command("start core -kernel vmlinuz -initrd initrd.img -append 'console=ttyS0'")
     assert r.returncode == 0, r.stderr
     try:
+        # The command it names works however many VMs the user has.
+        assert "'console core' attaches to its serial console" in r.stdout, r.stdout
         wait_for(lambda: MARKER in console_log(core_vm), 120, "the guest's marker")
         doc = alice.status("core")
         assert doc["state"] == "running"

@@ -190,6 +190,9 @@ def test_kvmadm_help_of_one_command() -> None:
                         "  list every VM: owner, state, admin options\n")
     assert "help: unknown command 'nope'" in _one_line(_kvmadm("help", "nope"), "kvmadm")
     assert "b: unexpected argument to 'help'" in _one_line(_kvmadm("help", "a", "b"), "kvmadm")
+    # 'help' is a command like the others (the synopsis says 'kvmadm help [COMMAND]').
+    r = _kvmadm("help", "help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: kvmadm [--config PATH] help [COMMAND]\n")
 
 
 # ---- kvmadm's refusals ----------------------------------------------------------
@@ -247,6 +250,19 @@ def test_config_outside_the_admins_places_is_a_refused_word(host: Host, alice: U
     ("connect myvm ssh", "kvmshell: ssh: not a port (a number from 1 to 65535)\n"),
 ])
 def test_connect_without_a_port(alice: User, command: str, line: str) -> None:
+    r = alice.ssh_command(command)
+    _one_line(r, "kvmshell")
+    assert r.stderr == line
+
+
+@pytest.mark.parametrize("command,line", [
+    ("upload myvm disk.img --size", "kvmshell: --size: missing value (a number of bytes)\n"),
+    ("status _x", "kvmshell: invalid VM name '_x': use letters, digits, '_' and '-' "
+                  "(not '_' or '-' first)\n"),
+])
+def test_refusals_say_what_is_wrong(alice: User, command: str, line: str) -> None:
+    """A newcomer's try-out: a missing value is called missing (not an
+    'unexpected argument'), and the name rule is said whole."""
     r = alice.ssh_command(command)
     _one_line(r, "kvmshell")
     assert r.stderr == line

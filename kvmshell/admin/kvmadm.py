@@ -48,6 +48,7 @@ COMMAND_HELP: dict[str, tuple[str, str]] = {
     "refresh": ("", "rebuild the tree's per-owner view (after changing the tree by hand)"),
     "usage": ("[--json]", "every VM owner's budgets, use and kernel limits"),
     "slices": ("[--dir DIR]", "write systemd user-slice drop-ins from the budgets (systemd hosts)"),
+    "help": ("[COMMAND]", "list the commands, or show one (with 'create'/'set': the admin options)"),
 }
 # Commands that change the tree or the users: each run leaves an audit record.
 CHANGES = frozenset({"create", "set", "remove", "adduser", "setkey", "refresh"})

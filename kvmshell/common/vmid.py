@@ -37,7 +37,8 @@ def check_name(name: str) -> str:
                          f"(at most {NAME_MAX} characters)")
     if name[0] not in _NAME_FIRST or not _NAME_REST_SET.issuperset(name):
         raise UsageError(
-            f"invalid VM name '{printable(name)}': use letters, digits, '_' and '-', not first")
+            f"invalid VM name '{printable(name)}': use letters, digits, '_' and '-' "
+            "(not '_' or '-' first)")
     return name
 
 

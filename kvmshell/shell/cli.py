@@ -233,7 +233,7 @@ def cmd_start(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import accel
     choice = accel.choose(ctx.cfg, vm)      # accel_fallback = no refuses here
     pid, got = launcher.start(ctx.cfg, vm, req, choice.accels, meanwhile=_after_start)
-    _out(f"{vm.name}: started (pid {pid}); 'console' attaches to its serial console")
+    _out(f"{vm.name}: started (pid {pid}); 'console {vm.name}' attaches to its serial console")
     note = choice.notice(got)
     if note:
         sys.stderr.write(f"kvmshell: {vm.name}: {note}\n")

@@ -171,6 +171,8 @@ def upload(cfg: "Config", uid: int, args: list[str], src: int = 0) -> tuple["VM"
     """Copy *src* into the VM directory as NAME; return (vm, name, bytes)."""
     from kvmshell.common import vmtree
     expect: int | None = None
+    if args and args[-1] == "--size":
+        raise UsageError("--size: missing value (a number of bytes)")
     if len(args) >= 2 and args[-2] == "--size":
         if not (args[-1].isascii() and args[-1].isdigit()) or len(args[-1]) > 18:
             raise UsageError(f"--size: {args[-1]!r}: expected a number of bytes")

@@ -12,7 +12,7 @@ writer (rst2man) turns each page into roff:
     @JSON_VERBS@     kvmshell.shell.context.JSON_VERBS
     @USER_OPTIONS@   kvmshell.common.optable.TABLE, user class
     @ADMIN_OPTIONS@  kvmshell.common.optable.TABLE, admin class
-    @CONSOLE_HELP@   kvmshell.shell.console.HELP
+    @CONSOLE_HELP@   kvmshell.shell.console (ABOUT, OPTIONS, NOTES)
     @COMMANDS@       kvmshell.admin.kvmadm.COMMAND_HELP
     @SETTINGS@       kvmshell.common.config's defaults, each described by the
                      comment above it in the shipped kvmshell.conf
@@ -70,8 +70,17 @@ def verbs() -> str:
 
 
 def json_verbs() -> str:
+    """The verbs of JSON_VERBS, in table order; for disk, the sub-verbs whose
+    synopsis takes --json (disks.DISK_VERBS)."""
     from kvmshell.shell.context import JSON_VERBS, VERBS
-    names = [literal(v) for v in VERBS if v in JSON_VERBS]
+    from kvmshell.shell.disks import DISK_VERBS
+    names = []
+    for v in VERBS:
+        if v == "disk" and v in JSON_VERBS:
+            names += [literal(f"disk {sub}") for sub, (syn, _n, _s) in DISK_VERBS.items()
+                      if "--json" in syn]
+        elif v in JSON_VERBS:
+            names.append(literal(v))
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -106,8 +115,14 @@ def admin_options() -> str:
 
 
 def console_help() -> str:
-    from kvmshell.shell.console import HELP
-    return "\n".join("    " + line for line in HELP.splitlines())
+    """'help console' as the page's prose: the synopsis, what it does, the
+    options (console.OPTIONS) and the notes, reflowed by man to its width."""
+    from kvmshell.shell import console
+    from kvmshell.shell.context import VERBS
+    return "\n\n".join([
+        literal("console") + " " + synopsis(VERBS["console"][0]), text(console.ABOUT),
+        deflist([(synopsis(opt), text(desc)) for opt, desc in console.OPTIONS.items()]),
+        text(console.NOTES)])
 
 
 def commands() -> str:

@@ -291,14 +291,14 @@ def manpages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {p.name: p for p in out.iterdir()}
 
 
-def render_man(page: Path) -> str:
-    """*page* as man(1) shows it (200 columns), after groff and man found
-    nothing to warn about."""
+def render_man(page: Path, width: int = 200) -> str:
+    """*page* as man(1) shows it (*width* columns, MANWIDTH), after groff and
+    man found nothing to warn about."""
     r = subprocess.run(["groff", "-man", "-ww", "-z", "-Tutf8", str(page)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     r = subprocess.run(["man", "--warnings", "-l", "-P", "cat", str(page)],
-                       env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "MANWIDTH": "200"},
+                       env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "MANWIDTH": str(width)},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     return r.stdout

@@ -7,7 +7,10 @@ table, COMMAND_HELP): the layout rule of kvmshell/common/helptext.py, and
 an option shown the same way in help and in the man page.  Then the
 refusals: kvmadm's unknown command and ``--config`` without a path,
 kvmshell's ``--config`` outside the admin's places and ``connect``
-without a PORT: one line, naming the word, exit status 2.
+without a PORT: one line, naming the word, exit status 2.  The man pages
+fit 80 columns, README's help block is what ``help`` prints, and the
+lists of verbs that take ``--json`` (help --json, kvmshell(1)) come from
+the table.
 """
 
 from __future__ import annotations
@@ -183,6 +186,77 @@ def test_kvmadm_help_create_lists_the_admin_options(command: str,
             _man_term(man_pages["kvmadm.8"], o.name, terms[o.name], o.help)
 
 
+def test_help_console_lists_its_options(alice: User) -> None:
+    """'help console' is a table of console.OPTIONS (all of them, 80
+    columns), under the usage line kvmshell's verb list gives."""
+    from kvmshell.shell.console import OPTIONS
+    from kvmshell.shell.context import VERBS
+    r = _kvmshell(alice, "help", "console")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: console {VERBS['console'][0]}\n")
+    terms = _table(r.stdout, [(opt.split()[0], desc) for opt, desc in OPTIONS.items()])
+    assert [terms[o.split()[0]] for o in OPTIONS] == list(OPTIONS)
+    assert {"--spy", "--force", "--no-replay", "--replay N", "--escape ^X",
+            "--linger S"} == set(OPTIONS)
+
+
+def test_man_pages_fit_80_columns(manpages: dict[str, Path]) -> None:
+    """At MANWIDTH=80 no line of any page is wider (a pasted help block in a
+    literal paragraph was not reflowed: ~100 columns)."""
+    for name, page in manpages.items():
+        shown = render_man(page, width=80)
+        assert "console" in shown or name != "kvmshell.1"
+        wide = [line for line in shown.split("\n") if len(line) > 80]
+        assert wide == [], (name, wide)
+
+
+def test_readme_help_block_is_help(alice: User) -> None:
+    """README's 'Commands (the user's side)' block is what 'help' prints."""
+    r = _kvmshell(alice, "help")
+    assert r.returncode == 0, r.stderr
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("\n    $ ssh alice@host help\n", 1)[1].split("\n\n", 1)[0]
+    assert "\n".join(line[4:] for line in block.split("\n")) + "\n" == r.stdout
+
+
+def test_json_verbs_come_from_the_table(alice: User, man_pages: dict[str, str]) -> None:
+    """help --json's "json" and kvmshell(1)'s JSON OUTPUT list are JSON_VERBS
+    (disk: its info); a disk sub-verb without --json refuses the word."""
+    import json
+
+    from kvmshell.shell.context import JSON_VERBS, VERBS
+    from kvmshell.shell.disks import DISK_VERBS
+    assert "disk" in JSON_VERBS and "--json" in DISK_VERBS["info"][0]
+    r = _kvmshell(alice, "help", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {v["verb"] for v in doc["verbs"] if v["json"]} == JSON_VERBS
+    listed = [v if v != "disk" else "disk info" for v in VERBS if v in JSON_VERBS]
+    text = " ".join(man_pages["kvmshell.1"].split())
+    assert (", ".join(listed[:-1]) + " and " + listed[-1] + " take --json") in text, text
+    err = _one_line(_kvmshell(alice, "disk", "create", "d.img", "1M", "--json"), "kvmshell")
+    assert err == "kvmshell: --json: unexpected argument to 'disk create'\n"
+
+
+def test_help_json_marks_an_optional_value(alice: User) -> None:
+    """-cloud-init [new]: takes_value stays false (docs/json.md's shape),
+    value_optional says the value may be given."""
+    import json
+
+    from kvmshell.common import optable
+    r = _kvmshell(alice, "help", "start", "--json")
+    assert r.returncode == 0, r.stderr
+    options = {o["option"]: o for o in json.loads(r.stdout)["options"]}
+    assert options["-cloud-init"]["takes_value"] is False
+    assert options["-cloud-init"]["value_optional"] is True
+    assert options["-hda"]["takes_value"] is True and options["-hda"]["value_optional"] is False
+    assert options["-snapshot"] == {**options["-snapshot"], "takes_value": False,
+                                    "value_optional": False, "value": None}
+    for o in optable.TABLE:
+        if o.cls == optable.USER:
+            assert options[o.name]["value_optional"] == (o.arity == optable.OPTIONAL)
+
+
 def test_kvmadm_help_of_one_command() -> None:
     r = _kvmadm("help", "list")
     assert r.returncode == 0
@@ -218,6 +292,44 @@ def test_kvmadm_config_without_a_path(args: list[str]) -> None:
     assert err.startswith("kvmadm: --config: missing PATH"), err
 
 
+def test_kvmadm_config_equals_path(host: Host) -> None:
+    """--config=PATH, as GNU long options (and as completion reads it)."""
+    r = _kvmadm(f"--config={host.conf}", "list", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert _kvmadm("--config", str(host.conf), "list", "--json").stdout == r.stdout
+    err = _one_line(_kvmadm("--config=", "list"), "kvmadm")
+    assert err.startswith("kvmadm: --config: missing PATH"), err
+
+
+@pytest.mark.parametrize("args,line", [
+    (["create", "x"], "kvmadm: create: missing --owner USER "
+                      "(usage: kvmadm create NAME --owner USER [-- ADMIN-OPTIONS...])\n"),
+    (["create", "x", "--owner"], "kvmadm: create: --owner: missing USER "
+                                 "(usage: kvmadm create NAME --owner USER [-- ADMIN-OPTIONS...])\n"),
+    (["create", "x", "--own", "u"], "kvmadm: create: unexpected argument '--own' "
+                                    "(usage: kvmadm create NAME --owner USER [-- ADMIN-OPTIONS...])\n"),
+    (["usage", "--bogus"], "kvmadm: usage: unexpected argument '--bogus' "
+                           "(usage: kvmadm usage [--json])\n"),
+])
+def test_kvmadm_refusals_say_what_is_missing(host: Host, args: list[str], line: str) -> None:
+    r = _kvmadm("--config", str(host.conf), *args)
+    _one_line(r, "kvmadm")
+    assert r.stderr == line
+
+
+def test_kvmadm_smp_names_the_hosts_range(host: Host) -> None:
+    """-smp 0 names 1 to this host's max_smp (help create says so), not
+    QEMU's 255; nothing is created."""
+    from kvmshell.common import config
+    top = config.load(str(host.conf)).max_smp
+    name = f"smp{secrets.token_hex(3)}"
+    r = _kvmadm(f"--config={host.conf}", "create", name, "--owner", "root", "--", "-smp", "0")
+    _one_line(r, "kvmadm")
+    assert r.stderr == (f"kvmadm: -smp: invalid number of CPUs '0' "
+                        f"(1 to {min(top, 255)}, this host's max_smp)\n")
+    assert not os.path.lexists(host.vmdir / name)
+
+
 # ---- kvmshell's refusals --------------------------------------------------------
 
 def test_config_outside_the_admins_places_is_a_refused_word(host: Host, alice: User) -> None:
@@ -235,11 +347,20 @@ def test_config_outside_the_admins_places_is_a_refused_word(host: Host, alice: U
                                stdin=subprocess.DEVNULL)
             err = _one_line(r, "kvmshell")
             assert f"config {conf}: " in err and "kvmshell takes" in err, err
+        # --config=PATH, as GNU long options: the same rules.
+        r = subprocess.run(alice.argv(KVMSHELL, f"--config={elsewhere}/k.conf", "list"),
+                           env=alice.env(), capture_output=True, text=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        err = _one_line(r, "kvmshell")
+        assert f"config {elsewhere}/k.conf: " in err and "kvmshell takes" in err, err
     finally:
         shutil.rmtree(elsewhere)
     r = subprocess.run(alice.argv(KVMSHELL, "--config"), env=alice.env(),
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert "--config: missing" in _one_line(r, "kvmshell")
+    r = subprocess.run(alice.argv(KVMSHELL, f"--config={host.conf}", "list"), env=alice.env(),
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("command,line", [

@@ -368,7 +368,7 @@ def test_json_every_verb(host: Host, alice: User, sink: Sink) -> None:
     assert [o["option"] for o in doc["options"]] == [                   # type: ignore[index,union-attr]
         o.name for o in optable.TABLE if o.cls == optable.USER]
     for o in doc["options"]:                                            # type: ignore[union-attr]
-        assert set(o) == {"option", "takes_value", "value", "help", "example"}
+        assert set(o) == {"option", "takes_value", "value_optional", "value", "help", "example"}
     doc = _json(alice.ssh_command("help stop --json"))
     assert [v["verb"] for v in doc["verbs"]] == ["stop"] and doc["options"] == []  # type: ignore[index,union-attr]
 

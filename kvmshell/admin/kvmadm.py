@@ -131,11 +131,19 @@ def _replace_link(cfg: Config, name: str, dirname: str) -> None:
 
 def cmd_create(cfg: Config, args: list[str]) -> int:
     head, words = _split_dashdash(args)
-    if len(head) != 3 or head[1] != "--owner":
-        raise UsageError("usage: create NAME --owner USER [-- ADMIN-OPTIONS...]")
+    usage = "usage: kvmadm create NAME --owner USER [-- ADMIN-OPTIONS...]"
+    if not head:
+        raise UsageError(f"create: missing NAME ({usage})")
+    if head[1:2] != ["--owner"]:
+        what = f"unexpected argument '{printable(head[1])}'" if head[1:] else "missing --owner USER"
+        raise UsageError(f"create: {what} ({usage})")
+    if len(head) < 3:
+        raise UsageError(f"create: --owner: missing USER ({usage})")
+    if len(head) > 3:
+        raise UsageError(f"create: unexpected argument '{printable(head[3])}' ({usage})")
     name, user = head[0], head[2]
     _NOTE.update(vm=name, owner=user, options=_join(words))
-    plan = adminopts.parse_admin(words)
+    plan = adminopts.parse_admin(words, cfg.max_smp)
     adminopts.check_host(plan, cfg)
     adminopts.check_hosts(plan, cfg)
     dirname = vmid.encode(name, words)
@@ -268,7 +276,7 @@ def cmd_set(cfg: Config, args: list[str]) -> int:
     _NOTE.update(vm=head[0], options=_join(words))
     vm = vmtree.resolve(cfg, head[0])
     _NOTE["owner"] = _user(vm.uid)
-    plan = adminopts.parse_admin(words)
+    plan = adminopts.parse_admin(words, cfg.max_smp)
     adminopts.check_host(plan, cfg)
     adminopts.check_hosts(plan, cfg)
     dirname = vmid.encode(vm.name, words)
@@ -524,7 +532,8 @@ def cmd_usage(cfg: Config, args: list[str]) -> int:
     from kvmshell.common import budgets, cgroups
     as_json = args[:1] == ["--json"]
     if args[1 if as_json else 0:]:
-        raise UsageError("usage: usage [--json]")
+        raise UsageError(f"usage: unexpected argument '{printable(args[1 if as_json else 0])}'"
+                         " (usage: kvmadm usage [--json])")
     docs = []
     status = 0
     for uid, vms in sorted(_owners(cfg).items()):
@@ -824,7 +833,11 @@ def complete(cword: int, words: list[str]) -> list[str]:
     user may read (the config, the top directory, the group)."""
     cur = words[cword] if cword < len(words) else ""
     path, i = DEFAULT_PATH, 1
-    while i < len(words) and words[i] == "--config" and i < cword:
+    while i < len(words) and i < cword and (words[i] == "--config"
+                                             or words[i].startswith("--config=")):
+        if words[i] != "--config":
+            path, i = words[i][len("--config="):] or path, i + 1
+            continue
         if cword == i + 1:
             return [FILES]
         path = words[i + 1] if i + 1 < len(words) else path
@@ -903,10 +916,15 @@ def main(argv: list[str] | None = None) -> int:
     cmd_name = ""
     _NOTE.clear()
     try:
-        while args[:1] == ["--config"]:
-            if len(args) < 2 or not args[1] or args[1].startswith("-"):
+        while args[:1] == ["--config"] or args[:1] and args[0].startswith("--config="):
+            if args[0] != "--config":          # as GNU long options: --config=PATH
+                path, args = args[0][len("--config="):], args[1:]
+            elif len(args) < 2 or args[1].startswith("-"):
+                path, args = "", args[1:]
+            else:
+                path, args = args[1], args[2:]
+            if not path:
                 raise UsageError(f"--config: missing PATH ({USAGE})")
-            path, args = args[1], args[2:]
         if args[:1] in (["help"], ["-h"], ["--help"]):
             if len(args) > 2:
                 raise UsageError(f"{args[2]}: unexpected argument to 'help'")

@@ -226,11 +226,15 @@ def _check_redir(token: str, value: str) -> dict[str, str]:
             "gport": str(int(parts[3]))}
 
 
-def _parse_hardware(plan: AdminPlan, token: str, kind: str, value: str) -> None:
-    """-smp, -M, -cpu, -firmware: each value from a closed form."""
+def _parse_hardware(plan: AdminPlan, token: str, kind: str, value: str,
+                    max_smp: int | None = None) -> None:
+    """-smp, -M, -cpu, -firmware: each value from a closed form; *max_smp*:
+    the host's limit to name in a refusal (None: QEMU's, SMP_MAX)."""
     if kind == CPUS:
         if not value.isdigit() or not 1 <= int(value) <= SMP_MAX or value[0] == "0":
-            raise RefusedOption(f"{token}: invalid number of CPUs {value!r} (1 to {SMP_MAX})")
+            limit = (f"1 to {min(max_smp, SMP_MAX)}, this host's max_smp" if max_smp
+                     else f"1 to {SMP_MAX}")
+            raise RefusedOption(f"{token}: invalid number of CPUs {value!r} ({limit})")
         plan.smp = int(value)
     elif kind == MACHINE:
         if value not in MACHINES:
@@ -300,8 +304,10 @@ def check_hosts(plan: AdminPlan, cfg: "Config") -> None:
             raise RefusedOption(f"-host: {name!r} is not in the host list {cfg.hosts_file}")
 
 
-def parse_admin(words: list[str]) -> AdminPlan:
-    """Parse admin option words (kvmadm input, or decoded from a directory name)."""
+def parse_admin(words: list[str], max_smp: int | None = None) -> AdminPlan:
+    """Parse admin option words (kvmadm input, or decoded from a directory
+    name).  *max_smp*: the host's ``max_smp``, named when ``-smp`` is not a
+    number of CPUs (kvmadm passes it; the limit itself is check_host's)."""
     plan = AdminPlan()
     plan.words = list(words)
     seen: set[str] = set()
@@ -325,7 +331,7 @@ def parse_admin(words: list[str]) -> AdminPlan:
             plan.megs = int(value)
         elif opt.kind in (CPUS, MACHINE, CPUMODEL, FIRMWARE):
             assert value is not None
-            _parse_hardware(plan, token, opt.kind, value)
+            _parse_hardware(plan, token, opt.kind, value, max_smp)
         elif opt.name == "-nographic":
             plan.nographic = True
         elif opt.name == "-no-autostart":

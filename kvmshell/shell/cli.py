@@ -65,7 +65,7 @@ def cmd_help(ctx: Context, args: list[str]) -> int:
         return 0
     if args and args[0] == "console":
         from kvmshell.shell import console
-        _out(console.HELP)
+        _out(console.help_text())
         return 0
     if args and args[0] in ("disk", "snapshot"):
         from kvmshell.shell import disks
@@ -99,7 +99,10 @@ def help_document(verb: str | None) -> dict[str, object]:
     from kvmshell.common import optable
     verbs = [{"verb": v, "synopsis": syn, "summary": summary, "json": v in JSON_VERBS}
              for v, (syn, summary) in VERBS.items() if verb in (None, v)]
+    # takes_value stays a bool (docs/json.md: a key's type never changes):
+    # false for an optional value, which value_optional marks.
     options = [{"option": o.name, "takes_value": o.arity > 0,
+                "value_optional": o.arity == optable.OPTIONAL,
                 "value": o.kind if o.arity else None, "help": o.help, "example": o.example}
                for o in optable.TABLE if o.cls == optable.USER] if verb in (None, "start") else []
     return {"verbs": verbs, "options": options}
@@ -352,6 +355,8 @@ def cmd_autostart(ctx: Context, args: list[str]) -> int:
 def cmd_disk(ctx: Context, args: list[str]) -> int:
     from kvmshell.shell import disks
     sub, rest = (args[0], args[1:]) if args else ("", [])
+    if ctx.json and sub in disks.DISK_VERBS and "--json" not in disks.DISK_VERBS[sub][0]:
+        raise UsageError(f"--json: unexpected argument to 'disk {sub}'")
     if sub == "create":
         vm, name, size = disks.create(ctx.cfg, ctx.uid, rest)
         ctx.audit["vm"] = vm.name
@@ -371,7 +376,7 @@ def cmd_disk(ctx: Context, args: list[str]) -> int:
         _out(f"{vm.name}: {name} is {size} bytes")
     elif sub == "info":
         doc = disks.info(ctx.cfg, ctx.uid, rest)
-        if "--json" in rest:
+        if ctx.json:
             from kvmshell.common import jsonout
             jsonout.emit(doc)
         else:
@@ -499,11 +504,17 @@ def _own_options(args: list[str]) -> tuple[str, list[str]]:
     """kvmshell's own options, from a trusted argv or ForceCommand line."""
     from kvmshell.common.config import DEFAULT_PATH
     path = DEFAULT_PATH
-    while args and args[0] == "--config":
-        if len(args) < 2:
+    # --config PATH or, as GNU long options, --config=PATH.
+    while args and (args[0] == "--config" or args[0].startswith("--config=")):
+        if args[0] != "--config":
+            path, args = args[0][len("--config="):], args[1:]
+        elif len(args) < 2:
+            path, args = "", []
+        else:
+            path, args = args[1], args[2:]
+        if not path:
             raise UsageError("--config: missing PATH "
                              "(usage: kvmshell [--config PATH] VERB [ARGS...])")
-        path, args = args[1], args[2:]
     return path, args
 
 

@@ -29,14 +29,38 @@ DEFAULT_REPLAY = 64 * 1024
 DEFAULT_ESCAPE = 0x1D   # Ctrl-]
 DEFAULT_LINGER = 2.0
 
-HELP = """usage: console [VM] [--spy|--force] [--no-replay] [--replay N] [--escape ^X] [--linger S]
-  attach to the VM's serial console; the VM keeps running when you leave.
-  Ctrl-] detaches (--escape ^X picks another control character).
-  The last 64 KiB of output are replayed first (--replay N bytes, --no-replay none).
-  One session types, others watch: --spy watches read-only, --force takes over.
-  Without a terminal it is a plain byte stream: no escape; after the input ends,
-  output is copied until the console is quiet for S seconds (--linger, default 2).
-  A serial line has no window size: type the 'stty rows R cols C' shown on attach."""
+# console's options, as data: option (with its value) -> what it does.
+# 'help console' and kvmshell(1) read this; parse() below accepts them.
+OPTIONS: dict[str, str] = {
+    "--spy": "watch read-only; another session types",
+    "--force": "take over the typing from the session that has it (it is told)",
+    "--no-replay": "do not replay the console's recent output first",
+    "--replay N": f"replay the last N bytes of output first (default {DEFAULT_REPLAY >> 10} KiB)",
+    "--escape ^X": "detach with Ctrl-X instead of Ctrl-] (any control character)",
+    "--linger S": "without a terminal: once the input ends, copy output until the "
+                  f"console is quiet for S seconds (default {DEFAULT_LINGER:g})",
+}
+# What 'help console' says before and after the options (prose).
+ABOUT = ("attach to the VM's serial console; the VM keeps running when you leave. "
+         "Ctrl-] detaches.  One session types, the others watch.")
+NOTES = ("Without a terminal the console is a plain byte stream (no escape character).  "
+         "A serial line has no window size: type the 'stty rows R cols C' line shown "
+         "on attach.")
+
+
+def help_text() -> str:
+    """'help console': the usage line, the options (OPTIONS) and the notes,
+    in the layout of kvmshell.common.helptext (80 columns)."""
+    import textwrap
+
+    from kvmshell.common import helptext
+    from kvmshell.shell.context import VERBS
+
+    def para(text: str, indent: str) -> str:
+        return "\n".join(textwrap.wrap(text, helptext.WIDTH, initial_indent=indent,
+                                        subsequent_indent=indent, break_on_hyphens=False))
+    return (f"usage: console {VERBS['console'][0]}\n{para(ABOUT, '  ')}\noptions:\n"
+            + helptext.table(list(OPTIONS.items())) + "\n" + para(NOTES, ""))
 
 
 class Options:

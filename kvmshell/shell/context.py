@@ -35,7 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
              "make, clone, reset, grow or inspect a disk image; 'help disk'"),
     "snapshot": ("list|create|revert|delete [VM] DISK [TAG]",
                  "qcow2 internal snapshots of a stopped VM's disk"),
-    "console": ("[VM] [--spy|--force]", "attach to the serial console; 'help console'"),
+    "console": ("[VM] [OPTIONS...]", "attach to the serial console; OPTIONS from 'help console'"),
     "vnc": ("[VM]", "carry the VM's display over stdin/stdout, for a VNC client"),
     "autostart": ("[VM] [on|off]", "start the VM at boot with its last start's options, or not"),
     "connect": ("[VM] PORT", "carry one TCP connection to the guest's PORT over stdin/stdout"),
@@ -43,7 +43,9 @@ VERBS: dict[str, tuple[str, str]] = {
 
 # Verbs that print one JSON document (docs/json.md) when given --json, in
 # any position; kvmshell.shell.cli takes the word out and sets ctx.json.
-JSON_VERBS = frozenset({"help", "list", "status", "images", "quota"})
+# Of disk's sub-verbs only 'info' does (disks.DISK_VERBS: "[--json]" in its
+# synopsis); the others refuse the word.  help --json and kvmshell(1) read this.
+JSON_VERBS = frozenset({"help", "list", "status", "images", "quota", "disk"})
 
 
 class Context:

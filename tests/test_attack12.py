@@ -110,6 +110,17 @@ def _time_wait_on(port: int) -> None:
     srv.close()
 
 
+def _start_user_mode_vm(host: Host, alice: User, guest: Path, name: str) -> int:
+    """Make and start alice's VM *name* on user-mode networking (the test
+    guest, its address set on the kernel command line); return its QEMU's pid."""
+    host.create_vm(name, alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
+                   guest=guest)
+    r = alice.ssh_command(f"start {name} -kernel vmlinuz -initrd initrd.img "
+                          "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
+    assert r.returncode == 0, r.stderr
+    return alice.qemu_pids()[0]
+
+
 def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: User,
                                                 guest: Path) -> None:
     """The intruder check leaves out the (local, remote) pairs that were on
@@ -129,12 +140,7 @@ def test_connect_forward_only_on_an_unused_port(host: Host, alice: User, bob: Us
     # and connect then tries a new forward (FWD_TRIES); each try takes a pick.
     free = [p for p in range(busy + 1, busy + 200) if not connect.port_rows(p)]
     assert len(free) >= connect.FWD_TRIES
-    host.create_vm("cw", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
-                   guest=guest)
-    r = alice.ssh_command("start cw -kernel vmlinuz -initrd initrd.img "
-                          "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
-    assert r.returncode == 0, r.stderr
-    qpid = alice.qemu_pids()[0]
+    qpid = _start_user_mode_vm(host, alice, guest, "cw")
     try:
         for user, job in ((bob, lambda: _time_wait_on(busy)), (alice, None)):
             child = os.fork()
@@ -298,12 +304,7 @@ def test_a_late_forward_is_removed(host: Host, alice: User, guest: Path) -> None
     from kvmshell.shell import connect
 
     port = next(p for p in range(24600, 24800) if not connect.port_rows(p))
-    host.create_vm("cl", alice, "-m", "128", "-net", "nic,model=virtio", "-net", "user",
-                   guest=guest)
-    r = alice.ssh_command("start cl -kernel vmlinuz -initrd initrd.img "
-                          "-append 'console=ttyS0 kvmshell.ip=10.0.2.15/24'")
-    assert r.returncode == 0, r.stderr
-    qpid = alice.qemu_pids()[0]
+    qpid = _start_user_mode_vm(host, alice, guest, "cl")
 
     def child(wfd: int) -> int:
         vm, qmp = _session_of(host, "cl")
